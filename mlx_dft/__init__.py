@@ -1,0 +1,33 @@
+"""mlx_dft: DFT, SFT and parameter-efficient fine-tuning of mlx-lm models.
+
+import mlx_dft
+run = mlx_dft.train(loss="dft", adapter="lora", iters=100)
+print(mlx_dft.generate("Question: ...", adapter=run.output))
+"""
+
+from mlx_dft import _blas
+
+_blas.setup()  # must precede the first `import mlx.core`
+
+__version__ = "0.1.0"
+__all__ = ["train", "generate", "load", "evaluate", "Callback", "TrainConfig", "UserError"]
+
+
+def __getattr__(name):  # lazy: `mlx_dft --help` need not import MLX
+    if name in ("train", "generate", "load"):
+        from mlx_dft import api
+
+        return getattr(api, name)
+    if name in ("Callback", "evaluate"):
+        from mlx_dft import trainer
+
+        return getattr(trainer, name)
+    if name == "TrainConfig":
+        from mlx_dft.config import TrainConfig
+
+        return TrainConfig
+    if name == "UserError":
+        from mlx_dft.errors import UserError
+
+        return UserError
+    raise AttributeError(f"module 'mlx_dft' has no attribute {name!r}")

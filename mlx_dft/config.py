@@ -1,0 +1,303 @@
+"""Every training option, in one dataclass shared by the Python API, the CLI and YAML configs.
+
+CLI flags are the field names in kebab case (``learning_rate`` -> ``--learning-rate``);
+YAML keys may be spelled either way. mlx-lm's YAML keys for the same concepts are also
+accepted (``fine_tune_type``, ``lora_parameters``, ``adapter_path``, ``save_every``...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlx_dft.errors import UserError
+from mlx_dft.losses import LOSS_TYPES
+
+ADAPTERS = ("lora", "dora", "full")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_LR = {"lora": 1e-4, "dora": 1e-4, "full": 1e-5}
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    meta.update(kw)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # what
+    model: str | None = _opt(None, "Model folder or Hugging Face repo id (default: the bundled tiny LLaMA).")
+    data: str | None = _opt(
+        None, "Folder with train/valid[/test].jsonl, or one .jsonl file (default: the bundled task)."
+    )
+    output: str | None = _opt(
+        None, "Output folder for adapter, checkpoints and metrics (default: runs/<time>-<loss>-<adapter>)."
+    )
+    # loss
+    loss: str = _opt(
+        "dft",
+        "Token loss: sft (cross-entropy) or dft (cross-entropy scaled by the detached token probability).",
+        LOSS_TYPES,
+    )
+    dft_floor: float = _opt(
+        0.0,
+        "DFT weight floor s: weight = max(p, s). "
+        "The DFT author suggests 0.1 when rare tokens must be learned.",
+    )
+    dft_power: float = _opt(1.0, "DFT weight power a: weight = p^a.")
+    # adapter
+    adapter: str = _opt("lora", "What to train: lora, dora or full.", ADAPTERS)
+    num_layers: int = _opt(16, "Adapt the last N transformer blocks; -1 for all.")
+    lora_rank: int = _opt(8, "LoRA/DoRA rank.")
+    lora_scale: float = _opt(
+        20.0, "LoRA/DoRA scale (mlx-lm's absolute multiplier). Ignored when --lora-alpha is set."
+    )
+    lora_alpha: float | None = _opt(None, "PEFT-style alpha: scale = alpha / rank.")
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA input.")
+    lora_keys: list[str] | None = _opt(
+        None,
+        "Modules to adapt, e.g. q_proj,v_proj (default: every linear layer of the block, as mlx-lm).",
+        is_list=True,
+    )
+    # optimisation
+    optimizer: str = _opt("adamw", "Optimizer.", OPTIMIZERS)
+    learning_rate: float | None = _opt(
+        None, "Peak learning rate (default: 1e-4 for lora/dora, 1e-5 for full)."
+    )
+    weight_decay: float = _opt(0.01, "AdamW weight decay (DFT paper: 0.01).")
+    adam_beta1: float = _opt(0.9, "Adam beta1.")
+    adam_beta2: float = _opt(0.999, "Adam beta2 (DFT paper: 0.95).")
+    lr_schedule: str = _opt("cosine", "Learning-rate schedule after warmup.", SCHEDULES)
+    warmup: float = _opt(
+        0.1, "Warmup: a fraction of the steps if < 1, else a number of steps (DFT paper: 10%)."
+    )
+    max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm (0: no clipping).")
+    # batches and length
+    batch_size: int = _opt(
+        4, "Examples per micro-batch (across all workers); a step sees batch-size x grad-accumulation-steps."
+    )
+    grad_accumulation_steps: int = _opt(1, "Micro-batches accumulated per optimizer step.")
+    iters: int | None = _opt(None, "Optimizer steps to run (default: one epoch).")
+    epochs: float | None = _opt(None, "Epochs to run instead of --iters.")
+    max_seq_length: int = _opt(2048, "Longer examples are truncated (and counted).")
+    mask_prompt: bool = _opt(
+        True,
+        "Train on responses only (completions; every assistant turn of chats). "
+        "--no-mask-prompt trains on all tokens.",
+    )
+    chat_template: str | None = _opt(
+        None, "Chat template (a .jinja file or a template string) for models without one."
+    )
+    use_chat_template: bool | None = _opt(
+        None, "Wrap prompt/completion records in the chat template (default: when the tokenizer has one)."
+    )
+    prompt_feature: str = _opt("prompt", "Prompt key of completions records.")
+    completion_feature: str = _opt("completion", "Completion key of completions records.")
+    text_feature: str = _opt("text", "Key of text records.")
+    chat_feature: str = _opt("messages", "Key of chat records.")
+    seed: int = _opt(0, "Seed for adapter initialisation, data order and dropout.")
+    # reporting, evaluation and saving
+    steps_per_report: int = _opt(10, "Steps between training reports.")
+    steps_per_eval: int | None = _opt(None, "Steps between validations (default: a tenth of the run).")
+    val_batches: int = _opt(25, "Validation batches per validation; -1 for the whole split.")
+    save_every: int = _opt(100, "Steps between checkpoints.")
+    keep_checkpoints: int = _opt(0, "Keep only the newest N checkpoints (0: keep all).")
+    test: bool = _opt(False, "Evaluate on the test split after training.")
+    resume: str | None = _opt(
+        None, "Resume from a checkpoint folder or an output folder (its newest checkpoint)."
+    )
+    overwrite: bool = _opt(False, "Allow writing into an output folder that already holds a run.")
+    # numerics and memory
+    dtype: str = _opt(
+        "auto",
+        "Compute dtype: auto (float32 on CPU, as stored on GPU), float32, bfloat16, float16.",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    grad_checkpoint: bool = _opt(False, "Recompute block activations in the backward pass to save memory.")
+    loss_chunk_tokens: int = _opt(
+        0, "Supervised tokens per logits chunk in the loss (0: auto, ~128 MiB of logits)."
+    )
+
+    def resolved_learning_rate(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR.get(self.adapter, 1e-4)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# mlx-lm's YAML spelling of the same options.
+MLX_LM_ALIASES = {"fine_tune_type": "adapter", "adapter_path": "output"}
+# Keys of mlx-lm configs that have no meaning here: accepted and ignored.
+MLX_LM_IGNORED = {
+    "train",
+    "config",
+    "report_to",
+    "project_name",
+    "test_batches",
+    "clear_cache_threshold",
+    "trust_remote_code",
+    "hf_dataset",
+    "wandb",
+}
+LORA_KEYS = {
+    "rank": "lora_rank",
+    "scale": "lora_scale",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "keys": "lora_keys",
+}
+
+
+def _snake(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def normalise(raw: dict, source: str) -> dict:
+    """Map user keys (kebab/snake, mlx-lm aliases) onto TrainConfig field names; reject unknown ones."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        k = _snake(str(key))
+        if k in FIELDS:
+            out[k] = value
+        elif k == "lora_parameters" and isinstance(value, dict):
+            for sub, v in value.items():
+                if sub not in LORA_KEYS:
+                    raise UserError(f"{source}: unknown key lora_parameters.{sub}")
+                out[LORA_KEYS[sub]] = v
+        elif k == "optimizer_config" and isinstance(value, dict):
+            for settings in value.values():
+                for sub, v in (settings or {}).items():
+                    if sub == "weight_decay":
+                        out["weight_decay"] = v
+                    elif sub == "betas":
+                        out["adam_beta1"], out["adam_beta2"] = v
+                    else:
+                        raise UserError(f"{source}: unsupported optimizer_config key {sub}")
+        elif k == "lr_schedule" and isinstance(value, dict):
+            out["lr_schedule"] = {"cosine_decay": "cosine", "linear_schedule": "linear"}.get(
+                value.get("name"), value.get("name")
+            )
+            if "warmup" in value:
+                out["warmup"] = value["warmup"]
+        elif k in MLX_LM_ALIASES:
+            out[MLX_LM_ALIASES[k]] = value
+        elif k == "resume_adapter_file":
+            raise UserError(
+                f"{source}: resume_adapter_file (weights only) is not supported; "
+                "use resume: with a checkpoint folder"
+            )
+        elif k in MLX_LM_IGNORED:
+            continue
+        else:
+            close = [f for f in FIELDS if f.startswith(k[:4])][:3]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"{source}: unknown option '{key}'{hint}")
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        # YAML 1.1 reads 1e-5 as a string; accept it as a float.
+        loader = yaml.SafeLoader
+        loader.add_implicit_resolver(
+            "tag:yaml.org,2002:float",
+            re.compile(r"^[-+]?(?:\d[\d_]*)?\.?\d*(?:[eE][-+]?\d+)$"),
+            list("-+0123456789."),
+        )
+        data = yaml.load(p.read_text(), Loader=loader)
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a mapping of option: value")
+    return normalise(data, str(p))
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check and convert one value to its field's type; raises UserError naming the option."""
+    f = FIELDS[name]
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        return None
+    tp = str(f.type)
+    try:
+        if "list" in tp:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        if tp.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp.startswith("float"):
+            return float(value)
+        value = str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag}: invalid value {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{flag}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def build_config(*layers: dict) -> TrainConfig:
+    """Later layers override earlier ones; every value is checked."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for k, v in layer.items():
+            if k not in FIELDS:
+                raise UserError(f"unknown option '{k}'")
+            values[k] = coerce(k, v)
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    def check(ok: bool, msg: str):
+        if not ok:
+            raise UserError(msg)
+
+    check(cfg.batch_size >= 1, "--batch-size must be at least 1")
+    check(cfg.grad_accumulation_steps >= 1, "--grad-accumulation-steps must be at least 1")
+    check(cfg.iters is None or cfg.iters >= 1, "--iters must be at least 1")
+    check(cfg.epochs is None or cfg.epochs > 0, "--epochs must be positive")
+    check(cfg.iters is None or cfg.epochs is None, "give --iters or --epochs, not both")
+    check(cfg.max_seq_length >= 2, "--max-seq-length must be at least 2")
+    check(cfg.lora_rank >= 1, "--lora-rank must be at least 1")
+    check(0.0 <= cfg.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)")
+    check(cfg.num_layers == -1 or cfg.num_layers >= 1, "--num-layers must be -1 (all) or at least 1")
+    check(0.0 <= cfg.dft_floor <= 1.0, "--dft-floor must be in [0, 1]")
+    check(cfg.dft_power > 0.0, "--dft-power must be positive")
+    check(cfg.learning_rate is None or cfg.learning_rate > 0, "--learning-rate must be positive")
+    check(cfg.warmup >= 0, "--warmup must be >= 0")
+    check(cfg.max_grad_norm >= 0, "--max-grad-norm must be >= 0")
+    check(cfg.steps_per_report >= 1, "--steps-per-report must be at least 1")
+    check(cfg.steps_per_eval is None or cfg.steps_per_eval >= 1, "--steps-per-eval must be at least 1")
+    check(cfg.save_every >= 1, "--save-every must be at least 1")
+    check(cfg.val_batches == -1 or cfg.val_batches >= 1, "--val-batches must be -1 (all) or at least 1")
+    check(cfg.loss_chunk_tokens >= 0, "--loss-chunk-tokens must be >= 0")
+    check(cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0")

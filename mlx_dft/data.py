@@ -1,0 +1,413 @@
+"""Data: jsonl records -> token sequences with a supervision mask -> padded batches.
+
+Record formats (auto-detected, as mlx-lm's):
+- text:        {"text": "..."}                                   every token is trained on
+- completions: {"prompt": "...", "completion": "..."}            the completion is trained on
+- chat:        {"messages": [{"role": ..., "content": ...}, ...]} every assistant turn is trained on
+
+``mask_prompt=False`` trains on every token instead. Supervised responses end with EOS
+(raw completions and text get one appended; chat templates end turns with their own
+end-of-turn token) so the model learns to stop.
+
+Batches group examples of similar length (fewer pad tokens), and are a pure function of
+(seed, position), so a resumed run sees exactly the batches the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_dft.errors import UserError
+
+FORMATS = ("text", "completions", "chat")
+SPLITS = ("train", "valid", "test")
+PAD_INPUTS_TO = 16  # input lengths are padded to a multiple of this (fewer recompiles)
+PAD_TARGETS_TO = 32  # supervised-token counts likewise
+SORT_WINDOW = 64  # batches per length-sorting window
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    mask_prompt: bool = True
+    max_seq_length: int = 2048
+    use_chat_template: bool | None = None  # None: for completions, if the tokenizer has one
+    text_feature: str = "text"
+    prompt_feature: str = "prompt"
+    completion_feature: str = "completion"
+    chat_feature: str = "messages"
+
+
+@dataclass
+class Dataset:
+    """Tokenised examples of one split: ``tokens[i]`` and its 0/1 ``supervised[i]`` mask."""
+
+    name: str
+    tokens: list[np.ndarray]
+    supervised: list[np.ndarray]
+    format: str
+    n_truncated: int = 0
+    longest: int = 0
+    n_dropped: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(t) for t in self.tokens))
+
+    @property
+    def n_supervised(self) -> int:
+        return int(sum(int(s.sum()) for s in self.supervised))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path} line {lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append((lineno, rec))
+    if not records:
+        raise UserError(f"{path} is empty: no records")
+    return records
+
+
+def record_format(rec: dict, cfg: DataConfig) -> str | None:
+    if cfg.prompt_feature in rec and cfg.completion_feature in rec:
+        return "completions"
+    if cfg.chat_feature in rec:
+        return "chat"
+    if cfg.text_feature in rec:
+        return "text"
+    return None
+
+
+def detect_format(records: list, path: Path, cfg: DataConfig) -> str:
+    first = None
+    for lineno, rec in records:
+        fmt = record_format(rec, cfg)
+        if fmt is None:
+            keys = ", ".join(sorted(rec)) or "none"
+            raise UserError(
+                f"{path} line {lineno}: unknown record format (keys: {keys}); expected "
+                f"'{cfg.text_feature}', '{cfg.prompt_feature}'+'{cfg.completion_feature}' "
+                f"or '{cfg.chat_feature}'"
+            )
+        if first is None:
+            first = fmt
+        elif fmt != first:
+            raise UserError(
+                f"{path} line {lineno}: mixed record formats ({fmt} here, {first} on the first line)"
+            )
+    return first
+
+
+def find_splits(data: str | Path) -> dict[str, Path]:
+    """{split: path} for a folder of {train,valid,test}.jsonl or a single training file."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        return {"train": path}
+    if not path.is_dir():
+        raise UserError(
+            f"data not found: {path} (give a folder with train.jsonl/valid.jsonl or a .jsonl file)"
+        )
+    splits = {s: path / f"{s}.jsonl" for s in SPLITS if (path / f"{s}.jsonl").is_file()}
+    if "train" not in splits:
+        raise UserError(f"data folder {path} has no train.jsonl")
+    return splits
+
+
+# ---------------------------------------------------------------- tokenising
+
+
+def _hf(tokenizer):
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(
+        getattr(tokenizer, "has_chat_template", False) or getattr(_hf(tokenizer), "chat_template", None)
+    )
+
+
+def set_chat_template(tokenizer, template: str) -> None:
+    """Use ``template`` (a Jinja string, or a path to a file holding one) for chat data."""
+    p = Path(template).expanduser()
+    if p.suffix in (".jinja", ".j2", ".txt") or p.is_file():
+        if not p.is_file():
+            raise UserError(f"chat template file not found: {p}")
+        template = p.read_text()
+    _hf(tokenizer).chat_template = template
+    if hasattr(tokenizer, "has_chat_template"):
+        tokenizer.has_chat_template = True
+
+
+def _render(tokenizer, messages, tools=None, add_generation_prompt=False) -> str:
+    return _hf(tokenizer).apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _encode_spans(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool):
+    """Tokens of ``text`` and a mask of the tokens that start inside one of ``spans``."""
+    hf = _hf(tokenizer)
+    try:
+        enc = hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        starts = [a for a, b in offsets]
+    except (NotImplementedError, ValueError, TypeError):
+        # Slow tokenizers have no offsets: locate span starts by encoding prefixes.
+        ids = hf.encode(text, add_special_tokens=add_special_tokens)
+        starts = None
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    if starts is not None:
+        for j, (s, (a, b)) in enumerate(zip(starts, offsets)):
+            if b > a and any(lo <= s < hi for lo, hi in spans):
+                mask[j] = 1
+    else:
+        for lo, hi in spans:
+            n_lo = len(hf.encode(text[:lo], add_special_tokens=add_special_tokens))
+            n_hi = len(hf.encode(text[:hi], add_special_tokens=add_special_tokens))
+            mask[n_lo:n_hi] = 1
+    return np.array(ids, dtype=np.int32), mask
+
+
+def encode_record(rec: dict, fmt: str, tokenizer, cfg: DataConfig, warn: list) -> tuple:
+    """(tokens, supervised mask) of one record."""
+    eos = _hf(tokenizer).eos_token_id
+    if fmt == "text":
+        text = rec[cfg.text_feature]
+        ids, mask = _encode_spans(tokenizer, text, [(0, len(text))], True)
+        mask[:] = 1
+        return _append_eos(ids, mask, eos)
+
+    if fmt == "completions":
+        prompt, completion = rec[cfg.prompt_feature], rec[cfg.completion_feature]
+        use_chat = cfg.use_chat_template
+        if use_chat is None:
+            use_chat = has_chat_template(tokenizer)
+        if not use_chat:
+            text = prompt + completion
+            ids, mask = _encode_spans(tokenizer, text, [(len(prompt), len(text))], True)
+            ids, mask = _append_eos(ids, mask, eos)
+            return ids, (np.ones_like(mask) if not cfg.mask_prompt else mask)
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return _encode_chat(messages, rec.get("tools"), tokenizer, cfg, warn)
+
+    return _encode_chat(rec[cfg.chat_feature], rec.get("tools"), tokenizer, cfg, warn)
+
+
+def _append_eos(ids, mask, eos):
+    if eos is not None and (len(ids) == 0 or ids[-1] != eos):
+        ids = np.append(ids, np.int32(eos))
+        mask = np.append(mask, np.uint8(1))
+    return ids, mask
+
+
+def _encode_chat(messages, tools, tokenizer, cfg: DataConfig, warn: list):
+    if not has_chat_template(tokenizer):
+        raise UserError(
+            "chat data needs a chat template and this model's tokenizer has none: pass "
+            "--chat-template FILE.jinja (or a template string), or use prompt/completion records"
+        )
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError("'messages' must be a list of {role, content} objects")
+    full = _render(tokenizer, messages, tools)
+    spans = []
+    if cfg.mask_prompt:
+        stable = True
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            before = _render(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
+            upto = _render(tokenizer, messages[: i + 1], tools)
+            if not (full.startswith(upto) and upto.startswith(before)):
+                stable = False
+                break
+            spans.append((len(before), len(upto)))
+        if not stable:
+            # The template renders earlier turns differently once later ones follow (e.g. it
+            # drops reasoning): supervise the last assistant turn only.
+            if "unstable" not in warn:
+                warn.append("unstable")
+            last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+            before = _render(tokenizer, messages[:last], tools, add_generation_prompt=True)
+            spans = [(len(before), len(full))] if full.startswith(before) else [(0, len(full))]
+        if not spans:
+            raise ValueError("conversation has no assistant message to train on")
+    else:
+        spans = [(0, len(full))]
+    return _encode_spans(tokenizer, full, spans, False)
+
+
+def load_split(path: Path, name: str, tokenizer, cfg: DataConfig) -> Dataset:
+    records = read_jsonl(path)
+    fmt = detect_format(records, path, cfg)
+    warn: list[str] = []
+    tokens, supervised = [], []
+    n_trunc = longest = dropped = 0
+    limit = cfg.max_seq_length
+    for lineno, rec in records:
+        try:
+            ids, mask = encode_record(rec, fmt, tokenizer, cfg, warn)
+        except UserError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise UserError(f"{path} line {lineno}: cannot encode {fmt} record ({e})") from None
+        longest = max(longest, len(ids))
+        if len(ids) > limit:
+            n_trunc += 1
+            ids, mask = ids[:limit], mask[:limit]
+        # The first token is never a target (nothing precedes it).
+        if len(ids) < 2 or mask[1:].sum() == 0:
+            dropped += 1
+            continue
+        tokens.append(ids)
+        supervised.append(mask)
+    if not tokens:
+        raise UserError(f"{path}: no record has a token to train on (after truncation to {limit})")
+    messages = []
+    if "unstable" in warn:
+        messages.append(
+            f"{path}: the chat template renders earlier turns differently once later turns "
+            "follow, so only the last assistant turn of each conversation is trained on"
+        )
+    return Dataset(name, tokens, supervised, fmt, n_trunc, longest, dropped, messages)
+
+
+def load_datasets(data: str | Path, tokenizer, cfg: DataConfig) -> dict[str, Dataset]:
+    return {name: load_split(path, name, tokenizer, cfg) for name, path in find_splits(data).items()}
+
+
+# ---------------------------------------------------------------- batching
+
+
+@dataclass
+class Batch:
+    """One (local) micro-batch, laid out for the loss at supervised positions only."""
+
+    inputs: mx.array  # [B, T] int32 token ids, right-padded
+    positions: mx.array  # [N] int32 flat indices into B*T of the positions that predict a target
+    targets: mx.array  # [N] int32
+    valid: mx.array  # [N] float32, 0 on padding entries
+    n_supervised: int
+    n_tokens: int  # non-padding tokens processed
+
+    def arrays(self) -> tuple[mx.array, ...]:
+        return self.inputs, self.positions, self.targets, self.valid
+
+
+def _round_up(n: int, k: int) -> int:
+    return max(k, (n + k - 1) // k * k)
+
+
+def collate(tokens: list[np.ndarray], supervised: list[np.ndarray]) -> Batch:
+    b = len(tokens)
+    t = _round_up(max(len(x) for x in tokens) - 1, PAD_INPUTS_TO)
+    inputs = np.zeros((b, t), np.int32)
+    pos, tgt = [], []
+    n_tokens = 0
+    for i, (ids, sup) in enumerate(zip(tokens, supervised)):
+        n = len(ids) - 1
+        inputs[i, :n] = ids[:-1]
+        n_tokens += len(ids)
+        where = np.nonzero(sup[1:])[0]
+        pos.append(i * t + where)
+        tgt.append(ids[1:][where])
+    pos, tgt = np.concatenate(pos).astype(np.int32), np.concatenate(tgt).astype(np.int32)
+    n = len(pos)
+    size = _round_up(n, PAD_TARGETS_TO)
+    valid = np.zeros(size, np.float32)
+    valid[:n] = 1.0
+    pos = np.pad(pos, (0, size - n))
+    tgt = np.pad(tgt, (0, size - n))
+    return Batch(mx.array(inputs), mx.array(pos), mx.array(tgt), mx.array(valid), n, n_tokens)
+
+
+def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The batches (arrays of example indices) of one epoch, in training order.
+
+    Shuffle, sort by length within windows of ``SORT_WINDOW`` batches, cut into batches,
+    shuffle the batch order. Leftover examples (fewer than a batch) change from epoch to epoch.
+    """
+    n = len(dataset)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    lengths = np.array([len(t) for t in dataset.tokens])
+    window = batch_size * SORT_WINDOW
+    batches = []
+    usable = n - n % batch_size
+    for start in range(0, usable, window):
+        chunk = order[start : min(start + window, usable)]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def batches_per_epoch(dataset: Dataset, batch_size: int) -> int:
+    return len(dataset) // batch_size
+
+
+def iterate_batches(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int = 0,
+    start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    loop: bool = True,
+):
+    """Yield local micro-batches from global position ``start`` on.
+
+    With several workers each global batch is split by rank (``batch_size`` must divide
+    evenly); padding is per worker, which leaves the loss unchanged.
+    """
+    if batch_size % world_size:
+        raise UserError(f"--batch-size {batch_size} must be divisible by the {world_size} workers")
+    nb = batches_per_epoch(dataset, batch_size)
+    if nb == 0:
+        raise UserError(
+            f"the {dataset.name} split has {len(dataset)} examples, fewer than --batch-size {batch_size}"
+        )
+    epoch, k = divmod(start, nb)
+    while True:
+        batches = epoch_batches(dataset, batch_size, seed, epoch)
+        for idx in batches[k:]:
+            mine = idx[rank::world_size]
+            yield collate([dataset.tokens[i] for i in mine], [dataset.supervised[i] for i in mine])
+        k = 0
+        epoch += 1
+        if not loop:
+            return
+
+
+def eval_batches(dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1, limit: int = -1):
+    """Deterministic validation batches in length order, covering every example once (the last
+    batch may be smaller); ``limit`` caps the number of batches (-1: all)."""
+    order = np.argsort([len(t) for t in dataset.tokens], kind="stable")
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if limit >= 0:
+        batches = batches[:limit]
+    for idx in batches:
+        mine = idx[rank::world_size]
+        if len(mine) == 0:
+            continue
+        yield collate([dataset.tokens[i] for i in mine], [dataset.supervised[i] for i in mine])

@@ -1,0 +1,368 @@
+"""The training loop: compiled step, gradient accumulation, data parallelism, validation,
+checkpoints, reports.
+
+Gradients are gradients of loss *sums*; an optimizer step divides the accumulated sum by
+the supervised-token count of all its micro-batches on all workers, which is exactly the
+update of one big batch (the official DFT code divides per micro-batch instead).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
+from mlx_dft.errors import UserError
+from mlx_dft.losses import LossConfig, chunked_ce, loss_sums
+
+
+class Callback:
+    """Hooks into a run. ``on_*_report`` may return a dict of extra metrics to record."""
+
+    def on_train_report(self, metrics: dict, run: Run) -> dict | None:
+        return None
+
+    def on_val_report(self, metrics: dict, run: Run) -> dict | None:
+        return None
+
+    def on_checkpoint(self, path: Path, run: Run) -> None:
+        return None
+
+    def on_train_end(self, run: Run) -> None:
+        return None
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@dataclass
+class LoopConfig:
+    total_steps: int
+    batch_size: int
+    grad_accumulation_steps: int = 1
+    steps_per_report: int = 10
+    steps_per_eval: int = 100
+    val_batches: int = 25
+    save_every: int = 100
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Run:
+    """What callbacks see, and what a finished run hands back."""
+
+    model: nn.Module
+    tokenizer: object
+    config: object
+    output: Path | None
+    step: int = 0
+    rank: int = 0
+    world_size: int = 1
+    history: list[dict] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+    def latest(self, key: str):
+        for rec in reversed(self.history):
+            if key in rec:
+                return rec[key]
+        return None
+
+
+def make_loss_fn(body: Callable, head, fast: bool, loss_cfg: LossConfig, chunk_tokens: int):
+    """loss(model, inputs, positions, targets, valid) -> (objective, ce, prob, ntoks) sums."""
+
+    def loss_fn(model, inputs, positions, targets, valid):
+        out = body(inputs)
+        flat = out.reshape(-1, out.shape[-1])
+        h = mx.take(flat, positions, axis=0)
+        ce = chunked_ce(head, h, targets, chunk_tokens if fast else 0)
+        return loss_sums(ce, valid, loss_cfg)
+
+    return loss_fn
+
+
+def build_optimizer(
+    name: str,
+    lr: float,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> optim.Optimizer:
+    decay_steps = max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        main = optim.cosine_decay(lr, decay_steps, 0.0)
+    elif schedule == "linear":
+        main = optim.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        main = optim.linear_schedule(lr, lr, 1)
+    sched = (
+        optim.join_schedules([optim.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
+        if warmup_steps > 0
+        else main
+    )
+    if name == "adamw":
+        return optim.AdamW(learning_rate=sched, betas=list(betas), weight_decay=weight_decay)
+    if name == "adam":
+        return optim.Adam(learning_rate=sched, betas=list(betas))
+    if name == "sgd":
+        return optim.SGD(learning_rate=sched, weight_decay=weight_decay)
+    raise UserError(f"unknown optimizer {name!r}")
+
+
+def evaluate(
+    model: nn.Module,
+    loss_fn: Callable,
+    dataset: Dataset,
+    batch_size: int,
+    num_batches: int = -1,
+    world: mx.distributed.Group | None = None,
+    progress: Callable | None = None,
+) -> dict:
+    """Mean objective, cross-entropy, target probability and perplexity over supervised tokens."""
+    world = world or mx.distributed.init()
+    was_training = model.training
+    model.eval()
+    sums = mx.zeros((4,))
+    compiled = mx.compile(lambda *arrays: mx.stack(loss_fn(model, *arrays)), inputs=model.state)
+    for batch in eval_batches(dataset, batch_size, world.rank(), world.size(), num_batches):
+        sums = sums + compiled(*batch.arrays())
+        mx.eval(sums)
+        if progress:
+            progress()
+    if world.size() > 1:
+        sums = mx.distributed.all_sum(sums, stream=mx.cpu)
+    obj, ce, prob, n = (float(x) for x in sums.tolist())
+    if was_training:
+        model.train()
+    n = max(n, 1.0)
+    return {
+        "loss": obj / n,
+        "ce": ce / n,
+        "prob": prob / n,
+        "ppl": math.exp(min(ce / n, 50.0)),
+        "tokens": int(n),
+    }
+
+
+def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, max_grad_norm: float = 1.0):
+    """A compiled micro-step and the state it updates.
+
+    ``step_fn(inputs, positions, targets, valid, acc, acc_n, do_update)`` adds this
+    micro-batch's gradient of the loss *sum* to ``acc`` (``None`` for the first), and with
+    ``do_update`` divides the total by the supervised-token count of every micro-batch on
+    every worker, clips, and applies the optimizer. Returns (metric sums [objective, ce,
+    prob, tokens], acc, acc_n, grad_norm).
+    """
+    world_size = mx.distributed.init().size()
+    state = [model.state, optimizer.state, mx.random.state]
+    loss_vg = nn.value_and_grad(model, loss_fn)
+
+    def update(grads, ntoks):
+        if world_size > 1:
+            grads = average_gradients(grads)  # mean over workers ...
+            ntoks = mx.distributed.all_sum(ntoks) / world_size  # ... over the mean count
+        grads = tree_map(lambda g: g / mx.maximum(ntoks, 1.0), grads)
+        if max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+        else:
+            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        optimizer.update(model, grads)
+        return norm
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step_fn(inputs, positions, targets, valid, acc, acc_n, do_update):
+        (obj, ce, prob, n), grads = loss_vg(model, inputs, positions, targets, valid)
+        n_total = n
+        if acc is not None:
+            grads = tree_map(mx.add, grads, acc)
+            n_total = n + acc_n
+        metrics = mx.stack([obj, ce, prob, n])
+        if do_update:
+            return metrics, None, None, update(grads, n_total)
+        return metrics, grads, n_total, None
+
+    return step_fn, state
+
+
+def optimizer_step(step_fn, state, batches: list[Batch]):
+    """One optimizer step over ``batches`` (micro-batches); returns (metric sums, grad norm)."""
+    acc = acc_n = None
+    total = mx.zeros((4,))
+    for k, batch in enumerate(batches):
+        metrics, acc, acc_n, norm = step_fn(*batch.arrays(), acc, acc_n, k == len(batches) - 1)
+        total = total + metrics
+        mx.eval(state, total, acc, acc_n, norm)
+    return total, norm
+
+
+def _fmt(rec: dict) -> str:
+    parts = [f"step {rec['step']}"]
+    for key, label, f in (
+        ("train_loss", "loss", ".4f"),
+        ("train_ce", "ce", ".4f"),
+        ("train_prob", "p", ".3f"),
+        ("val_loss", "val_loss", ".4f"),
+        ("val_ce", "val_ce", ".4f"),
+        ("val_prob", "val_p", ".3f"),
+        ("learning_rate", "lr", ".2e"),
+        ("grad_norm", "|g|", ".3f"),
+        ("tokens_per_sec", "tok/s", ",.0f"),
+        ("peak_memory_gb", "peak GB", ".3f"),
+    ):
+        if key in rec:
+            parts.append(f"{label} {rec[key]:{f}}")
+    return " | ".join(parts)
+
+
+def train_loop(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    loss_fn: Callable,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    args: LoopConfig,
+    run: Run,
+    start_step: int = 0,
+    save: Callable[[int], Path | None] | None = None,
+    record: Callable[[dict], None] | None = None,
+    callbacks: list[Callback] = (),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Run:
+    world = mx.distributed.init()
+    rank, world_size = world.rank(), world.size()
+    run.rank, run.world_size = rank, world_size
+    accum = args.grad_accumulation_steps
+    step_fn, state = make_step(model, optimizer, loss_fn, args.max_grad_norm)
+
+    batches: Iterator[Batch] = iterate_batches(
+        train_set, args.batch_size, seed=args.seed, start=start_step * accum, rank=rank, world_size=world_size
+    )
+
+    def validate(step: int):
+        if val_set is None:
+            return
+        tic = time.perf_counter()
+        m = evaluate(model, loss_fn, val_set, args.batch_size, args.val_batches, world)
+        rec = {
+            "step": step,
+            "val_loss": m["loss"],
+            "val_ce": m["ce"],
+            "val_prob": m["prob"],
+            "val_ppl": m["ppl"],
+            "val_tokens": m["tokens"],
+            "val_time": time.perf_counter() - tic,
+        }
+        for cb in callbacks:
+            rec.update(cb.on_val_report(rec, run) or {})
+        emit(rec)
+
+    def emit(rec: dict):
+        run.history.append(rec)
+        if rank == 0:
+            if record:
+                record(rec)
+            bar.write(_fmt(rec)) if bar is not None else log(_fmt(rec))
+
+    bar = None
+    if progress and rank == 0 and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+
+    model.train()
+    mx.reset_peak_memory()
+    window = mx.zeros((4,))
+    window_tokens = 0
+    window_steps = 0
+    window_time = 0.0
+    trained_tokens = 0
+    last_norm = None
+    try:
+        if start_step == 0:
+            validate(0)
+        for step in range(start_step + 1, args.total_steps + 1):
+            tic = time.perf_counter()
+            micro = [next(batches) for _ in range(accum)]
+            sums, last_norm = optimizer_step(step_fn, state, micro)
+            window = window + sums
+            window_tokens += sum(b.n_tokens for b in micro)
+            window_steps += 1
+            window_time += time.perf_counter() - tic
+            run.step = step
+
+            obj = window[0].item()
+            if not math.isfinite(obj):
+                raise NonFiniteLoss(
+                    f"the loss became {obj} at step {step}; the run stopped and its last good "
+                    f"checkpoint is {run.last_checkpoint or 'none (no checkpoint was saved yet)'}: "
+                    "try a lower --learning-rate or --max-grad-norm"
+                )
+            if bar is not None:
+                bar.update(1)
+
+            if step % args.steps_per_report == 0 or step == args.total_steps:
+                sums = window
+                tokens = mx.array(window_tokens)
+                if world_size > 1:
+                    sums = mx.distributed.all_sum(sums, stream=mx.cpu)
+                    tokens = mx.distributed.all_sum(tokens, stream=mx.cpu)
+                obj, ce, prob, n = (float(x) for x in sums.tolist())
+                tokens = int(tokens.item())
+                trained_tokens += tokens
+                n = max(n, 1.0)
+                lr = optimizer.learning_rate
+                rec = {
+                    "step": step,
+                    "train_loss": obj / n,
+                    "train_ce": ce / n,
+                    "train_prob": prob / n,
+                    "learning_rate": float(lr.item() if isinstance(lr, mx.array) else lr),
+                    "grad_norm": float(last_norm.item()),
+                    "tokens_per_sec": tokens / max(window_time, 1e-9),
+                    "steps_per_sec": window_steps / max(window_time, 1e-9),
+                    "trained_tokens": trained_tokens,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                }
+                for cb in callbacks:
+                    rec.update(cb.on_train_report(rec, run) or {})
+                emit(rec)
+                if bar is not None:
+                    bar.set_postfix_str(
+                        f"loss {rec['train_loss']:.4f} ce {rec['train_ce']:.3f} "
+                        f"{rec['tokens_per_sec']:,.0f} tok/s {rec['peak_memory_gb']:.2f} GB"
+                    )
+                window = mx.zeros((4,))
+                window_tokens = window_steps = 0
+                window_time = 0.0
+
+            if step % args.steps_per_eval == 0 or step == args.total_steps:
+                validate(step)
+
+            if save is not None and (step % args.save_every == 0 or step == args.total_steps):
+                path = save(step)
+                if path is not None:
+                    run.last_checkpoint = path
+                    for cb in callbacks:
+                        cb.on_checkpoint(path, run)
+    finally:
+        if bar is not None:
+            bar.close()
+    for cb in callbacks:
+        cb.on_train_end(run)
+    return run
