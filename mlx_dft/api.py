@@ -113,15 +113,18 @@ def total_steps(cfg: TrainConfig, n_batches: int) -> int:
 
 
 def train(
-    config: TrainConfig | dict | None = None,
+    config: TrainConfig | dict | str | Path | None = None,
     *,
     callbacks: Iterable[Callback] = (),
     progress: bool = True,
     **options,
 ) -> Run:
-    """Fine-tune a model; the keyword options are ``mlx_dft train``'s long options in snake case
-    (``config=`` names a YAML file). Returns the finished :class:`Run` (history, output folder)."""
-    if isinstance(config, TrainConfig):
+    """Fine-tune a model; the keyword options are ``mlx_dft train``'s long options in snake case.
+    ``config`` is a YAML file (as ``--config``), a dict of options or a :class:`TrainConfig`;
+    keyword options override it. Returns the finished :class:`Run` (history, output folder)."""
+    if isinstance(config, (str, Path)):
+        options = {"config": str(config), **options}
+    elif isinstance(config, TrainConfig):
         options = {**{k: v for k, v in config.to_dict().items() if v != FIELDS[k].default}, **options}
     elif isinstance(config, dict):
         options = {**config, **options}
@@ -210,7 +213,8 @@ def train(
         start_step = int(state["step"])
         optimizer.init(model.trainable_parameters())
         optimizer.state = ckpt.load_optimizer_state(checkpoint)
-        mx.random.state[0] = mx.array(state["rng"], dtype=mx.uint32)
+        hi, lo = state["rng"]
+        mx.random.seed((int(hi) << 32) | int(lo))  # restores the exact key (dropout stream)
         if start_step >= steps:
             raise UserError(
                 f"checkpoint {checkpoint} is at step {start_step}, already at or past --iters {steps}"

@@ -64,7 +64,7 @@ def train(config, **options):
 
     options = {k: v for k, v in options.items() if v is not None}
     try:
-        api.train(config=None, **({"config": config} if config else {}), **options)
+        api.train(config, **options)
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; the last checkpoint is intact: continue with --resume OUTPUT_FOLDER"

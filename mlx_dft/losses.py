@@ -24,8 +24,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 LOSS_TYPES = ("sft", "dft")
-# Logit elements held at once by the chunked loss (128 MiB of float32).
-DEFAULT_CHUNK_ELEMENTS = 32 * 1024 * 1024
+# Logit elements per chunk of the chunked loss (32 MiB of float32; the backward pass holds
+# a handful of chunk-sized temporaries, so peak memory is a few hundred MiB at any vocabulary).
+DEFAULT_CHUNK_ELEMENTS = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,9 @@ def chunked_ce(
 
     Splits the N tokens into chunks of ``chunk_tokens``; with more than one chunk each is
     wrapped in ``mx.checkpoint`` so its [chunk, V] logits are recomputed in the backward
-    pass instead of kept: peak memory holds one chunk of logits, not N.
+    pass instead of kept, and chained to the previous chunk so they are evaluated in turn:
+    peak memory holds a few chunks of logits, not N (measured: 2048 tokens x 152k vocab,
+    3.7 GB unchunked, 0.3 GB in chunks of 64).
     """
     n = hidden.shape[0]
     if chunk_tokens <= 0 or n <= chunk_tokens:
@@ -100,16 +103,23 @@ def chunked_ce(
 
     trainable = head.trainable_parameters() if isinstance(head, nn.Module) else {}
 
-    def piece(params, h, t):
-        if params:
-            head.update(params)
-        return _target_ce(head, h, t)
+    def piece(t: mx.array):
+        # Targets are integer indices: close over them (checkpoint differentiates its inputs).
+        def fn(params, h):
+            if params:
+                head.update(params)
+            return _target_ce(head, h, t)
 
-    piece = mx.checkpoint(piece)
-    out = [
-        piece(trainable, hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens])
-        for i in range(0, n, chunk_tokens)
-    ]
+        return mx.checkpoint(fn)
+
+    out = []
+    for i in range(0, n, chunk_tokens):
+        h = hidden[i : i + chunk_tokens]
+        if out:
+            # A (zero) data dependency on the previous chunk makes MLX evaluate the chunks one
+            # after another, forward and backward, instead of holding all their logits at once.
+            h = h + 0.0 * out[-1].sum()
+        out.append(piece(targets[i : i + chunk_tokens])(trainable, h))
     return mx.concatenate(out)
 
 

@@ -1,0 +1,81 @@
+# ruff: noqa: I001  (mlx_dft must be imported before mlx: it puts OpenBLAS under MLX)
+"""Shared fixtures: tiny random models built on the fly, and small task data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx_dft  # noqa: F401
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_dft.tasks import arith
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "tiny-llama"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_model(path: Path, config: dict, seed: int = 0, tokenizer_from: Path = BUNDLED) -> Path:
+    """A random-weight mlx-lm model in Hugging Face layout (with the bundled tokenizer)."""
+    from mlx_lm.utils import _get_classes
+
+    path.mkdir(parents=True, exist_ok=True)
+    model_cls, args_cls = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    weights = {
+        k: (mx.random.normal(v.shape) * 0.05 if v.ndim > 1 else v)
+        for k, v in tree_flatten(model.parameters())
+    }
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config))
+    for f in TOKENIZER_FILES:
+        shutil.copy(tokenizer_from / f, path / f)
+    return path
+
+
+def llama_config(**kw) -> dict:
+    cfg = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 512,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 512,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("models") / "tiny", llama_config())
+
+
+@pytest.fixture(scope="session")
+def arith_data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data") / "arith"
+    d.mkdir()
+    for name, seed, n in (("train", 1, 48), ("valid", 2, 16), ("test", 3, 8)):
+        with open(d / f"{name}.jsonl", "w") as f:
+            for p in arith.make_split(seed, n, (1, 2)):
+                f.write(json.dumps(arith.to_record(p)) + "\n")
+    return d
+
+
+def params_of(model: nn.Module) -> dict:
+    return {k: v for k, v in tree_flatten(model.parameters())}
