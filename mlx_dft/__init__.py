@@ -5,7 +5,12 @@ run = mlx_dft.train(loss="dft", adapter="lora", iters=100)
 print(mlx_dft.generate("Question: ...", adapter=run.output))
 """
 
+import os
+
 from mlx_dft import _blas
+
+# transformers (imported by mlx-lm for tokenizers) warns on stderr that PyTorch is absent.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 _blas.setup()  # must precede the first `import mlx.core`
 

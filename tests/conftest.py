@@ -79,3 +79,37 @@ def arith_data(tmp_path_factory) -> Path:
 
 def params_of(model: nn.Module) -> dict:
     return {k: v for k, v in tree_flatten(model.parameters())}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_4bit(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model quantized to 4 bits, as mlx-lm stores quantized models."""
+    from mlx_lm.utils import load_model
+
+    model, config = load_model(tiny_model)
+    nn.quantize(model, group_size=32, bits=4)
+    out = tmp_path_factory.mktemp("models") / "tiny-4bit"
+    out.mkdir()
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config["quantization"] = {"group_size": 32, "bits": 4}
+    (out / "config.json").write_text(json.dumps(config))
+    for f in TOKENIZER_FILES:
+        shutil.copy(tiny_model / f, out / f)
+    return out
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300):
+    """Run ``python -m mlx_dft ARGS``; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_dft", *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,3 @@
+from mlx_dft.cli import main
+
+main()
