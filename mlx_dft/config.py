@@ -124,7 +124,7 @@ class TrainConfig:
     )
     grad_checkpoint: bool = _opt(False, "Recompute block activations in the backward pass to save memory.")
     loss_chunk_tokens: int = _opt(
-        0, "Supervised tokens per logits chunk in the loss (0: auto, ~128 MiB of logits)."
+        0, "Supervised tokens per logits chunk in the loss (0: auto, ~32 MiB of float32 logits a chunk)."
     )
 
     def resolved_learning_rate(self) -> float:

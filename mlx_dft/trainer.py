@@ -124,6 +124,19 @@ def build_optimizer(
     raise UserError(f"unknown optimizer {name!r}")
 
 
+_EVAL_FNS: dict = {}
+
+
+def _eval_fn(model: nn.Module, loss_fn: Callable) -> Callable:
+    """The compiled evaluation of ``loss_fn`` on ``model``, built once per (model, loss) so that
+    repeated validations reuse the traces of the batch shapes they have already seen."""
+    key = (id(model), id(loss_fn))
+    if key not in _EVAL_FNS:
+        _EVAL_FNS.clear()  # one live run at a time is the common case: do not hold old models
+        _EVAL_FNS[key] = mx.compile(lambda *arrays: mx.stack(loss_fn(model, *arrays)), inputs=model.state)
+    return _EVAL_FNS[key]
+
+
 def evaluate(
     model: nn.Module,
     loss_fn: Callable,
@@ -138,7 +151,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = mx.zeros((4,))
-    compiled = mx.compile(lambda *arrays: mx.stack(loss_fn(model, *arrays)), inputs=model.state)
+    compiled = _eval_fn(model, loss_fn)
     for batch in eval_batches(dataset, batch_size, world.rank(), world.size(), num_batches):
         sums = sums + compiled(*batch.arrays())
         mx.eval(sums)

@@ -1,18 +1,19 @@
 # ruff: noqa: I001  (mlx_dft must be imported before mlx: it puts OpenBLAS under MLX)
 """Pretrain the bundled tiny LLaMA (models/tiny-llama) from scratch, deterministically, on CPU.
 
-    python scripts/make_tiny_model.py [--out models/tiny-llama] [--steps 1000]
+    python scripts/make_tiny_model.py [--out models/tiny-llama] [--steps 1500]
 
 1. Generates a corpus (seed 0): short stories about people and their things, arithmetic
-   facts in words ("45 plus 17 is 62.") and as equations ("45 + 17 = 62."). It never contains
-   the bundled task's "Question: ... Answer: ..." format.
+   facts in words ("45 plus 17 is 62.") and as equations ("45 + 17 = 62."), and chains of
+   equations, on the bundled task's number range. It never contains the task's word
+   problems nor its "Question: ... Answer: ..." format.
 2. Trains a byte-level BPE tokenizer (512 tokens, digits split one by one).
 3. Pretrains a 4-layer LLaMA (hidden 256, 8 heads, 4 KV heads, 3.3M parameters) with AdamW.
 4. Writes a Hugging Face folder (config.json, model.safetensors, tokenizer.json, ...) that
    both ``mlx_lm.load`` and ``transformers.AutoModelForCausalLM`` load, plus the held-out
    perplexity and a few greedy samples in ``pretraining.json``.
 
-Takes about 30 minutes on a 2-core CPU with OpenBLAS.
+Takes about 45 minutes on a 2-core CPU with OpenBLAS.
 """
 
 from __future__ import annotations
@@ -63,15 +64,15 @@ CONFIG = {
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def number(rng: random.Random, big: float = 0.3) -> int:
-    return rng.randint(100, 999) if rng.random() < big else rng.randint(1, 99)
+def operands(rng: random.Random) -> tuple[int, int]:
+    """The number range of the bundled task: a running value up to 600, a change below 100."""
+    a = rng.randint(1, 99) if rng.random() < 0.55 else rng.randint(100, 600)
+    return a, rng.randint(1, 99)
 
 
 def fact(rng: random.Random) -> str:
-    a, b = number(rng), number(rng)
+    a, b = operands(rng)
     if rng.random() < 0.5:
-        a, b = min(a, 999 - b), b
-        a = max(a, 0)
         c, sym, word = a + b, "+", rng.choice(["plus", "and"])
     else:
         a, b = max(a, b), min(a, b)
@@ -79,10 +80,26 @@ def fact(rng: random.Random) -> str:
     forms = [
         f"{a} {sym} {b} = {c}.",
         f"{a} {sym} {b} = {c}.",
+        f"{a} {sym} {b} = {c}.",
         f"{a} {word} {b} is {c}." if word != "and" else f"{a} and {b} make {c}.",
         f"The sum of {a} and {b} is {c}." if sym == "+" else f"If you take {b} away from {a}, you get {c}.",
     ]
     return rng.choice(forms)
+
+
+def worksheet(rng: random.Random) -> str:
+    """A chain of equations, each starting from the previous result (arithmetic practice)."""
+    value = rng.randint(1, 99)
+    lines = []
+    for _ in range(rng.randint(2, 4)):
+        n = rng.randint(1, 99)
+        if rng.random() < 0.5 and value >= n:
+            lines.append(f"{value} - {n} = {value - n}.")
+            value -= n
+        else:
+            lines.append(f"{value} + {n} = {value + n}.")
+            value += n
+    return " ".join(lines)
 
 
 def story(rng: random.Random) -> str:
@@ -129,10 +146,13 @@ def story(rng: random.Random) -> str:
 def document(rng: random.Random) -> str:
     parts = []
     for _ in range(rng.randint(3, 8)):
-        if rng.random() < 0.5:
+        r = rng.random()
+        if r < 0.35:
             parts.append(story(rng))
-        else:
+        elif r < 0.75:
             parts.append(" ".join(fact(rng) for _ in range(rng.randint(2, 6))))
+        else:
+            parts.append(worksheet(rng))
     return "\n".join(parts)
 
 
@@ -191,7 +211,7 @@ def pack(tok, docs: list[str], seq: int) -> np.ndarray:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "models" / "tiny-llama"))
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -285,6 +305,17 @@ def main():
     for prompt in ["Mia has 23 apples.", "45 plus 17 is", "The sum of 12 and 30 is", "Leo has 50 coins. He"]:
         samples[prompt] = generate(m, t, prompt, max_tokens=40, verbose=False)
         print(repr(prompt), "->", repr(samples[prompt]), flush=True)
+    probe, correct = random.Random(12345), 0
+    for _ in range(100):
+        a, b = operands(probe)
+        if probe.random() < 0.5:
+            q, c = f"{a} + {b} =", a + b
+        else:
+            a, b = max(a, b), min(a, b)
+            q, c = f"{a} - {b} =", a - b
+        got = generate(m, t, q, max_tokens=5, verbose=False).strip().split(".")[0]
+        correct += got == str(c)
+    print(f"arithmetic probe: {correct}/100 equations completed correctly", flush=True)
     (out / "pretraining.json").write_text(
         json.dumps(
             {
@@ -295,6 +326,7 @@ def main():
                 "parameters": n_params,
                 "heldout_loss": round(val_loss, 4),
                 "heldout_perplexity": round(math.exp(val_loss), 3),
+                "arithmetic_probe_accuracy": correct / 100,
                 "samples": samples,
             },
             indent=2,

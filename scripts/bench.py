@@ -1,0 +1,323 @@
+"""Time mlx_dft against stock ``mlx_lm lora`` on the same model, data, batch and iterations.
+
+    python scripts/bench.py                      # bundled tiny LLaMA, bundled task
+    python scripts/bench.py --shape llama-40m    # a random-weight 40M LLaMA with a 32k vocabulary
+    python scripts/bench.py --model PATH --iters 100 --batch-size 8
+
+Runs, each in its own process (so each gets the BLAS it would get for a user):
+  stock/reference  `mlx_lm lora` as installed (MLX's bundled reference BLAS on Linux), through
+                   scripts/stock_lora.py (mlx-lm's own parser and train_model, plus a callback
+                   that reports the step rate and peak memory)
+  stock/openblas   `mlx_lm lora` with OpenBLAS preloaded (LD_PRELOAD): the same BLAS as ours
+  ours/sft, ours/dft  `mlx_dft train`, out of the box
+
+Both tools train LoRA (same rank, scale, modules and layers), AdamW at the same constant
+learning rate, the same batch size and maximum length, on the same prompt/completion data
+with the prompt masked, for the same number of iterations; validation is reduced to one
+batch. Throughput is measured from each tool's own per-report step rate, leaving out the
+first report (compilation), and converted to tokens/s with the same average tokens per
+batch for both (non-padding tokens, prompt included). Peak memory is MLX's peak as each tool
+reports it. Writes a markdown table (and JSON with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mlx_dft._blas import _find_openblas  # noqa: E402  (also puts OpenBLAS under MLX here)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+    "{% else %}{{ bos_token }}{{ m['content'] }}{% endif %}{% endfor %}"
+)
+SHAPES = {
+    # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
+    "llama-40m": (512, 8, 8, 4, 1408, 32000),
+    "qwen3-0.6b": (1024, 28, 16, 8, 3072, 151936),
+}
+
+
+def prepare_model(args, work: Path) -> Path:
+    """A copy of the model whose tokenizer has a plain chat template (prompt + completion + EOS),
+    so that stock mlx-lm can read prompt/completion data and mask the prompt."""
+    src = Path(args.model) if args.model else ROOT / "models" / "tiny-llama"
+    dst = work / "model"
+    if args.shape:
+        make_random_model(args.shape, src, dst)
+    else:
+        shutil.copytree(src, dst)
+    tc = json.loads((dst / "tokenizer_config.json").read_text())
+    tc["chat_template"] = CHAT_TEMPLATE
+    (dst / "tokenizer_config.json").write_text(json.dumps(tc))
+    return dst
+
+
+def make_random_model(shape: str, tokenizer_src: Path, dst: Path) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama, qwen3
+
+    h, n, heads, kv, inter, vocab = SHAPES[shape]
+    cfg = {
+        "model_type": "qwen3" if shape.startswith("qwen3") else "llama",
+        "hidden_size": h,
+        "num_hidden_layers": n,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "intermediate_size": inter,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "head_dim": h // heads,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 4096,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    mod = qwen3 if cfg["model_type"] == "qwen3" else llama
+    mx.random.seed(0)
+    model = mod.Model(mod.ModelArgs.from_dict(cfg))
+    dst.mkdir(parents=True)
+    weights = {
+        k: mx.random.normal(v.shape) * 0.02 if v.ndim > 1 else v for k, v in tree_flatten(model.parameters())
+    }
+    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_src / f, dst / f)
+
+
+def prepare_data(args, work: Path) -> tuple[Path, float]:
+    src = Path(args.data) if args.data else ROOT / "mlx_dft" / "tasks" / "arith"
+    dst = work / "data"
+    dst.mkdir()
+    for split in ("train", "valid"):
+        shutil.copy(src / f"{split}.jsonl", dst / f"{split}.jsonl")
+    return dst
+
+
+def avg_tokens(model: Path, data: Path) -> float:
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_dft.data import DataConfig, load_split
+
+    tok = load_tokenizer(model)
+    ds = load_split(data / "train.jsonl", "train", tok, DataConfig())
+    return ds.n_tokens / len(ds)
+
+
+def run(cmd: list[str], env: dict, log: Path) -> str:
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
+    if p.returncode != 0:
+        raise SystemExit(f"benchmark run failed ({' '.join(cmd[:4])} ...): see {log}")
+    return p.stdout + p.stderr
+
+
+def stock(args, model: Path, data: Path, work: Path, blas: str | None, name: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if blas:
+        env["LD_PRELOAD"] = blas
+    cfg = work / f"{name}.yaml"
+    cfg.write_text(json.dumps({"lora_parameters": {"rank": args.rank, "scale": args.scale, "dropout": 0.0}}))
+    out = run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "stock_lora.py"),
+            "--model",
+            str(model),
+            "--train",
+            "--data",
+            str(data),
+            "--iters",
+            str(args.iters),
+            "--batch-size",
+            str(args.batch_size),
+            "--num-layers",
+            str(args.num_layers),
+            "--learning-rate",
+            str(args.learning_rate),
+            "--optimizer",
+            "adamw",
+            "--mask-prompt",
+            "--steps-per-report",
+            str(args.report),
+            "--steps-per-eval",
+            str(10**6),
+            "--val-batches",
+            "1",
+            "--save-every",
+            str(10**6),
+            "--max-seq-length",
+            str(args.max_seq_length),
+            "--adapter-path",
+            str(work / name),
+            "-c",
+            str(cfg),
+        ],
+        env,
+        work / f"{name}.log",
+    )
+    reports = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("REPORT ")]
+    return {
+        "steps_per_sec": steady([r["iterations_per_second"] for r in reports]),
+        "peak_gb": max(r["peak_memory"] for r in reports),
+        "final_train_ce": reports[-1]["train_loss"],
+    }
+
+
+def ours(args, model: Path, data: Path, work: Path, loss: str, name: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_dft",
+            "train",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--iters",
+            str(args.iters),
+            "--batch-size",
+            str(args.batch_size),
+            "--num-layers",
+            str(args.num_layers),
+            "--learning-rate",
+            str(args.learning_rate),
+            "--optimizer",
+            "adamw",
+            "--lr-schedule",
+            "constant",
+            "--warmup",
+            "0",
+            "--lora-rank",
+            str(args.rank),
+            "--lora-scale",
+            str(args.scale),
+            "--loss",
+            loss,
+            "--steps-per-report",
+            str(args.report),
+            "--steps-per-eval",
+            str(10**6),
+            "--val-batches",
+            "1",
+            "--save-every",
+            str(10**6),
+            "--max-seq-length",
+            str(args.max_seq_length),
+            "--use-chat-template",
+            "--output",
+            str(work / name),
+            "--overwrite",
+        ],
+        env,
+        work / f"{name}.log",
+    )
+    recs = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "steps_per_sec" in r]
+    return {
+        "steps_per_sec": steady([r["steps_per_sec"] for r in train]),
+        "peak_gb": max(r["peak_memory_gb"] for r in train),
+        "final_train_ce": train[-1]["train_ce"],
+    }
+
+
+def steady(rates: list[float]) -> float:
+    """Mean step rate over the reports after the first (which includes compilation)."""
+    later = rates[1:] or rates
+    return len(later) / sum(1.0 / r for r in later)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model folder (default: the bundled tiny LLaMA)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="benchmark a random-weight model of this shape")
+    ap.add_argument(
+        "--data", help="folder with train/valid.jsonl of prompt/completion records (default: bundled task)"
+    )
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--num-layers", type=int, default=-1)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--scale", type=float, default=20.0)
+    ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--max-seq-length", type=int, default=512)
+    ap.add_argument("--report", type=int, default=10, help="steps per report")
+    ap.add_argument(
+        "--skip-reference", action="store_true", help="skip stock mlx-lm on the reference BLAS (slow)"
+    )
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+
+    openblas = _find_openblas()
+    work = Path(tempfile.mkdtemp(prefix="mlx_dft_bench_"))
+    model = prepare_model(args, work)
+    data = prepare_data(args, work)
+    tokens_per_step = avg_tokens(model, data) * args.batch_size
+    print(
+        f"model {args.shape or args.model or 'bundled tiny-llama'}, batch {args.batch_size}, "
+        f"{args.iters} iters, "
+        f"{tokens_per_step:.0f} tokens/step; logs in {work}",
+        flush=True,
+    )
+
+    results = {}
+    if not args.skip_reference:
+        results["stock mlx_lm lora, as installed"] = stock(args, model, data, work, None, "stock-ref")
+    # The fast runs are repeated, interleaved, and each keeps its best repeat: timing noise on
+    # a shared machine only ever slows a run down.
+    runs = {}
+    if openblas:
+        runs["stock mlx_lm lora, OpenBLAS"] = lambda i: stock(
+            args, model, data, work, openblas, f"stock-openblas-{i}"
+        )
+    runs["mlx_dft sft"] = lambda i: ours(args, model, data, work, "sft", f"ours-sft-{i}")
+    runs["mlx_dft dft"] = lambda i: ours(args, model, data, work, "dft", f"ours-dft-{i}")
+    for i in range(args.repeats):
+        for name, fn in runs.items():
+            r = fn(i)
+            best = results.get(name)
+            if best is None or r["steps_per_sec"] > best["steps_per_sec"]:
+                r["peak_gb"] = max(r["peak_gb"], best["peak_gb"]) if best else r["peak_gb"]
+                results[name] = r
+    for r in results.values():
+        r["tokens_per_sec"] = r["steps_per_sec"] * tokens_per_step
+
+    ref = results.get("stock mlx_lm lora, OpenBLAS")
+    print("\n| run | tokens/s | peak memory (GB) | final train CE |\n|---|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['tokens_per_sec']:,.0f} | {r['peak_gb']:.3f} | {r['final_train_ce']:.3f} |")
+    dft, sft = results["mlx_dft dft"], results["mlx_dft sft"]
+    ratios = {}
+    if ref:
+        ratios["dft tokens/s vs stock (same BLAS)"] = dft["tokens_per_sec"] / ref["tokens_per_sec"]
+        ratios["dft peak memory vs stock (same BLAS)"] = dft["peak_gb"] / ref["peak_gb"]
+    if "stock mlx_lm lora, as installed" in results:
+        ratios["dft tokens/s vs stock as installed"] = (
+            dft["tokens_per_sec"] / results["stock mlx_lm lora, as installed"]["tokens_per_sec"]
+        )
+    ratios["dft cost over sft (time per step)"] = sft["tokens_per_sec"] / dft["tokens_per_sec"] - 1.0
+    print()
+    for k, v in ratios.items():
+        print(f"- {k}: {v * 100:+.1f}%" if "cost" in k else f"- {k}: {v:.2f}x")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"results": results, "ratios": ratios, "args": vars(args)}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
