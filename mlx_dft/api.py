@@ -183,9 +183,17 @@ def train(
     settings = method.settings(cfg, model)
     method.apply(model, settings)
     trainable, total = adapters_mod.count_parameters(model)
+    detail = ""
+    if cfg.adapter == "aligner":
+        a = settings["aligner"]
+        per = a["num_attention_heads"] if a["gate"] == "head" else 1
+        detail = (
+            f" = {a['tokens']} tokens x {a['hidden_size']} + "
+            f"{a['num_hidden_layers'] - a['start_layer']} layers x {per} gate{'s' if per > 1 else ''}"
+        )
     say(
         f"model {model_id} ({model_type(model)}): {total:,} parameters; {cfg.adapter} trains "
-        f"{trainable:,} ({100 * trainable / max(total, 1):.3f}%)"
+        f"{trainable:,}{detail} ({100 * trainable / max(total, 1):.3f}%)"
     )
 
     steps = total_steps(cfg, n_batches)
@@ -198,7 +206,7 @@ def train(
         cfg.lr_schedule,
         warmup,
         steps,
-        cfg.weight_decay,
+        cfg.resolved_weight_decay(),
         (cfg.adam_beta1, cfg.adam_beta2),
     )
 
@@ -237,6 +245,7 @@ def train(
             "data": data_id,
             "output": str(out),
             "learning_rate": cfg.resolved_learning_rate(),
+            "weight_decay": cfg.resolved_weight_decay(),
             "total_steps": steps,
         },
     }

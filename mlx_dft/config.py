@@ -18,10 +18,12 @@ import yaml
 from mlx_dft.errors import UserError
 from mlx_dft.losses import LOSS_TYPES
 
-ADAPTERS = ("lora", "dora", "full")
+ADAPTERS = ("lora", "dora", "full", "aligner")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
-DEFAULT_LR = {"lora": 1e-4, "dora": 1e-4, "full": 1e-5}
+DEFAULT_LR = {"lora": 1e-4, "dora": 1e-4, "full": 1e-5, "aligner": 9e-3}
+# Aligner's paper: AdamW, lr 9e-3, weight decay 0.02; the DFT paper: weight decay 0.01.
+DEFAULT_WEIGHT_DECAY = {"aligner": 0.02}
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
@@ -55,8 +57,8 @@ class TrainConfig:
     )
     dft_power: float = _opt(1.0, "DFT weight power a: weight = p^a.")
     # adapter
-    adapter: str = _opt("lora", "What to train: lora, dora or full.", ADAPTERS)
-    num_layers: int = _opt(16, "Adapt the last N transformer blocks; -1 for all.")
+    adapter: str = _opt("lora", "What to train: lora, dora, full or aligner.", ADAPTERS)
+    num_layers: int = _opt(16, "Adapt the last N transformer blocks; -1 for all (lora, dora, full).")
     lora_rank: int = _opt(8, "LoRA/DoRA rank.")
     lora_scale: float = _opt(
         20.0, "LoRA/DoRA scale (mlx-lm's absolute multiplier). Ignored when --lora-alpha is set."
@@ -68,12 +70,21 @@ class TrainConfig:
         "Modules to adapt, e.g. q_proj,v_proj (default: every linear layer of the block, as mlx-lm).",
         is_list=True,
     )
+    aligner_tokens: int = _opt(1, "Aligner: number of shared prefix tokens N.")
+    aligner_start_layer: int = _opt(2, "Aligner: first adapted layer (the official code: 2).")
+    aligner_gate: str = _opt(
+        "head",
+        "Aligner gates: one per attention head (the paper) or one per layer (PEFT adaption prompt).",
+        ("head", "layer"),
+    )
     # optimisation
     optimizer: str = _opt("adamw", "Optimizer.", OPTIMIZERS)
     learning_rate: float | None = _opt(
-        None, "Peak learning rate (default: 1e-4 for lora/dora, 1e-5 for full)."
+        None, "Peak learning rate (default: 1e-4 for lora/dora, 1e-5 for full, 9e-3 for aligner)."
     )
-    weight_decay: float = _opt(0.01, "AdamW weight decay (DFT paper: 0.01).")
+    weight_decay: float | None = _opt(
+        None, "AdamW weight decay (default 0.01 as the DFT paper; 0.02 for aligner)."
+    )
     adam_beta1: float = _opt(0.9, "Adam beta1.")
     adam_beta2: float = _opt(0.999, "Adam beta2 (DFT paper: 0.95).")
     lr_schedule: str = _opt("cosine", "Learning-rate schedule after warmup.", SCHEDULES)
@@ -129,6 +140,11 @@ class TrainConfig:
 
     def resolved_learning_rate(self) -> float:
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LR.get(self.adapter, 1e-4)
+
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return DEFAULT_WEIGHT_DECAY.get(self.adapter, 0.01)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -300,4 +316,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.save_every >= 1, "--save-every must be at least 1")
     check(cfg.val_batches == -1 or cfg.val_batches >= 1, "--val-batches must be -1 (all) or at least 1")
     check(cfg.loss_chunk_tokens >= 0, "--loss-chunk-tokens must be >= 0")
+    check(cfg.aligner_tokens >= 1, "--aligner-tokens must be at least 1")
+    check(cfg.aligner_start_layer >= 0, "--aligner-start-layer must be >= 0")
+    check(cfg.weight_decay is None or cfg.weight_decay >= 0, "--weight-decay must be >= 0")
     check(cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0")

@@ -176,56 +176,34 @@ def stock(args, model: Path, data: Path, work: Path, blas: str | None, name: str
     }
 
 
-def ours(args, model: Path, data: Path, work: Path, loss: str, name: str) -> dict:
+def flags(**options) -> list[str]:
+    out = []
+    for k, v in options.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def ours(args, model: Path, data: Path, work: Path, name: str, **options) -> dict:
+    """One `mlx_dft train` run; ``options`` are extra long options (e.g. loss="dft")."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    run(
-        [
-            sys.executable,
-            "-m",
-            "mlx_dft",
-            "train",
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            "--iters",
-            str(args.iters),
-            "--batch-size",
-            str(args.batch_size),
-            "--num-layers",
-            str(args.num_layers),
-            "--learning-rate",
-            str(args.learning_rate),
-            "--optimizer",
-            "adamw",
-            "--lr-schedule",
-            "constant",
-            "--warmup",
-            "0",
-            "--lora-rank",
-            str(args.rank),
-            "--lora-scale",
-            str(args.scale),
-            "--loss",
-            loss,
-            "--steps-per-report",
-            str(args.report),
-            "--steps-per-eval",
-            str(10**6),
-            "--val-batches",
-            "1",
-            "--save-every",
-            str(10**6),
-            "--max-seq-length",
-            str(args.max_seq_length),
-            "--use-chat-template",
-            "--output",
-            str(work / name),
-            "--overwrite",
-        ],
-        env,
-        work / f"{name}.log",
+    common = dict(
+        model=model,
+        data=data,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        optimizer="adamw",
+        lr_schedule="constant",
+        warmup=0,
+        steps_per_report=args.report,
+        steps_per_eval=10**6,
+        val_batches=1,
+        save_every=10**6,
+        max_seq_length=args.max_seq_length,
+        output=work / name,
     )
+    common.update(options)
+    cmd = [sys.executable, "-m", "mlx_dft", "train", *flags(**common), "--use-chat-template", "--overwrite"]
+    run(cmd, env, work / f"{name}.log")
     recs = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if "steps_per_sec" in r]
     return {
@@ -233,6 +211,16 @@ def ours(args, model: Path, data: Path, work: Path, loss: str, name: str) -> dic
         "peak_gb": max(r["peak_memory_gb"] for r in train),
         "final_train_ce": train[-1]["train_ce"],
     }
+
+
+def lora_options(args, **extra) -> dict:
+    return dict(
+        num_layers=args.num_layers,
+        lora_rank=args.rank,
+        lora_scale=args.scale,
+        learning_rate=args.learning_rate,
+        **extra,
+    )
 
 
 def steady(rates: list[float]) -> float:
@@ -284,8 +272,12 @@ def main():
         runs["stock mlx_lm lora, OpenBLAS"] = lambda i: stock(
             args, model, data, work, openblas, f"stock-openblas-{i}"
         )
-    runs["mlx_dft sft"] = lambda i: ours(args, model, data, work, "sft", f"ours-sft-{i}")
-    runs["mlx_dft dft"] = lambda i: ours(args, model, data, work, "dft", f"ours-dft-{i}")
+    runs["mlx_dft sft"] = lambda i: ours(
+        args, model, data, work, f"ours-sft-{i}", **lora_options(args, loss="sft")
+    )
+    runs["mlx_dft dft"] = lambda i: ours(
+        args, model, data, work, f"ours-dft-{i}", **lora_options(args, loss="dft")
+    )
     for i in range(args.repeats):
         for name, fn in runs.items():
             r = fn(i)

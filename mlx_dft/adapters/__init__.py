@@ -18,10 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_dft.adapters import full, lora
+from mlx_dft.adapters import aligner, full, lora
 from mlx_dft.errors import UserError
 
-METHODS = {"lora": lora, "dora": lora, "full": full}
+METHODS = {"lora": lora, "dora": lora, "full": full, "aligner": aligner}
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
 
