@@ -128,6 +128,7 @@ def train(
         options = {**{k: v for k, v in config.to_dict().items() if v != FIELDS[k].default}, **options}
     elif isinstance(config, dict):
         options = {**config, **options}
+    explicit_options = dict(options)
     cfg, saved, checkpoint = resolve_config(options)
 
     world = mx.distributed.init()
@@ -179,9 +180,33 @@ def train(
     if val_set is not None and len(val_set) == 0:
         val_set = None
 
+    source_dir = source_tmp = None
+    if cfg.adapter_from and checkpoint is None:
+        from mlx_dft.interop.convert import adapter_kind, as_local_adapter
+
+        source_dir, source_tmp = as_local_adapter(cfg.adapter_from, model_id)
+        kind = adapter_kind(adapters_mod.read_adapter_config(source_dir))
+        if "adapter" in explicit_options and explicit_options["adapter"] != kind:
+            raise UserError(f"--adapter-from {cfg.adapter_from} holds a {kind} adapter, not {cfg.adapter}")
+        cfg.adapter = kind
     method = adapters_mod.method(cfg.adapter)
-    settings = method.settings(cfg, model)
+    if source_dir is not None:
+        settings = method.settings_from_config(adapters_mod.read_adapter_config(source_dir))
+    elif checkpoint is not None and cfg.adapter_from:
+        settings = method.settings_from_config(saved)  # the settings the source adapter brought
+    else:
+        settings = method.settings(cfg, model)
     method.apply(model, settings)
+    if source_dir is not None:
+        import shutil
+
+        for fname in adapters_mod.weight_files(cfg.adapter):
+            adapters_mod.set_weights(
+                model, adapters_mod.load_weights_file(source_dir / fname), str(source_dir / fname)
+            )
+        if source_tmp is not None:
+            shutil.rmtree(source_tmp, ignore_errors=True)
+        say(f"starting from the {cfg.adapter} adapter {cfg.adapter_from}")
     trainable, total = adapters_mod.count_parameters(model)
     detail = ""
     if cfg.adapter == "aligner":
@@ -350,12 +375,26 @@ def _grad_checkpoint(model: nn.Module) -> None:
 
 
 def load(model: str | None = None, adapter: str | Path | None = None, dtype: str = "auto"):
-    """(model, tokenizer) with the adapter folder's adapter applied, ready for generation."""
-    if adapter is not None and model is None:
-        model = adapters_mod.read_adapter_config(adapter).get("base_model")
-    net, tokenizer, _, _ = load_model(model or str(default_model_path()), dtype)
-    if adapter is not None:
-        adapters_mod.load_adapter(net, adapter)
+    """(model, tokenizer) with an adapter applied, ready for generation. ``adapter`` is an
+    mlx_dft/mlx-lm folder, a PEFT LoRA/DoRA folder, our HF Aligner folder, an official Aligner
+    ``.pth`` or a Hub repo id holding one (converted on the fly)."""
+    if adapter is None:
+        net, tokenizer, _, _ = load_model(model or str(default_model_path()), dtype)
+        net.eval()
+        return net, tokenizer
+    from mlx_dft.interop.convert import as_local_adapter
+
+    local, tmp = as_local_adapter(adapter, model)
+    try:
+        if model is None:
+            model = adapters_mod.read_adapter_config(local).get("base_model")
+        net, tokenizer, _, _ = load_model(model or str(default_model_path()), dtype)
+        adapters_mod.load_adapter(net, local)
+    finally:
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     net.eval()
     return net, tokenizer
 

@@ -111,6 +111,70 @@ def generate(model, adapter, prompt, max_tokens, temp, top_p, seed, chat):
     click.echo(text)
 
 
+@cli.command("export")
+@click.argument("adapter_dir")
+@click.option("--out", required=True, help="Folder to write (must not exist, or be empty).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "peft", "hf"]),
+    default="auto",
+    show_default=True,
+    help="auto: PEFT for LoRA/DoRA, our HF format for Aligner; peft: also Aligner as PEFT adaption "
+    "prompt (layer gates, llama/mistral); hf: the HF Aligner format.",
+)
+@click.option(
+    "--base-model", default=None, help="base_model_name_or_path to record (default: the run's model)."
+)
+def export_cmd(adapter_dir, out, fmt, base_model):
+    """Write an adapter as a Hugging Face folder (PEFT LoRA/DoRA, or the HF Aligner format)."""
+    from mlx_dft.interop.convert import export_adapter
+
+    path = export_adapter(adapter_dir, out, fmt, base_model)
+    click.echo(f"exported {adapter_dir} -> {path}")
+
+
+@cli.command("import")
+@click.argument("src")
+@click.option("--out", required=True, help="mlx_dft adapter folder to write.")
+@click.option("--model", default=None, help="Base model (default: the one the adapter names).")
+def import_cmd(src, out, model):
+    """Convert a PEFT LoRA/DoRA folder, an exported Aligner, an official Aligner .pth or a Hub repo
+    into an mlx_dft adapter folder."""
+    from mlx_dft.interop.convert import import_adapter
+
+    path = import_adapter(src, out, model)
+    click.echo(f"imported {src} -> {path}")
+
+
+@cli.command("fuse")
+@click.argument("adapter")
+@click.option("--out", required=True, help="Hugging Face model folder to write.")
+@click.option("--model", default=None, help="Base model (default: the adapter's).")
+@click.option(
+    "--dequantize", is_flag=True, help="Write float weights (needed for transformers) from a quantized base."
+)
+def fuse_cmd(adapter, out, model, dequantize):
+    """Merge a LoRA/DoRA adapter into the base weights and save the model."""
+    from mlx_dft.interop.fuse import fuse
+
+    path = fuse(adapter, out, model, dequantize)
+    click.echo(f"fused {adapter} -> {path}")
+
+
+@cli.command("push")
+@click.argument("folder")
+@click.option("--repo", required=True, help="Hub repository, USER/NAME.")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+def push_cmd(folder, repo, private):
+    """Upload an exported folder to the Hugging Face Hub with a generated model card
+    (token: HF_TOKEN or `hf auth login`)."""
+    from mlx_dft.interop.hub import push
+
+    url = push(folder, repo, private)
+    click.echo(f"pushed {folder} -> {url}")
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("MLX_DFT_DEBUG", "") not in ("", "0")
     try:

@@ -123,6 +123,11 @@ class TrainConfig:
     save_every: int = _opt(100, "Steps between checkpoints.")
     keep_checkpoints: int = _opt(0, "Keep only the newest N checkpoints (0: keep all).")
     test: bool = _opt(False, "Evaluate on the test split after training.")
+    adapter_from: str | None = _opt(
+        None,
+        "Start from an existing adapter (its settings and weights): an mlx_dft/mlx-lm or PEFT folder, an "
+        "exported Aligner, an official Aligner .pth, or a Hub repo id.",
+    )
     resume: str | None = _opt(
         None, "Resume from a checkpoint folder or an output folder (its newest checkpoint)."
     )

@@ -177,4 +177,4 @@ def test_resume_with_another_model_is_refused(tiny_model, arith_data, tmp_path):
 
 def test_generate_with_a_missing_adapter(tmp_path):
     p = run_cli("generate", "--adapter", tmp_path / "none", "--prompt", "hi")
-    assert_one_line_error(p, "adapter folder not found")
+    assert_one_line_error(p, "adapter not found")

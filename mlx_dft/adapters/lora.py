@@ -8,8 +8,9 @@ Folders are written the way ``mlx_lm lora`` writes them (``adapters.safetensors`
 from __future__ import annotations
 
 import mlx.nn as nn
-from mlx.utils import tree_flatten
-from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx.utils import tree_unflatten
+from mlx_lm.tuner.dora import DoRALinear
+from mlx_lm.tuner.lora import LoRALinear
 
 from mlx_dft.errors import UserError
 
@@ -69,12 +70,61 @@ def settings_from_config(config: dict) -> dict:
         raise UserError(f"adapter_config.json lacks LoRA settings ({e})") from None
 
 
+def adapted_layers(model: nn.Module, s: dict) -> list[int]:
+    """Indices of the adapted blocks: ``lora_parameters.layers`` when given (an mlx_dft
+    extension, for adapters imported from PEFT's ``layers_to_transform``), else the last
+    ``num_layers`` blocks as mlx-lm does."""
+    n = len(model.layers)
+    explicit = s["lora_parameters"].get("layers")
+    if explicit is not None:
+        bad = [i for i in explicit if not 0 <= int(i) < n]
+        if bad:
+            raise UserError(f"adapter layers {bad} do not exist in this {n}-layer model")
+        return sorted(int(i) for i in explicit)
+    k = num_adapted_layers(model, s["num_layers"])
+    return list(range(n - k, n))
+
+
 def apply(model: nn.Module, s: dict) -> None:
+    """Replace the selected linear layers by mlx-lm's LoRALinear/DoRALinear.
+
+    ``lora_parameters`` holds mlx-lm's rank/scale/dropout/keys, and optionally (mlx_dft
+    extensions, from PEFT imports) ``layers`` and per-module ``module_ranks`` /
+    ``module_scales`` keyed by full module name (``model.layers.3.self_attn.q_proj``).
+    """
     model.freeze()
-    params = s["lora_parameters"]
-    try:
-        linear_to_lora_layers(model, s["num_layers"], params, use_dora=s["fine_tune_type"] == "dora")
-    except ValueError as e:
-        raise UserError(f"cannot apply {s['fine_tune_type']} to this model: {e}") from None
-    if not any(k.endswith(("lora_a", "lora_b")) for k, _ in tree_flatten(model.trainable_parameters())):
-        raise UserError(f"{s['fine_tune_type']}: no module matched keys {params.get('keys')}")
+    p = s["lora_parameters"]
+    dora = s["fine_tune_type"] == "dora"
+    keys = p.get("keys") or block_linear_paths(model)
+    ranks, scales = p.get("module_ranks") or {}, p.get("module_scales") or {}
+    cls = DoRALinear if dora else LoRALinear
+    count = 0
+    inner_prefix = "model.layers" if hasattr(model, "model") else "layers"
+    for i in adapted_layers(model, s):
+        block = model.layers[i]
+        updates = []
+        for path, module in block.named_modules():
+            if path not in keys:
+                continue
+            if not isinstance(module, LINEAR_TYPES):
+                raise UserError(
+                    f"cannot apply {s['fine_tune_type']} to {path} ({type(module).__name__}): only linear "
+                    "layers are supported (no MoE experts or embeddings)"
+                )
+            full = f"{inner_prefix}.{i}.{path}"
+            updates.append(
+                (
+                    path,
+                    cls.from_base(
+                        module,
+                        r=int(ranks.get(full, p["rank"])),
+                        dropout=float(p.get("dropout", 0.0)),
+                        scale=float(scales.get(full, p["scale"])),
+                    ),
+                )
+            )
+        if updates:
+            block.update_modules(tree_unflatten(updates))
+            count += len(updates)
+    if count == 0:
+        raise UserError(f"{s['fine_tune_type']}: no module matched keys {keys}")
