@@ -138,6 +138,19 @@ def train(
     if mx.default_device() == mx.cpu:
         say(blas.describe())
 
+    source_dir = source_tmp = None
+    if cfg.adapter_from and checkpoint is None:
+        from mlx_dft.interop.convert import adapter_kind, as_local_adapter
+
+        # Converted before the model loads: without --model, the adapter's base model is used.
+        source_dir, source_tmp = as_local_adapter(cfg.adapter_from, cfg.model)
+        source_cfg = adapters_mod.read_adapter_config(source_dir)
+        kind = adapter_kind(source_cfg)
+        if "adapter" in explicit_options and explicit_options["adapter"] != kind:
+            raise UserError(f"--adapter-from {cfg.adapter_from} holds a {kind} adapter, not {cfg.adapter}")
+        cfg.adapter = kind
+        if cfg.model is None and source_cfg.get("base_model"):
+            cfg.model = source_cfg["base_model"]
     model_id = cfg.model or str(default_model_path())
     data_id = cfg.data or str(ARITH_DIR)
     mx.random.seed(cfg.seed)
@@ -180,15 +193,6 @@ def train(
     if val_set is not None and len(val_set) == 0:
         val_set = None
 
-    source_dir = source_tmp = None
-    if cfg.adapter_from and checkpoint is None:
-        from mlx_dft.interop.convert import adapter_kind, as_local_adapter
-
-        source_dir, source_tmp = as_local_adapter(cfg.adapter_from, model_id)
-        kind = adapter_kind(adapters_mod.read_adapter_config(source_dir))
-        if "adapter" in explicit_options and explicit_options["adapter"] != kind:
-            raise UserError(f"--adapter-from {cfg.adapter_from} holds a {kind} adapter, not {cfg.adapter}")
-        cfg.adapter = kind
     method = adapters_mod.method(cfg.adapter)
     if source_dir is not None:
         settings = method.settings_from_config(adapters_mod.read_adapter_config(source_dir))
