@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import click
 
@@ -173,6 +174,217 @@ def push_cmd(folder, repo, private):
 
     url = push(folder, repo, private)
     click.echo(f"pushed {folder} -> {url}")
+
+
+def _generation_options(fn):
+    opts = [
+        click.option(
+            "--model", default=None, help="Base model (default: the adapter's, else the bundled model)."
+        ),
+        click.option("--adapter", default=None, help="Adapter (any source `generate` accepts)."),
+        click.option(
+            "--question-field",
+            default="question",
+            show_default=True,
+            help="Question key of --problems/--data records.",
+        ),
+        click.option("--answer-field", default="answer", show_default=True, help="Reference-answer key."),
+        click.option(
+            "--prompt-template",
+            default=None,
+            help="raw, qa, boxed (the Qwen2.5-Math harness' instruction) or text with {question} "
+            "(default: boxed for --benchmark, raw otherwise).",
+        ),
+        click.option(
+            "--chat/--no-chat",
+            default=None,
+            help="Wrap prompts in the chat template (default: if the model has one).",
+        ),
+        click.option("--temperature", default=None, type=float, help="Sampling temperature (0: greedy)."),
+        click.option("--top-p", default=1.0, show_default=True, type=float),
+        click.option(
+            "--max-tokens", default=512, show_default=True, type=int, help="Generated tokens per answer."
+        ),
+        click.option("--batch-size", default=32, show_default=True, type=int, help="Generations per batch."),
+        click.option("--limit", default=None, type=int, help="Only the first N problems."),
+        click.option("--seed", default=0, show_default=True, type=int),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command("eval")
+@_generation_options
+@click.option(
+    "--data",
+    default=None,
+    help="Dataset for supervised-token losses (a .jsonl, or a folder: test.jsonl, else valid.jsonl).",
+)
+@click.option(
+    "--benchmark",
+    "benchmarks",
+    multiple=True,
+    help="math500, minerva_math, olympiadbench, aime24 or amc23 (repeatable).",
+)
+@click.option(
+    "--benchmark-dir",
+    default=None,
+    help="Folder of the benchmark jsonl files (default: $MLX_DFT_BENCHMARKS).",
+)
+@click.option("--problems", default=None, help="Any jsonl of questions with reference answers.")
+@click.option(
+    "--samples",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Samples per problem (mean accuracy and pass@k).",
+)
+@click.option(
+    "--extract",
+    default=",".join(("boxed", "answer_is", "last_number")),
+    show_default=True,
+    help="Answer extractors, in order.",
+)
+@click.option("--output", default=None, help="Folder for report.json and the per-problem generations.")
+def eval_cmd(
+    model,
+    adapter,
+    question_field,
+    answer_field,
+    prompt_template,
+    chat,
+    temperature,
+    top_p,
+    max_tokens,
+    batch_size,
+    limit,
+    seed,
+    data,
+    benchmarks,
+    benchmark_dir,
+    problems,
+    samples,
+    extract,
+    output,
+):
+    """Evaluate a model: losses on a dataset, and answer accuracy on math benchmarks or any jsonl."""
+    from mlx_dft.evaluation.run import format_report, run_eval
+
+    if temperature is None:
+        temperature = 1.0 if samples > 1 else 0.0
+    report = run_eval(
+        model,
+        adapter,
+        data,
+        benchmarks,
+        problems,
+        question_field,
+        answer_field,
+        prompt_template,
+        chat,
+        samples,
+        temperature,
+        top_p,
+        max_tokens,
+        batch_size,
+        limit,
+        seed,
+        [e.strip() for e in extract.split(",") if e.strip()],
+        benchmark_dir,
+        output or f"evals/{time.strftime('%Y%m%d-%H%M%S')}",
+    )
+    click.echo(format_report(report))
+    click.echo(f"report: {output or 'evals/'}")
+
+
+@cli.command("sample")
+@_generation_options
+@click.option(
+    "--data", required=True, help="jsonl of prompts (with reference answers for the math verifier)."
+)
+@click.option(
+    "--output", required=True, help="jsonl to write: prompt/completion records `mlx_dft train` takes."
+)
+@click.option(
+    "--samples", default=16, show_default=True, type=int, help="Responses per prompt (the DFT paper: 16)."
+)
+@click.option(
+    "--verifier", default="math", show_default=True, help="math, or module:function returning a reward."
+)
+@click.option(
+    "--keep",
+    type=click.Choice(["accepted", "best"]),
+    default="accepted",
+    show_default=True,
+    help="Keep every accepted response, or the best per prompt.",
+)
+@click.option(
+    "--min-reward", default=0.5, show_default=True, type=float, help="Rewards from here up are accepted."
+)
+def sample_cmd(
+    model,
+    adapter,
+    question_field,
+    answer_field,
+    prompt_template,
+    chat,
+    temperature,
+    top_p,
+    max_tokens,
+    batch_size,
+    limit,
+    seed,
+    data,
+    output,
+    samples,
+    verifier,
+    keep,
+    min_reward,
+):
+    """Offline-RL data: sample K responses per prompt, verify, keep the good ones for training."""
+    from mlx_dft.evaluation.sample import run_sample
+
+    result = run_sample(
+        data,
+        output,
+        model,
+        adapter,
+        samples,
+        1.0 if temperature is None else temperature,
+        top_p,
+        max_tokens,
+        verifier,
+        keep,
+        min_reward,
+        question_field,
+        answer_field,
+        prompt_template or "raw",
+        chat,
+        batch_size,
+        limit,
+        seed,
+    )
+    rates = sorted(p["accepted"] / p["samples"] for p in result.per_prompt)
+    click.echo(
+        f"kept {len(result.kept)} responses from {len(result.per_prompt)} prompts; acceptance "
+        f"{result.acceptance:.1%} (per prompt: min {rates[0]:.0%}, median {rates[len(rates) // 2]:.0%}, "
+        f"max {rates[-1]:.0%}, none accepted for {sum(r == 0 for r in rates)} prompts) -> {output}"
+    )
+
+
+@cli.command("compare")
+@click.argument("config")
+@click.option(
+    "--output",
+    default=None,
+    help="Folder for the runs and report.md (default: the config's, else ./compare).",
+)
+def compare_cmd(config, output):
+    """Train and evaluate several recipes side by side (YAML plan); writes report.md and plots."""
+    from mlx_dft.evaluation.compare import run_compare
+
+    run_compare(config, output, progress=True)
 
 
 def main(argv: list[str] | None = None) -> None:

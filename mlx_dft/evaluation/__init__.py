@@ -1,0 +1,1 @@
+"""Evaluation: losses on supervised tokens, and generation accuracy with real answer checking."""

@@ -1,0 +1,327 @@
+"""`mlx_dft compare`: train and evaluate several recipes on the same data, side by side.
+
+A YAML file describes the comparison::
+
+    common: {model: ..., data: ..., iters: 200, batch_size: 8}   # mlx_dft train options for every run
+    runs:                                                         # name -> options of that run
+      sft-lora: {loss: sft, adapter: lora}
+      dft-lora: {loss: dft, adapter: lora}
+    seeds: [0, 1, 2]                                              # every run once per seed
+    eval:                                                         # generation accuracy after training
+      problems:                                                   # name -> a jsonl and its fields
+        in-distribution: {file: test.jsonl, question_field: prompt, answer_field: answer}
+      max_tokens: 128
+
+Each run trains into ``OUTPUT/runs/<name>-seed<k>`` and writes ``results.json`` there when its
+evaluation is done: a rerun skips finished runs and resumes unfinished ones from their last
+checkpoint. ``OUTPUT/report.md`` gets a table (mean ± std over seeds) and ``curves.png`` /
+``accuracy.png`` the curves from every run's ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+
+from mlx_dft.checkpoint import atomic_write_json, atomic_write_text, list_checkpoints
+from mlx_dft.errors import UserError
+
+EVAL_KEYS = {
+    "problems",
+    "max_tokens",
+    "batch_size",
+    "samples",
+    "temperature",
+    "top_p",
+    "limit",
+    "prompt_template",
+    "chat",
+}
+
+
+def load_plan(path: str | Path) -> dict:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"compare config not found: {p}")
+    try:
+        plan = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    unknown = set(plan) - {"common", "runs", "seeds", "eval", "output"}
+    if unknown:
+        raise UserError(
+            f"{p}: unknown key(s) {', '.join(sorted(unknown))} (expected common, runs, seeds, eval, output)"
+        )
+    if not isinstance(plan.get("runs"), dict) or not plan["runs"]:
+        raise UserError(f"{p}: 'runs' must map run names to their options")
+    bad_eval = set(plan.get("eval") or {}) - EVAL_KEYS
+    if bad_eval:
+        raise UserError(f"{p}: unknown eval key(s) {', '.join(sorted(bad_eval))}")
+    base = p.parent
+    for spec in ((plan.get("eval") or {}).get("problems") or {}).values():
+        if "file" not in spec:
+            raise UserError(f"{p}: every eval problem set needs a 'file'")
+        f = Path(spec["file"]).expanduser()
+        spec["file"] = str(f if f.is_absolute() else base / f)
+    return plan
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _history(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
+
+
+def run_one(name: str, seed: int, options: dict, eval_cfg: dict, run_dir: Path, progress: bool) -> dict:
+    from mlx_dft import api
+    from mlx_dft.evaluation.run import run_eval
+
+    done = run_dir / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    tic = time.perf_counter()
+    if list_checkpoints(run_dir):
+        run = api.train(resume=str(run_dir), progress=progress)
+    else:
+        run = api.train(**options, seed=seed, output=str(run_dir), overwrite=True, progress=progress)
+    train_seconds = time.perf_counter() - tic
+    hist = run.history
+    train = [r for r in hist if "train_loss" in r]
+    val = [r for r in hist if "val_ce" in r]
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    result = {
+        "name": name,
+        "seed": seed,
+        "loss": run.config.loss,
+        "adapter": run.config.adapter,
+        "trainable_parameters": cfg.get("trainable_parameters"),
+        "train_seconds": train_seconds,
+        "final_train_loss": train[-1]["train_loss"] if train else None,
+        "final_train_ce": train[-1]["train_ce"] if train else None,
+        "final_val_ce": val[-1]["val_ce"] if val else None,
+        "final_val_prob": val[-1]["val_prob"] if val else None,
+        "tokens_per_sec": statistics.fmean(r["tokens_per_sec"] for r in train[1:] or train)
+        if train
+        else None,
+        "peak_memory_gb": max((r["peak_memory_gb"] for r in train), default=None),
+        "accuracy": {},
+    }
+    for set_name, spec in (eval_cfg.get("problems") or {}).items():
+        report = run_eval(
+            problems=spec["file"],
+            question_field=spec.get("question_field", "question"),
+            answer_field=spec.get("answer_field", "answer"),
+            prompt_template=spec.get("prompt_template", "raw"),
+            chat=eval_cfg.get("chat"),
+            samples=eval_cfg.get("samples", 1),
+            temperature=eval_cfg.get("temperature", 0.0),
+            top_p=eval_cfg.get("top_p", 1.0),
+            max_tokens=eval_cfg.get("max_tokens", 256),
+            batch_size=eval_cfg.get("batch_size", 64),
+            limit=eval_cfg.get("limit"),
+            seed=seed,
+            output=run_dir / "eval" / set_name,
+            progress=progress,
+            loaded=(run.model, run.tokenizer),
+        )
+        result["accuracy"][set_name] = next(iter(report["generation"].values()))["accuracy"]
+    atomic_write_json(done, result)
+    return result
+
+
+def run_compare(
+    config: str | Path, output: str | Path | None = None, progress: bool = True, log=print
+) -> dict:
+    plan = load_plan(config)
+    out = Path(output or plan.get("output") or "compare").expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = plan.get("seeds") or [0]
+    common = plan.get("common") or {}
+    results = []
+    total = len(plan["runs"]) * len(seeds)
+    for name, opts in plan["runs"].items():
+        for seed in seeds:
+            run_dir = out / "runs" / f"{name}-seed{seed}"
+            status = "cached" if (run_dir / "results.json").is_file() else "training"
+            log(f"[{len(results) + 1}/{total}] {name} seed {seed}: {status}")
+            r = run_one(name, seed, {**common, **(opts or {})}, plan.get("eval") or {}, run_dir, progress)
+            acc = ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items())
+            log(f"    val ce {r['final_val_ce']:.4f}{' | ' + acc if acc else ''}")
+            results.append(r)
+    summary = summarise(results)
+    atomic_write_json(out / "results.json", {"runs": results, "summary": summary})
+    plots = make_plots(out, plan, seeds)
+    atomic_write_text(out / "report.md", report_markdown(summary, results, plots, plan))
+    log(f"report: {out / 'report.md'}")
+    return {"runs": results, "summary": summary, "output": str(out)}
+
+
+def summarise(results: list[dict]) -> dict:
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], []).append(r)
+    summary = {}
+    for name, rs in by_name.items():
+        row = {
+            "loss": rs[0]["loss"],
+            "adapter": rs[0]["adapter"],
+            "seeds": len(rs),
+            "trainable_parameters": rs[0]["trainable_parameters"],
+        }
+        for key in (
+            "final_train_loss",
+            "final_train_ce",
+            "final_val_ce",
+            "final_val_prob",
+            "tokens_per_sec",
+            "peak_memory_gb",
+        ):
+            row[key] = _mean_std([r[key] for r in rs])
+        for set_name in rs[0]["accuracy"]:
+            row[f"accuracy:{set_name}"] = _mean_std([r["accuracy"][set_name] for r in rs])
+            row[f"accuracy:{set_name}:all"] = [r["accuracy"][set_name] for r in rs]
+        summary[name] = row
+    return summary
+
+
+def _pm(ms: tuple[float, float], fmt: str = ".3f") -> str:
+    m, s = ms
+    return "n/a" if math.isnan(m) else (f"{m:{fmt}} ± {s:{fmt}}" if s else f"{m:{fmt}}")
+
+
+def report_markdown(summary: dict, results: list[dict], plots: list[str], plan: dict) -> str:
+    sets = [
+        k.split(":", 1)[1]
+        for k in next(iter(summary.values()))
+        if k.startswith("accuracy:") and not k.endswith(":all")
+    ]
+    head = [
+        "run",
+        "loss",
+        "adapter",
+        "trainable params",
+        "seeds",
+        "train CE",
+        "val CE",
+        "val p",
+        *[f"accuracy {s}" for s in sets],
+        "tokens/s",
+        "peak GB",
+    ]
+    lines = ["# Comparison", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in summary.items():
+        cells = [
+            name,
+            row["loss"],
+            row["adapter"],
+            f"{row['trainable_parameters']:,}",
+            str(row["seeds"]),
+            _pm(row["final_train_ce"]),
+            _pm(row["final_val_ce"]),
+            _pm(row["final_val_prob"]),
+            *[_pm(row[f"accuracy:{s}"]) for s in sets],
+            _pm(row["tokens_per_sec"], ",.0f"),
+            _pm(row["peak_memory_gb"], ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± standard deviation over seeds. Per seed:", ""]
+    lines += [
+        "| run | seed | " + " | ".join(f"accuracy {s}" for s in sets) + " | val CE |",
+        "|" + "---|" * (3 + len(sets)),
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['name']} | {r['seed']} | "
+            + " | ".join(f"{r['accuracy'][s]:.3f}" for s in sets)
+            + f" | {r['final_val_ce']:.4f} |"
+        )
+    lines.append("")
+    lines += [f"![{p}]({p})" for p in plots]
+    lines += [
+        "",
+        "Settings:",
+        "",
+        "```yaml",
+        yaml.safe_dump({k: plan[k] for k in plan if k != "output"}, sort_keys=False).strip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def make_plots(out: Path, plan: dict, seeds: list[int]) -> list[str]:
+    """curves.png (train/val CE and val probability per step) and accuracy.png; returns file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(plan["runs"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for i, name in enumerate(names):
+        color = f"C{i}"
+        for j, seed in enumerate(seeds):
+            hist = _history(out / "runs" / f"{name}-seed{seed}")
+            label = name if j == 0 else None
+            tr = [(r["step"], r["train_ce"]) for r in hist if "train_ce" in r]
+            va = [(r["step"], r["val_ce"], r["val_prob"]) for r in hist if "val_ce" in r]
+            if tr:
+                axes[0].plot(*zip(*tr), color=color, alpha=0.7, label=label)
+            if va:
+                steps, ce, prob = zip(*va)
+                axes[1].plot(steps, ce, color=color, alpha=0.7, marker="o", ms=3, label=label)
+                axes[2].plot(steps, prob, color=color, alpha=0.7, marker="o", ms=3, label=label)
+    for ax, title in zip(
+        axes, ("train cross-entropy", "validation cross-entropy", "validation mean target probability")
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    files = ["curves.png"]
+    results = json.loads((out / "results.json").read_text())["summary"]
+    sets = [
+        k.split(":", 1)[1]
+        for k in next(iter(results.values()))
+        if k.startswith("accuracy:") and not k.endswith(":all")
+    ]
+    if sets:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names) * len(sets)), 4.2))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            means = [results[name][f"accuracy:{s}"][0] for s in sets]
+            stds = [results[name][f"accuracy:{s}"][1] for s in sets]
+            xs = [k + i * width for k in range(len(sets))]
+            ax.bar(xs, means, width, yerr=stds, capsize=3, label=name, color=f"C{i}")
+            for x, s in zip(xs, sets):
+                ax.scatter(
+                    [x] * len(results[name][f"accuracy:{s}:all"]),
+                    results[name][f"accuracy:{s}:all"],
+                    color="black",
+                    s=8,
+                    zorder=3,
+                )
+        ax.set_xticks([k + width * (len(names) - 1) / 2 for k in range(len(sets))], sets)
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=110)
+        plt.close(fig)
+        files.append("accuracy.png")
+    return files
