@@ -15,10 +15,12 @@ moment leaves the previous checkpoint intact and loadable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -61,6 +63,25 @@ def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: d
         raise
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename, on failure
+    it is removed, so ``out`` is never left half-written."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty (choose another --out)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
 
@@ -75,22 +96,13 @@ def save_checkpoint(
     keep: int = 0,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically; returns its path."""
-    root = Path(output) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    try:
+    final = Path(output) / CHECKPOINTS / checkpoint_name(step)
+    with staged_folder(final, overwrite=True) as tmp:
         for fname, arrays in weight_files.items():
             mx.save_safetensors(str(tmp / fname), arrays)
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer_state)))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep > 0:
         for old in list_checkpoints(output)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

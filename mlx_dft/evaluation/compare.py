@@ -98,8 +98,11 @@ def run_one(name: str, seed: int, options: dict, eval_cfg: dict, run_dir: Path, 
     if ckpts and state.get("step", 0) >= state.get("total_steps", float("inf")):
         loaded = api.load(None, run_dir)  # trained before; only its evaluation is missing
     else:
-        run = api.train(resume=str(run_dir), progress=progress) if ckpts else api.train(
-            **options, seed=seed, output=str(run_dir), overwrite=True, progress=progress)
+        run = (
+            api.train(resume=str(run_dir), progress=progress)
+            if ckpts
+            else api.train(**options, seed=seed, output=str(run_dir), overwrite=True, progress=progress)
+        )
         loaded = (run.model, run.tokenizer)
     train_seconds = time.perf_counter() - tic
     hist = _history(run_dir)
@@ -107,14 +110,19 @@ def run_one(name: str, seed: int, options: dict, eval_cfg: dict, run_dir: Path, 
     val = [r for r in hist if "val_ce" in r]
     cfg = json.loads((run_dir / "adapter_config.json").read_text())
     result = {
-        "name": name, "seed": seed, "loss": cfg["training"]["loss"], "adapter": cfg["adapter"],
-        "trainable_parameters": cfg.get("trainable_parameters"), "train_seconds": train_seconds,
+        "name": name,
+        "seed": seed,
+        "loss": cfg["training"]["loss"],
+        "adapter": cfg["adapter"],
+        "trainable_parameters": cfg.get("trainable_parameters"),
+        "train_seconds": train_seconds,
         "final_train_loss": train[-1]["train_loss"] if train else None,
         "final_train_ce": train[-1]["train_ce"] if train else None,
         "final_val_ce": val[-1]["val_ce"] if val else None,
         "final_val_prob": val[-1]["val_prob"] if val else None,
-        "tokens_per_sec": (statistics.fmean(r["tokens_per_sec"] for r in train[1:] or train)
-                           if train else None),
+        "tokens_per_sec": (
+            statistics.fmean(r["tokens_per_sec"] for r in train[1:] or train) if train else None
+        ),
         "peak_memory_gb": max((r["peak_memory_gb"] for r in train), default=None),
         "accuracy": {},
     }

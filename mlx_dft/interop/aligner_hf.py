@@ -31,9 +31,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_dft.checkpoint import staged_folder
 from mlx_dft.errors import UserError
 from mlx_dft.interop import torch_pickle
-from mlx_dft.interop.files import read_json, read_safetensors, staged_folder
+from mlx_dft.interop.files import read_json, read_safetensors
 
 HF_CONFIG = "aligner_config.json"
 HF_WEIGHTS = "aligner_model.safetensors"

@@ -15,9 +15,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_dft import adapters as adapters_mod
+from mlx_dft.checkpoint import staged_folder
 from mlx_dft.errors import UserError
 from mlx_dft.interop import aligner_hf, peft
-from mlx_dft.interop.files import read_json, read_safetensors, staged_folder
+from mlx_dft.interop.files import read_json, read_safetensors
 
 RUN_FILE = "mlx_dft_run.json"  # training settings and final metrics, for model cards
 

@@ -1,13 +1,8 @@
-"""Reading other tools' files defensively, and writing whole folders atomically."""
+"""Reading other tools' files defensively: missing, corrupt or truncated files are one-line errors."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -44,22 +39,3 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
         return mx.load(str(path))
     except Exception as e:  # noqa: BLE001  (any parse failure is the same user-facing problem)
         raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
-
-
-@contextlib.contextmanager
-def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename, on failure
-    it is removed, so ``out`` is never left half-written."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty (choose another --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -8,8 +8,8 @@ from pathlib import Path
 from mlx.utils import tree_unflatten
 
 from mlx_dft import adapters as adapters_mod
+from mlx_dft.checkpoint import staged_folder
 from mlx_dft.errors import UserError
-from mlx_dft.interop.files import staged_folder
 
 
 def fuse(adapter: str | Path, out: str | Path, model: str | None = None, dequantize: bool = False) -> Path:

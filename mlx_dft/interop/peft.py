@@ -21,8 +21,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_dft.checkpoint import staged_folder
 from mlx_dft.errors import UserError
-from mlx_dft.interop.files import read_json, read_safetensors, staged_folder
+from mlx_dft.interop.files import read_json, read_safetensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
