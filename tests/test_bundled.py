@@ -59,3 +59,20 @@ def test_default_run_lowers_validation_loss(tmp_path):
     val = [r["val_loss"] for r in run.history if "val_loss" in r]
     assert run.config.loss == "dft" and run.config.adapter == "lora"
     assert len(val) == 3 and val[-1] < 0.8 * val[0]
+
+
+def test_aligner_with_dft_lowers_validation_loss(tmp_path):
+    run = mlx_dft.train(
+        output=str(tmp_path / "al"),
+        adapter="aligner",
+        loss="dft",
+        iters=100,
+        steps_per_eval=50,
+        batch_size=8,
+        val_batches=10,
+        progress=False,
+    )
+    val = [r["val_loss"] for r in run.history if "val_loss" in r]
+    config = json.loads((run.output / "adapter_config.json").read_text())
+    assert config["trainable_parameters"] == 256 + 2 * 8  # one hidden-size token, 8 head gates in 2 layers
+    assert len(val) == 3 and val[-1] < 0.9 * val[0]

@@ -472,3 +472,10 @@ def test_torch_is_imported_only_when_the_pytorch_loader_is_used():
     code = "import sys, mlx_dft.cli, mlx_dft.torch_aligner; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_fuse_dequantize_of_a_4bit_qlora(tiny_model_4bit, arith_data, tmp_path):
+    run = mlx_dft.train(model=str(tiny_model_4bit), data=str(arith_data), output=str(tmp_path / "q"), **FAST)
+    out = fuse(run.output, tmp_path / "fused", dequantize=True)
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    np.testing.assert_allclose(torch_logits(hf(out)), mlx_logits(tiny_model_4bit, run.output), atol=1e-4)
