@@ -1,6 +1,6 @@
 """Does DFT generalise better than SFT? The DFT paper's central claim, at laptop scale.
 
-    python scripts/experiment_dft_vs_sft.py [--iters 300] [--seeds 0 1 2] [--work runs/experiment]
+    python scripts/experiment_dft_vs_sft.py [--iters 200] [--seeds 0 1 2] [--work runs/experiment]
 
 The bundled tiny LLaMA (pretrained on arithmetic facts and stories, never on word problems) is
 fine-tuned on the bundled task (worked solutions of 1-3 step word problems) with SFT and with DFT,
@@ -11,7 +11,7 @@ base model is scored too.
 
 Runs and checkpoints go to --work (resumable: rerunning skips finished runs); the report
 (report.md, results.json, curves.png, accuracy.png) is copied to docs/experiment/. Takes about
-25 minutes on a 2-core CPU.
+22 minutes on a 2-core CPU (12 runs of 200 steps, 400 problems scored per run).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ TASK = ARITH_DIR.relative_to(ROOT)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--work", default=str(ROOT / "runs" / "experiment"))
@@ -62,7 +62,7 @@ def main():
             "iters": args.iters,
             "batch_size": args.batch_size,
             "steps_per_eval": max(1, args.iters // 6),
-            "val_batches": 25,
+            "val_batches": 10,
             "save_every": args.iters,
         },
         "runs": {
@@ -72,7 +72,7 @@ def main():
             "dft-aligner": {"loss": "dft", "adapter": "aligner", "aligner_tokens": 1},
         },
         "seeds": args.seeds,
-        "eval": {"problems": problems, "max_tokens": args.max_tokens, "batch_size": 100},
+        "eval": {"problems": problems, "max_tokens": args.max_tokens, "batch_size": 200},
     }
     cfg = work / "plan.yaml"
     cfg.write_text(json.dumps(plan, indent=2))
