@@ -261,7 +261,7 @@ def train(
     out = Path(cfg.output) if cfg.output else _default_output(cfg)
     _check_output(out, cfg, checkpoint is not None)
     if world.size() > 1:  # every rank has checked --output before rank 0 writes into it
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world))
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world, stream=mx.cpu))
     adapter_config = {
         **settings,
         "adapter": cfg.adapter,
