@@ -1,4 +1,4 @@
-"""Atomic files and resumable checkpoints.
+"""The output folder of a run, its resumable checkpoints, and restoring from one.
 
 Layout of an output folder::
 
@@ -15,71 +15,27 @@ moment leaves the previous checkpoint intact and loadable.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_dft import adapters
+from mlx_dft.adapters import CONFIG_FILE, AdapterMethod
 from mlx_dft.errors import UserError
+from mlx_dft.files import atomic_save_safetensors, atomic_write_json, atomic_write_text, staged_folder
+from mlx_dft.models import model_signature
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 CHECKPOINTS = "checkpoints"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
-    path = Path(path)
-    # mx.save_safetensors appends ".safetensors" unless the name already ends with it.
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.safetensors"
-    try:
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename, on failure
-    it is removed, so ``out`` is never left half-written."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty (choose another --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def checkpoint_name(step: int) -> str:
@@ -102,7 +58,7 @@ def save_checkpoint(
             mx.save_safetensors(str(tmp / fname), arrays)
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer_state)))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
     if keep > 0:
         for old in list_checkpoints(output)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -162,3 +118,132 @@ def truncate_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+# ------------------------------------------------------------------ the output folder
+
+
+class OutputFolder:
+    """Where a run writes: ``adapter_config.json``, ``metrics.jsonl``, checkpoints and the newest
+    adapter weights. Only the writer (rank 0 of a data-parallel run) touches the disk."""
+
+    def __init__(self, path: str | Path, writer: bool = True):
+        self.path = Path(path)
+        self.writer = writer
+
+    def check(self, overwrite: bool, resuming: bool, world: mx.distributed.Group | None = None) -> None:
+        """Refuse a path that is a file, or a folder holding a run (unless overwriting or resuming).
+        With several workers, all of them check before the writer writes anything."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--output {self.path} exists and is not a folder")
+        if (self.path / CONFIG_FILE).exists() and not (overwrite or resuming):
+            raise UserError(
+                f"--output {self.path} already holds a run: pass --resume {self.path} to continue it, "
+                "--overwrite to replace it, or choose another --output"
+            )
+        if world is not None and world.size() > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world, stream=mx.cpu))
+
+    def begin(self, adapter_config: dict, resumed_step: int | None) -> None:
+        """Write the run's config; keep the metrics up to ``resumed_step`` (or start them afresh)."""
+        self.adapter_config = adapter_config
+        if not self.writer:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path / CONFIG_FILE, adapter_config)
+        metrics = self.path / "metrics.jsonl"
+        if resumed_step is not None:
+            truncate_metrics(metrics, resumed_step)
+        elif metrics.exists():
+            metrics.unlink()
+
+    def record(self, rec: dict) -> None:
+        """Append one report to ``metrics.jsonl``."""
+        if self.writer:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def saver(
+        self,
+        model: nn.Module,
+        method: AdapterMethod,
+        optimizer: optim.Optimizer,
+        total_steps: int,
+        grad_accumulation_steps: int,
+        keep: int = 0,
+    ) -> Callable[[int], Path | None]:
+        """``save(step)``: a checkpoint of everything a resume needs, then the top-level weights."""
+
+        def save(step: int) -> Path | None:
+            if not self.writer:
+                return None
+            files = method.weights(model)
+            state = {
+                "step": step,
+                "rng": mx.random.state[0].tolist(),
+                "total_steps": total_steps,
+                "micro_batches": step * grad_accumulation_steps,
+                "time": time.time(),
+            }
+            path = save_checkpoint(self.path, step, files, optimizer.state, state, self.adapter_config, keep)
+            for fname, arrays in files.items():
+                atomic_save_safetensors(self.path / fname, arrays)
+            return path
+
+        return save
+
+
+# ------------------------------------------------------------------ resuming
+
+
+@dataclass
+class Resume:
+    """A checkpoint to continue from, and the ``adapter_config.json`` saved with it."""
+
+    checkpoint: Path
+    config: dict
+
+    @classmethod
+    def find(cls, path: str | Path) -> Resume:
+        checkpoint = find_checkpoint(path)
+        return cls(checkpoint, adapters.read_adapter_config(checkpoint))
+
+    @property
+    def run_folder(self) -> Path:
+        return self.checkpoint.parent.parent
+
+    def check_compatible(self, adapter: str, settings: dict, model_config: dict) -> None:
+        """Refuse to continue on another model, method or adapter settings."""
+        sig_then, sig_now = self.config.get("model_signature", {}), model_signature(model_config)
+        if sig_then and sig_then != sig_now:
+            diff = ", ".join(
+                f"{k} {sig_then.get(k)} vs {sig_now.get(k)}"
+                for k in sig_now
+                if sig_then.get(k) != sig_now.get(k)
+            )
+            raise UserError(f"checkpoint {self.checkpoint} was trained on a different model ({diff})")
+        then = self.config.get("adapter") or self.config.get("fine_tune_type")
+        if then != adapter:
+            raise UserError(f"checkpoint {self.checkpoint} holds a {then} adapter, this run trains {adapter}")
+        for key, value in settings.items():
+            if self.config.get(key) != value and json.loads(json.dumps(value)) != self.config.get(key):
+                raise UserError(
+                    f"checkpoint {self.checkpoint} has {key}={self.config.get(key)}, this run has {value}"
+                )
+
+    def restore(
+        self, model: nn.Module, method: AdapterMethod, optimizer: optim.Optimizer, total_steps: int
+    ) -> int:
+        """Load the adapter weights, optimizer state and random state; returns the step reached."""
+        adapters.load_weights(model, adapters.read_weights(method, self.checkpoint), self.checkpoint)
+        state = read_state(self.checkpoint)
+        step = int(state["step"])
+        optimizer.init(model.trainable_parameters())
+        optimizer.state = load_optimizer_state(self.checkpoint)
+        hi, lo = state["rng"]
+        mx.random.seed((int(hi) << 32) | int(lo))  # restores the exact key (dropout stream)
+        if step >= total_steps:
+            raise UserError(
+                f"checkpoint {self.checkpoint} is at step {step}, already at or past --iters {total_steps}"
+            )
+        return step

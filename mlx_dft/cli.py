@@ -1,46 +1,64 @@
 """``mlx_dft`` command line: a thin layer over :mod:`mlx_dft.api`.
 
-Every ``train`` option is generated from :class:`mlx_dft.config.TrainConfig`, so the CLI,
-YAML configs and the Python API cannot drift apart. Errors end in one line on stderr and a
-non-zero exit status (set ``MLX_DFT_DEBUG=1`` for tracebacks).
+The options of ``train``, ``eval`` and ``sample`` are generated from their dataclasses
+(:class:`mlx_dft.config.TrainConfig`, :mod:`mlx_dft.evaluation.options`), so the CLI, YAML configs
+and the Python API cannot drift apart. Errors end in one line on stderr and a non-zero exit status
+(set ``MLX_DFT_DEBUG=1`` for tracebacks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import click
 
 from mlx_dft import __version__
-from mlx_dft.config import FIELDS
+from mlx_dft.config import TrainConfig
 from mlx_dft.errors import UserError
+from mlx_dft.evaluation.options import EvalConfig, SampleConfig
 
 
 class Interrupted(UserError):
     pass
 
 
-def _train_options(fn):
-    for name, f in reversed(list(FIELDS.items())):
-        flag = "--" + name.replace("_", "-")
-        kind = str(f.type)
-        help_ = f.metadata.get("help", "")
-        if f.default is not None and not kind.startswith("bool"):
-            help_ += f"  [default: {f.default}]"
-        if kind.startswith("bool"):
-            opt = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_)
-        elif "choices" in f.metadata:
-            opt = click.option(flag, name, type=click.Choice(f.metadata["choices"]), default=None, help=help_)
-        elif kind.startswith("int"):
-            opt = click.option(flag, name, type=int, default=None, help=help_)
-        elif kind.startswith("float"):
-            opt = click.option(flag, name, type=float, default=None, help=help_)
-        else:
-            opt = click.option(flag, name, type=str, default=None, help=help_)
-        fn = opt(fn)
-    return fn
+def dataclass_options(cls: type) -> Callable[[Callable], Callable]:
+    """Click options for the fields of the dataclass ``cls``: ``--field-name`` (or the field's
+    ``flag`` metadata), typed by its annotation, ``--x/--no-x`` for booleans, ``choices`` from the
+    metadata; a list is comma-separated text, or a repeated flag when the metadata says ``multiple``.
+    Options not given arrive as None (``()`` if repeatable) and fields without default are required,
+    so the dataclass's defaults, shown in the help, are the only ones."""
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(cls)):
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            kind = str(f.type)
+            help_ = f.metadata.get("help", "")
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if not required and f.default not in (None, ()) and not kind.startswith("bool"):
+                shown = ",".join(f.default) if isinstance(f.default, (list, tuple)) else f.default
+                help_ += f"  [default: {shown}]"
+            kw: dict = {"help": help_, **({"required": True} if required else {"default": None})}
+            if kind.startswith("bool"):
+                flag = f"{flag}/--no-{flag[2:]}"
+            elif f.metadata.get("multiple"):
+                kw["multiple"] = True
+            elif "choices" in f.metadata:
+                kw["type"] = click.Choice(f.metadata["choices"])
+            else:
+                kw["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            fn = click.option(flag, f.name, **kw)(fn)
+        return fn
+
+    return decorate
+
+
+def _given(options: dict) -> dict:
+    return {k: v for k, v in options.items() if v is not None}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -58,14 +76,13 @@ def cli():
     default=None,
     help="YAML file of options (keys spelled like the long options); flags override it.",
 )
-@_train_options
+@dataclass_options(TrainConfig)
 def train(config, **options):
     """Fine-tune a model (default: DFT + LoRA on the bundled tiny model and task)."""
     from mlx_dft import api
 
-    options = {k: v for k, v in options.items() if v is not None}
     try:
-        api.train(config, **options)
+        api.train(config, **_given(options))
     except KeyboardInterrupt:
         raise Interrupted(
             "interrupted; the last checkpoint is intact: continue with --resume OUTPUT_FOLDER"
@@ -176,200 +193,30 @@ def push_cmd(folder, repo, private):
     click.echo(f"pushed {folder} -> {url}")
 
 
-def _generation_options(fn):
-    opts = [
-        click.option(
-            "--model", default=None, help="Base model (default: the adapter's, else the bundled model)."
-        ),
-        click.option("--adapter", default=None, help="Adapter (any source `generate` accepts)."),
-        click.option(
-            "--question-field",
-            default="question",
-            show_default=True,
-            help="Question key of --problems/--data records.",
-        ),
-        click.option("--answer-field", default="answer", show_default=True, help="Reference-answer key."),
-        click.option(
-            "--prompt-template",
-            default=None,
-            help="raw, qa, boxed (the Qwen2.5-Math harness' instruction) or text with {question} "
-            "(default: boxed for --benchmark, raw otherwise).",
-        ),
-        click.option(
-            "--chat/--no-chat",
-            default=None,
-            help="Wrap prompts in the chat template (default: if the model has one).",
-        ),
-        click.option("--temperature", default=None, type=float, help="Sampling temperature (0: greedy)."),
-        click.option("--top-p", default=1.0, show_default=True, type=float),
-        click.option(
-            "--max-tokens", default=512, show_default=True, type=int, help="Generated tokens per answer."
-        ),
-        click.option("--batch-size", default=32, show_default=True, type=int, help="Generations per batch."),
-        click.option("--limit", default=None, type=int, help="Only the first N problems."),
-        click.option("--seed", default=0, show_default=True, type=int),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
 @cli.command("eval")
-@_generation_options
-@click.option(
-    "--data",
-    default=None,
-    help="Dataset for supervised-token losses (a .jsonl, or a folder: test.jsonl, else valid.jsonl).",
-)
-@click.option(
-    "--benchmark",
-    "benchmarks",
-    multiple=True,
-    help="math500, minerva_math, olympiadbench, aime24 or amc23 (repeatable).",
-)
-@click.option(
-    "--benchmark-dir",
-    default=None,
-    help="Folder of the benchmark jsonl files (default: $MLX_DFT_BENCHMARKS).",
-)
-@click.option("--problems", default=None, help="Any jsonl of questions with reference answers.")
-@click.option(
-    "--samples",
-    default=1,
-    show_default=True,
-    type=int,
-    help="Samples per problem (mean accuracy and pass@k).",
-)
-@click.option(
-    "--extract",
-    default=",".join(("boxed", "answer_is", "last_number")),
-    show_default=True,
-    help="Answer extractors, in order.",
-)
-@click.option("--output", default=None, help="Folder for report.json and the per-problem generations.")
-def eval_cmd(
-    model,
-    adapter,
-    question_field,
-    answer_field,
-    prompt_template,
-    chat,
-    temperature,
-    top_p,
-    max_tokens,
-    batch_size,
-    limit,
-    seed,
-    data,
-    benchmarks,
-    benchmark_dir,
-    problems,
-    samples,
-    extract,
-    output,
-):
+@dataclass_options(EvalConfig)
+def eval_cmd(**options):
     """Evaluate a model: losses on a dataset, and answer accuracy on math benchmarks or any jsonl."""
     from mlx_dft.evaluation.run import format_report, run_eval
 
-    if temperature is None:
-        temperature = 1.0 if samples > 1 else 0.0
-    report = run_eval(
-        model,
-        adapter,
-        data,
-        benchmarks,
-        problems,
-        question_field,
-        answer_field,
-        prompt_template,
-        chat,
-        samples,
-        temperature,
-        top_p,
-        max_tokens,
-        batch_size,
-        limit,
-        seed,
-        [e.strip() for e in extract.split(",") if e.strip()],
-        benchmark_dir,
-        output or f"evals/{time.strftime('%Y%m%d-%H%M%S')}",
-    )
+    options["output"] = options["output"] or f"evals/{time.strftime('%Y%m%d-%H%M%S')}"
+    report = run_eval(**_given(options))
     click.echo(format_report(report))
-    click.echo(f"report: {output or 'evals/'}")
+    click.echo(f"report: {options['output']}")
 
 
 @cli.command("sample")
-@_generation_options
-@click.option(
-    "--data", required=True, help="jsonl of prompts (with reference answers for the math verifier)."
-)
-@click.option(
-    "--output", required=True, help="jsonl to write: prompt/completion records `mlx_dft train` takes."
-)
-@click.option(
-    "--samples", default=16, show_default=True, type=int, help="Responses per prompt (the DFT paper: 16)."
-)
-@click.option(
-    "--verifier", default="math", show_default=True, help="math, or module:function returning a reward."
-)
-@click.option(
-    "--keep",
-    type=click.Choice(["accepted", "best"]),
-    default="accepted",
-    show_default=True,
-    help="Keep every accepted response, or the best per prompt.",
-)
-@click.option(
-    "--min-reward", default=0.5, show_default=True, type=float, help="Rewards from here up are accepted."
-)
-def sample_cmd(
-    model,
-    adapter,
-    question_field,
-    answer_field,
-    prompt_template,
-    chat,
-    temperature,
-    top_p,
-    max_tokens,
-    batch_size,
-    limit,
-    seed,
-    data,
-    output,
-    samples,
-    verifier,
-    keep,
-    min_reward,
-):
+@dataclass_options(SampleConfig)
+def sample_cmd(**options):
     """Offline-RL data: sample K responses per prompt, verify, keep the good ones for training."""
     from mlx_dft.evaluation.sample import run_sample
 
-    result = run_sample(
-        data,
-        output,
-        model,
-        adapter,
-        samples,
-        1.0 if temperature is None else temperature,
-        top_p,
-        max_tokens,
-        verifier,
-        keep,
-        min_reward,
-        question_field,
-        answer_field,
-        prompt_template or "raw",
-        chat,
-        batch_size,
-        limit,
-        seed,
-    )
+    result = run_sample(**_given(options))
     rates = sorted(p["accepted"] / p["samples"] for p in result.per_prompt)
     click.echo(
         f"kept {len(result.kept)} responses from {len(result.per_prompt)} prompts; acceptance "
         f"{result.acceptance:.1%} (per prompt: min {rates[0]:.0%}, median {rates[len(rates) // 2]:.0%}, "
-        f"max {rates[-1]:.0%}, none accepted for {sum(r == 0 for r in rates)} prompts) -> {output}"
+        f"max {rates[-1]:.0%}, none accepted for {sum(r == 0 for r in rates)} prompts) -> {options['output']}"
     )
 
 

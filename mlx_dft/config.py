@@ -8,15 +8,19 @@ accepted (``fine_tune_type``, ``lora_parameters``, ``adapter_path``, ``save_ever
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mlx_dft.errors import UserError
 from mlx_dft.losses import LOSS_TYPES
+
+if TYPE_CHECKING:
+    from mlx_dft.checkpoint import Resume
 
 ADAPTERS = ("lora", "dora", "full", "aligner")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -295,6 +299,56 @@ def build_config(*layers: dict) -> TrainConfig:
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
+
+
+# Options a resumed run does not take from the run it continues.
+NOT_INHERITED = ("output", "resume", "overwrite")
+
+
+def resolve(
+    config: TrainConfig | dict | str | Path | None, options: dict
+) -> tuple[TrainConfig, dict, Resume | None]:
+    """The run's configuration: defaults < the resumed run's < YAML file < explicit options.
+
+    ``config`` is a YAML file, a dict of options or a :class:`TrainConfig`; ``options`` override it.
+    Returns (config, the options the caller gave explicitly, the checkpoint to resume or None).
+    """
+    from mlx_dft.checkpoint import Resume
+
+    if isinstance(config, (str, Path)):
+        options = {"config": str(config), **options}
+    elif isinstance(config, TrainConfig):
+        options = {**{k: v for k, v in config.to_dict().items() if v != FIELDS[k].default}, **options}
+    elif isinstance(config, dict):
+        options = {**config, **options}
+    options = {k: v for k, v in options.items() if v is not None}
+    config_file = options.pop("config", None)
+    explicit = normalise(options, "option")
+    file_layer = load_yaml(config_file) if config_file else {}
+    resume_from = explicit.get("resume") or file_layer.get("resume")
+    saved_layer, resume = {}, None
+    if resume_from:
+        resume = Resume.find(resume_from)
+        training = resume.config.get("training", {})
+        saved_layer = {k: v for k, v in training.items() if k in FIELDS and k not in NOT_INHERITED}
+        if "output" not in explicit and "output" not in file_layer:
+            saved_layer["output"] = str(resume.run_folder)  # continue in the run's own folder
+            saved_layer["overwrite"] = True
+    return build_config(saved_layer, file_layer, explicit), explicit, resume
+
+
+def total_steps(cfg: TrainConfig, n_batches: int) -> int:
+    """Optimizer steps of the run: ``iters``, else ``epochs`` (default 1) of ``n_batches``."""
+    if cfg.iters is not None:
+        return cfg.iters
+    epochs = cfg.epochs if cfg.epochs is not None else 1.0
+    return max(1, math.ceil(epochs * n_batches / cfg.grad_accumulation_steps))
+
+
+def warmup_steps(cfg: TrainConfig, steps: int) -> int:
+    """``warmup`` as steps: a fraction of the run below 1, else a count; never beyond the run."""
+    warmup = int(round(cfg.warmup * steps)) if cfg.warmup < 1 else int(cfg.warmup)
+    return min(warmup, steps)
 
 
 def validate(cfg: TrainConfig) -> None:

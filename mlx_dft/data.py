@@ -15,7 +15,6 @@ Batches group examples of similar length (fewer pad tokens), and are a pure func
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_dft.errors import UserError
+from mlx_dft.files import read_jsonl
 
-FORMATS = ("text", "completions", "chat")
 SPLITS = ("train", "valid", "test")
 PAD_INPUTS_TO = 16  # input lengths are padded to a multiple of this (fewer recompiles)
 PAD_TARGETS_TO = 32  # supervised-token counts likewise
@@ -40,6 +39,11 @@ class DataConfig:
     prompt_feature: str = "prompt"
     completion_feature: str = "completion"
     chat_feature: str = "messages"
+
+    @classmethod
+    def from_options(cls, cfg) -> DataConfig:
+        """The data settings of a :class:`~mlx_dft.config.TrainConfig` (same field names)."""
+        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -68,26 +72,6 @@ class Dataset:
 
 
 # ---------------------------------------------------------------- reading
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path} line {lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append((lineno, rec))
-    if not records:
-        raise UserError(f"{path} is empty: no records")
-    return records
 
 
 def record_format(rec: dict, cfg: DataConfig) -> str | None:
@@ -158,6 +142,17 @@ def set_chat_template(tokenizer, template: str) -> None:
     _hf(tokenizer).chat_template = template
     if hasattr(tokenizer, "has_chat_template"):
         tokenizer.has_chat_template = True
+
+
+def chat_prompt(tokenizer, text: str, chat: bool | None = None) -> str:
+    """``text`` as the model sees it: wrapped as one user turn in the chat template with the
+    generation prompt when ``chat`` (default: when the tokenizer has a template), else as it is."""
+    use_chat = has_chat_template(tokenizer) if chat is None else chat
+    if not use_chat:
+        return text
+    if tokenizer is None or not has_chat_template(tokenizer):
+        raise UserError("--chat: this model's tokenizer has no chat template")
+    return _render(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
 
 
 def _render(tokenizer, messages, tools=None, add_generation_prompt=False) -> str:
@@ -295,6 +290,40 @@ def load_split(path: Path, name: str, tokenizer, cfg: DataConfig) -> Dataset:
 
 def load_datasets(data: str | Path, tokenizer, cfg: DataConfig) -> dict[str, Dataset]:
     return {name: load_split(path, name, tokenizer, cfg) for name, path in find_splits(data).items()}
+
+
+def describe(splits: dict[str, Dataset], max_seq_length: int) -> list[str]:
+    """The dataset report a run prints: sizes, and every truncation, drop and warning."""
+    lines = []
+    for ds in splits.values():
+        lines.append(
+            f"data {ds.name}: {len(ds)} {ds.format} examples, {ds.n_tokens:,} tokens "
+            f"({ds.n_supervised:,} trained on)"
+        )
+        if ds.n_truncated:
+            lines.append(
+                f"note: {ds.n_truncated} {ds.name} examples are longer than --max-seq-length "
+                f"{max_seq_length} and were truncated (longest: {ds.longest} tokens)"
+            )
+        if ds.n_dropped:
+            lines.append(f"note: {ds.n_dropped} {ds.name} examples had no token to train on and were skipped")
+        lines.extend(f"note: {w}" for w in ds.warnings)
+    if "valid" not in splits:
+        lines.append("note: no valid.jsonl: training without validation")
+    return lines
+
+
+def training_splits(splits: dict[str, Dataset], batch_size: int) -> tuple[Dataset, Dataset | None, int]:
+    """(train, valid or None, batches per epoch); refuses a train split smaller than one batch."""
+    train_set, val_set = splits["train"], splits.get("valid")
+    n_batches = batches_per_epoch(train_set, batch_size)
+    if n_batches == 0:
+        raise UserError(
+            f"the train split has {len(train_set)} examples, fewer than --batch-size {batch_size}"
+        )
+    if val_set is not None and len(val_set) == 0:
+        val_set = None
+    return train_set, val_set, n_batches
 
 
 # ---------------------------------------------------------------- batching

@@ -1,25 +1,81 @@
-"""Loading mlx-lm models, and the architecture specifics the trainer needs, in one place.
+"""Models: loading mlx-lm models, and every architecture fact mlx_dft relies on, in one table.
 
 The loss needs the final hidden states and the output projection separately (so logits
-are computed at supervised positions only). For the LLaMA family in mlx-lm (llama,
-mistral, qwen2, qwen3) that is ``model.model(inputs)`` and ``lm_head`` or the tied
-embedding. Other mlx-lm architectures train through a generic path that takes the full
-logits from ``model(inputs)``: correct, but without the memory saving.
+are computed at supervised positions only). For the architectures in :data:`ARCHITECTURES`
+(mlx-lm's llama, mistral, qwen2, qwen3) that is ``model.model(inputs)`` and ``lm_head`` or the
+tied embedding. Other mlx-lm architectures train LoRA/DoRA/full through a generic path that
+takes the full logits from ``model(inputs)``: correct, but without the memory saving.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_dft.errors import UserError
+from mlx_dft.files import local_or_hub, read_json
 
-FAST_PATH_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+@dataclass(frozen=True)
+class Architecture:
+    """What mlx_dft knows about one ``model_type``.
+
+    ``mlx_module``: the ``mlx_lm.models`` module whose ``Attention`` the model's layers use (the
+    Aligner extends it). ``adaption_prompt``: Hugging Face PEFT's adaption prompt supports it.
+    Every listed architecture has the hidden-state loss path, the Aligner, and the PyTorch
+    Aligner runner; keys/values may carry biases (qwen2) and keys a per-head norm (qwen3), which
+    the code reads off the layers themselves.
+    """
+
+    mlx_module: str
+    adaption_prompt: bool
+
+
+ARCHITECTURES = {
+    "llama": Architecture("llama", adaption_prompt=True),
+    "mistral": Architecture("llama", adaption_prompt=True),
+    "qwen2": Architecture("qwen2", adaption_prompt=False),
+    "qwen3": Architecture("qwen3", adaption_prompt=False),
+}
+# config.json keys that fix the attention shapes an adapter is made for.
+SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+# ... and those that identify the model a checkpoint belongs to.
+SIGNATURE_KEYS = ("model_type", *SHAPE_KEYS, "intermediate_size", "vocab_size")
+# LLaMA-2 base models by (hidden size, layers): the bases of the official Aligner checkpoints.
+LLAMA2_BY_SHAPE = {(4096, 32): "meta-llama/Llama-2-7b-hf", (5120, 40): "meta-llama/Llama-2-13b-hf"}
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+MODEL_FILES = ("*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja")
+
+
+def architecture(model_type: str, what: str) -> Architecture:
+    """The table entry for ``model_type``; ``what`` names the feature in the error."""
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"{what} supports model types {', '.join(ARCHITECTURES)}; this model is {model_type!r}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def model_type(model: nn.Module | dict) -> str:
+    """``model_type`` of an mlx-lm model or of a config.json dict."""
+    if not isinstance(model, nn.Module):  # (an nn.Module is a dict too)
+        return str(model.get("model_type", "?"))
+    return getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", "?")
+
+
+def model_signature(config: dict) -> dict:
+    """The config.json values that identify a model (a resumed run must match them)."""
+    return {k: config.get(k) for k in SIGNATURE_KEYS if k in config}
+
+
+def last_layers(n_layers: int, num_layers: int | None) -> list[int]:
+    """Indices of the last ``num_layers`` blocks (all of them for -1, None, or more than exist)."""
+    k = n_layers if num_layers in (-1, None) or num_layers > n_layers else num_layers
+    return list(range(n_layers - k, n_layers))
 
 
 def default_model_path() -> Path:
@@ -28,42 +84,26 @@ def default_model_path() -> Path:
 
 def resolve_model_path(model: str) -> Path:
     """A local model folder, or a Hugging Face repo id fetched (or found in the cache)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model folder {path} has no config.json")
-        return path
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise UserError(f"model not found: {model} (give a local folder or a Hugging Face repo id)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(
-            snapshot_download(
-                model,
-                allow_patterns=[
-                    "*.json",
-                    "*.safetensors",
-                    "*.py",
-                    "tokenizer.model",
-                    "*.tiktoken",
-                    "*.txt",
-                    "*.jinja",
-                ],
-            )
-        )
-    except Exception as e:  # offline, missing repo, gated...
-        raise UserError(
-            f"model not found: {model} is neither a local folder nor a reachable "
-            f"Hugging Face repo ({type(e).__name__})"
-        ) from None
+    path = local_or_hub(model, MODEL_FILES, "model")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model folder {path} has no config.json")
+    return path
 
 
 def model_config(path: Path) -> dict:
+    return read_json(Path(path) / "config.json")
+
+
+def build_model(config: dict, name: str) -> nn.Module:
+    """The mlx-lm model a config.json describes, with lazy (never materialised) weights: its
+    layout without loading anything."""
+    from mlx_lm.utils import _get_classes
+
     try:
-        return json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+        model_cls, args_cls = _get_classes(config)
+        return model_cls(args_cls.from_dict(config))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot build model {name}: {e}") from None
 
 
 def load_model(model: str, dtype: str = "auto", tokenizer_config: dict | None = None):
@@ -104,10 +144,6 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules())
 
 
-def model_type(model: nn.Module) -> str:
-    return getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", "?")
-
-
 class _TiedHead(nn.Module):
     """The output projection of a model whose head is its input embedding."""
 
@@ -130,7 +166,7 @@ def split_model(model: nn.Module) -> tuple[Callable, nn.Module | Callable, bool]
     supervised positions); otherwise ``body`` is the whole model and ``head`` the identity.
     """
     inner = getattr(model, "model", None)
-    if model_type(model) in FAST_PATH_TYPES and inner is not None and hasattr(inner, "embed_tokens"):
+    if model_type(model) in ARCHITECTURES and inner is not None and hasattr(inner, "embed_tokens"):
         if getattr(model, "args", None) is not None and model.args.tie_word_embeddings:
             return inner, _TiedHead(inner.embed_tokens), True
         if hasattr(model, "lm_head"):
@@ -138,7 +174,23 @@ def split_model(model: nn.Module) -> tuple[Callable, nn.Module | Callable, bool]
     return model, _identity, False
 
 
-def vocab_size(model: nn.Module, config: dict) -> int:
-    if "vocab_size" in config:
-        return int(config["vocab_size"])
-    return int(config.get("text_config", {}).get("vocab_size", 32000))
+def vocab_size(model: nn.Module) -> int:
+    """The output vocabulary size (rows of the output projection)."""
+    args = getattr(model, "args", None)
+    if getattr(args, "vocab_size", None):
+        return int(args.vocab_size)
+    head = getattr(model, "lm_head", None)
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    inner = getattr(model, "model", model)
+    return int(inner.embed_tokens.weight.shape[0])
+
+
+def grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each block in the backward pass (mlx-lm's mechanism: patches the block class)."""
+    from mlx_lm.tuner.trainer import grad_checkpoint as patch
+
+    cls = type(model.layers[0])
+    if not getattr(cls, "_mlx_dft_checkpointed", False):
+        patch(model.layers[0])
+        cls._mlx_dft_checkpointed = True

@@ -24,7 +24,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
-from mlx_dft.losses import LossConfig, chunked_ce, loss_sums
+from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_ce, loss_sums
+from mlx_dft.models import split_model, vocab_size
 
 
 class Callback:
@@ -58,6 +59,22 @@ class LoopConfig:
     save_every: int = 100
     max_grad_norm: float = 1.0
     seed: int = 0
+
+    @classmethod
+    def from_options(cls, cfg, total_steps: int) -> LoopConfig:
+        """The loop settings of a :class:`~mlx_dft.config.TrainConfig` for a run of ``total_steps``
+        (validation every tenth of the run unless ``steps_per_eval`` says otherwise)."""
+        return cls(
+            total_steps=total_steps,
+            batch_size=cfg.batch_size,
+            grad_accumulation_steps=cfg.grad_accumulation_steps,
+            steps_per_report=cfg.steps_per_report,
+            steps_per_eval=cfg.steps_per_eval or max(1, total_steps // 10),
+            val_batches=cfg.val_batches,
+            save_every=cfg.save_every,
+            max_grad_norm=cfg.max_grad_norm,
+            seed=cfg.seed,
+        )
 
 
 @dataclass
@@ -94,6 +111,15 @@ def make_loss_fn(body: Callable, head, fast: bool, loss_cfg: LossConfig, chunk_t
     return loss_fn
 
 
+def model_loss_fn(model: nn.Module, loss_cfg: LossConfig, chunk_tokens: int = 0) -> Callable:
+    """``make_loss_fn`` for ``model``: logits from hidden states at supervised positions where the
+    architecture allows (see :func:`mlx_dft.models.split_model`), ``chunk_tokens`` per logits
+    chunk (0: about 32 MiB of float32 logits a chunk)."""
+    body, head, fast = split_model(model)
+    chunk = chunk_tokens or auto_chunk_tokens(vocab_size(model))
+    return make_loss_fn(body, head, fast, loss_cfg, chunk)
+
+
 def build_optimizer(
     name: str,
     lr: float,
@@ -122,6 +148,21 @@ def build_optimizer(
     if name == "sgd":
         return optim.SGD(learning_rate=sched, weight_decay=weight_decay)
     raise UserError(f"unknown optimizer {name!r}")
+
+
+def optimizer_for(cfg, total_steps: int) -> optim.Optimizer:
+    """The optimizer and learning-rate schedule a :class:`~mlx_dft.config.TrainConfig` asks for."""
+    from mlx_dft.config import warmup_steps
+
+    return build_optimizer(
+        cfg.optimizer,
+        cfg.resolved_learning_rate(),
+        cfg.lr_schedule,
+        warmup_steps(cfg, total_steps),
+        total_steps,
+        cfg.resolved_weight_decay(),
+        (cfg.adam_beta1, cfg.adam_beta2),
+    )
 
 
 _EVAL_FNS: dict = {}
@@ -248,7 +289,7 @@ def train_loop(
     loss_fn: Callable,
     train_set: Dataset,
     val_set: Dataset | None,
-    args: LoopConfig,
+    loop: LoopConfig,
     run: Run,
     start_step: int = 0,
     save: Callable[[int], Path | None] | None = None,
@@ -260,18 +301,18 @@ def train_loop(
     world = mx.distributed.init()
     rank, world_size = world.rank(), world.size()
     run.rank, run.world_size = rank, world_size
-    accum = args.grad_accumulation_steps
-    step_fn, state = make_step(model, optimizer, loss_fn, args.max_grad_norm)
+    accum = loop.grad_accumulation_steps
+    step_fn, state = make_step(model, optimizer, loss_fn, loop.max_grad_norm)
 
     batches: Iterator[Batch] = iterate_batches(
-        train_set, args.batch_size, seed=args.seed, start=start_step * accum, rank=rank, world_size=world_size
+        train_set, loop.batch_size, seed=loop.seed, start=start_step * accum, rank=rank, world_size=world_size
     )
 
     def validate(step: int):
         if val_set is None:
             return
         tic = time.perf_counter()
-        m = evaluate(model, loss_fn, val_set, args.batch_size, args.val_batches, world)
+        m = evaluate(model, loss_fn, val_set, loop.batch_size, loop.val_batches, world)
         rec = {
             "step": step,
             "val_loss": m["loss"],
@@ -296,7 +337,7 @@ def train_loop(
     if progress and rank == 0 and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=args.total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=loop.total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
 
     model.train()
     mx.reset_peak_memory()
@@ -309,7 +350,7 @@ def train_loop(
     try:
         if start_step == 0:
             validate(0)
-        for step in range(start_step + 1, args.total_steps + 1):
+        for step in range(start_step + 1, loop.total_steps + 1):
             tic = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
             sums, last_norm = optimizer_step(step_fn, state, micro)
@@ -329,7 +370,7 @@ def train_loop(
             if bar is not None:
                 bar.update(1)
 
-            if step % args.steps_per_report == 0 or step == args.total_steps:
+            if step % loop.steps_per_report == 0 or step == loop.total_steps:
                 sums = window
                 tokens = mx.array(window_tokens)
                 if world_size > 1:
@@ -364,10 +405,10 @@ def train_loop(
                 window_tokens = window_steps = 0
                 window_time = 0.0
 
-            if step % args.steps_per_eval == 0 or step == args.total_steps:
+            if step % loop.steps_per_eval == 0 or step == loop.total_steps:
                 validate(step)
 
-            if save is not None and (step % args.save_every == 0 or step == args.total_steps):
+            if save is not None and (step % loop.save_every == 0 or step == loop.total_steps):
                 path = save(step)
                 if path is not None:
                     run.last_checkpoint = path
@@ -379,3 +420,20 @@ def train_loop(
     for cb in callbacks:
         cb.on_train_end(run)
     return run
+
+
+def test_report(
+    model: nn.Module, loss_fn: Callable, test_set: Dataset, batch_size: int, run: Run, log: Callable
+) -> dict:
+    """Evaluate on the test split after training; the record joins the run's history."""
+    m = evaluate(model, loss_fn, test_set, batch_size, -1)
+    rec = {
+        "step": run.step,
+        "test_loss": m["loss"],
+        "test_ce": m["ce"],
+        "test_prob": m["prob"],
+        "test_ppl": m["ppl"],
+    }
+    run.history.append(rec)
+    log(f"test loss {m['loss']:.4f} | ce {m['ce']:.4f} | ppl {m['ppl']:.3f} | p {m['prob']:.3f}")
+    return rec

@@ -46,7 +46,7 @@ def main():
     method = adapters.method("lora")
     method.apply(model, method.settings(cfg, model))
     body, head, fast = split_model(model)
-    chunk = auto_chunk_tokens(vocab_size(model, model_cfg))
+    chunk = auto_chunk_tokens(vocab_size(model))
     steps = {}
     for loss in ("sft", "dft"):
         opt = build_optimizer("adamw", 1e-5, "constant", 0, 1)

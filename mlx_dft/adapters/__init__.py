@@ -1,12 +1,11 @@
-"""Adapters: what is trained. One module per method, each with the same three functions:
+"""Adapters: what is trained. One :class:`~mlx_dft.adapters.base.AdapterMethod` per method:
 
-- ``settings(cfg) -> dict``: the method's part of ``adapter_config.json`` (mlx-lm's keys where
-  mlx-lm has the concept, so stock ``mlx_lm generate --adapter-path`` and ``mlx_lm fuse`` load it);
-- ``apply(model, settings)``: freeze the base model and add/unfreeze the trainable parameters;
-- optionally ``weights(model) -> {file name: tensors}`` and ``weight_files()``; by default
-  the trainable parameters go to ``adapters.safetensors``.
+- ``lora``, ``dora``: :mod:`mlx_dft.adapters.lora` (mlx-lm's layers; PEFT format in ``lora/peft.py``)
+- ``full``: :mod:`mlx_dft.adapters.full`
+- ``aligner``: :mod:`mlx_dft.adapters.aligner` (MLX layer, HF format, PEFT export, PyTorch runner)
 
-``load_adapter`` reads a folder back onto a model.
+An adapter folder is ``adapter_config.json`` (the method's settings, plus the run's) and the
+method's ``weight_files``; this module reads such folders back onto a model.
 """
 
 from __future__ import annotations
@@ -18,34 +17,52 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_dft.adapters import aligner, full, lora
+from mlx_dft.adapters import aligner
+from mlx_dft.adapters.base import WEIGHTS_FILE, AdapterMethod, Card
+from mlx_dft.adapters.full import Full
+from mlx_dft.adapters.lora import DoRA, LoRA
 from mlx_dft.errors import UserError
 
-METHODS = {"lora": lora, "dora": lora, "full": full, "aligner": aligner}
+METHODS: dict[str, AdapterMethod] = {
+    "lora": LoRA(),
+    "dora": DoRA(),
+    "full": Full(),
+    "aligner": aligner.METHOD,
+}
 CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapters.safetensors"
+
+__all__ = [
+    "CONFIG_FILE",
+    "METHODS",
+    "WEIGHTS_FILE",
+    "AdapterMethod",
+    "Card",
+    "apply_adapter",
+    "apply_saved",
+    "count_parameters",
+    "load_adapter",
+    "load_weights",
+    "method",
+    "method_of",
+    "read_adapter_config",
+    "read_weights",
+    "summary",
+]
 
 
-def method(name: str):
+def method(name: str) -> AdapterMethod:
     if name not in METHODS:
         raise UserError(f"unknown adapter {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
+def method_of(config: dict) -> AdapterMethod:
+    """The method of a saved ``adapter_config.json`` (mlx-lm's folders say ``fine_tune_type``)."""
+    return method(config.get("adapter") or config.get("fine_tune_type") or "lora")
+
+
 def apply_adapter(model: nn.Module, name: str, settings: dict) -> None:
     method(name).apply(model, settings)
-
-
-def adapter_weights(model: nn.Module, name: str) -> dict[str, dict[str, mx.array]]:
-    m = method(name)
-    if hasattr(m, "weights"):
-        return m.weights(model)
-    return {WEIGHTS_FILE: dict(tree_flatten(model.trainable_parameters()))}
-
-
-def weight_files(name: str) -> list[str]:
-    m = method(name)
-    return m.weight_files() if hasattr(m, "weight_files") else [WEIGHTS_FILE]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -64,6 +81,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def summary(model: nn.Module, m: AdapterMethod, settings: dict) -> str:
+    """``lora trains 73,728 (2.2%)``: what the applied adapter trains, out of the model's total."""
+    trainable, total = count_parameters(model)
+    return (
+        f"{total:,} parameters; {m.name} trains {trainable:,}{m.describe(settings)} "
+        f"({100 * trainable / max(total, 1):.3f}%)"
+    )
+
+
 def read_adapter_config(folder: str | Path) -> dict:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -77,30 +103,44 @@ def read_adapter_config(folder: str | Path) -> dict:
         raise UserError(f"{path}: invalid JSON ({e.msg})") from None
 
 
-def load_weights_file(path: Path) -> dict[str, mx.array]:
-    if not path.is_file():
-        raise UserError(f"adapter weights not found: {path}")
-    try:
-        return mx.load(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+def read_weights(m: AdapterMethod, folder: Path) -> dict[str, dict[str, mx.array]]:
+    """{file name: tensors} of the method's weight files in ``folder``."""
+    out = {}
+    for fname in m.weight_files:
+        path = Path(folder) / fname
+        if not path.is_file():
+            raise UserError(f"adapter weights not found: {path}")
+        try:
+            out[fname] = mx.load(str(path))
+        except Exception as e:
+            raise UserError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    return out
 
 
-def set_weights(model: nn.Module, weights: dict[str, mx.array], source: str) -> None:
-    """Load ``weights`` into the model's trainable parameters, refusing any mismatch by name."""
+def load_weights(model: nn.Module, files: dict[str, dict[str, mx.array]], source: str | Path) -> None:
+    """Load every file's tensors into the model's trainable parameters, refusing any mismatch."""
     params = dict(tree_flatten(model.trainable_parameters()))
-    for name, w in weights.items():
-        if name not in params:
-            raise UserError(f"{source}: tensor {name} is not a parameter of this adapter on this model")
-        if tuple(w.shape) != tuple(params[name].shape):
-            raise UserError(
-                f"{source}: tensor {name} has shape {tuple(w.shape)}, the model expects "
-                f"{tuple(params[name].shape)} (adapter made for another model?)"
-            )
-    missing = sorted(set(params) - set(weights))
-    if missing:
-        raise UserError(f"{source}: missing {len(missing)} adapter tensors, e.g. {missing[0]}")
-    model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
+    for fname, weights in files.items():
+        where = f"{source}/{fname}"
+        for name, w in weights.items():
+            if name not in params:
+                raise UserError(f"{where}: tensor {name} is not a parameter of this adapter on this model")
+            if tuple(w.shape) != tuple(params[name].shape):
+                raise UserError(
+                    f"{where}: tensor {name} has shape {tuple(w.shape)}, the model expects "
+                    f"{tuple(params[name].shape)} (adapter made for another model?)"
+                )
+        missing = sorted(set(params) - set(weights))
+        if missing:
+            raise UserError(f"{where}: missing {len(missing)} adapter tensors, e.g. {missing[0]}")
+        model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
+
+
+def apply_saved(model: nn.Module, config: dict, files: dict[str, dict[str, mx.array]], source: str) -> None:
+    """Apply the adapter a saved config describes and load its tensors ({file name: tensors})."""
+    m = method_of(config)
+    m.apply(model, m.settings_from_config(config))
+    load_weights(model, files, source)
 
 
 def load_adapter(model: nn.Module, folder: str | Path, weights_dir: str | Path | None = None) -> dict:
@@ -108,10 +148,6 @@ def load_adapter(model: nn.Module, folder: str | Path, weights_dir: str | Path |
     (from ``weights_dir`` if given, e.g. a checkpoint). Returns the config."""
     folder = Path(folder).expanduser()
     config = read_adapter_config(folder)
-    name = config.get("adapter") or config.get("fine_tune_type", "lora")
-    m = method(name)
-    m.apply(model, m.settings_from_config(config))
     src = Path(weights_dir) if weights_dir else folder
-    for fname in weight_files(name):
-        set_weights(model, load_weights_file(src / fname), str(src / fname))
+    apply_saved(model, config, read_weights(method_of(config), src), str(src))
     return config

@@ -9,13 +9,13 @@ them (``math_evaluation/data/<name>/test.jsonl``). MATH500 is fetched from the H
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_dft.errors import UserError
 from mlx_dft.evaluation.answers import last_boxed
+from mlx_dft.files import read_jsonl
 
 
 @dataclass
@@ -57,20 +57,6 @@ def benchmark_dir(folder: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mlx_dft" / "benchmarks"
 
 
-def _read(path: Path) -> list[tuple[int, dict]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-    if not out:
-        raise UserError(f"{path} is empty")
-    return out
-
-
 def _locate(name: str, folder: str | Path | None) -> Path:
     d = benchmark_dir(folder)
     for candidate in (d / f"{name}.jsonl", d / name / "test.jsonl"):
@@ -99,7 +85,7 @@ def load_benchmark(name: str, folder: str | Path | None = None, limit: int | Non
     path = _locate(name, folder)
     qkey, answer = BENCHMARKS[name]
     problems = []
-    for lineno, rec in _read(path):
+    for lineno, rec in read_jsonl(path):
         try:
             q = rec.get(qkey) or rec.get("problem") or rec.get("question")
             if not q:
@@ -125,7 +111,7 @@ def load_jsonl(
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     problems = []
-    for lineno, rec in _read(path):
+    for lineno, rec in read_jsonl(path):
         missing = [f for f in (question_field, answer_field) if f not in rec]
         if missing:
             raise UserError(

@@ -12,6 +12,10 @@ A YAML file describes the comparison::
         in-distribution: {file: test.jsonl, question_field: prompt, answer_field: answer}
       max_tokens: 128
 
+The ``eval:`` options (``max_tokens``, ``batch_size``, ``samples``, ``temperature``, ``top_p``,
+``limit``, ``prompt_template``, ``chat``) are ``mlx_dft eval``'s, with its defaults; a problem set
+may set its own ``question_field``, ``answer_field`` and ``prompt_template``.
+
 Each run trains into ``OUTPUT/runs/<name>-seed<k>`` and writes ``results.json`` there when its
 evaluation is done: a rerun skips finished runs and resumes unfinished ones from their last
 checkpoint. ``OUTPUT/report.md`` gets a table (mean ± std over seeds) and ``curves.png`` /
@@ -28,11 +32,14 @@ from pathlib import Path
 
 import yaml
 
-from mlx_dft.checkpoint import atomic_write_json, atomic_write_text, list_checkpoints
+from mlx_dft.checkpoint import list_checkpoints
 from mlx_dft.errors import UserError
+from mlx_dft.evaluation.options import EvalConfig
+from mlx_dft.files import atomic_write_json, atomic_write_text
 
-EVAL_KEYS = {
-    "problems",
+# EvalConfig options an ``eval:`` block sets for all its problem sets (its defaults otherwise); a
+# problem set may override the SET_OPTIONS. Model, adapter, seed and output come from each run.
+EVAL_OPTIONS = (
     "max_tokens",
     "batch_size",
     "samples",
@@ -41,7 +48,9 @@ EVAL_KEYS = {
     "limit",
     "prompt_template",
     "chat",
-}
+)
+SET_OPTIONS = ("question_field", "answer_field", "prompt_template")
+EVAL_KEYS = {"problems", *EVAL_OPTIONS}
 
 
 def load_plan(path: str | Path) -> dict:
@@ -71,6 +80,20 @@ def load_plan(path: str | Path) -> dict:
     return plan
 
 
+def eval_configs(block: dict) -> dict[str, EvalConfig]:
+    """The checked :class:`EvalConfig` of every problem set of a plan's ``eval:`` block."""
+    shared = {k: block[k] for k in EVAL_OPTIONS if k in block}
+    configs = {}
+    for name, spec in (block.get("problems") or {}).items():
+        own = {k: spec[k] for k in SET_OPTIONS if k in spec}
+        try:
+            configs[name] = EvalConfig.build(**{**shared, **own, "problems": spec["file"]})
+            configs[name].validate()
+        except UserError as e:
+            raise UserError(f"eval {name}: {e}") from None
+    return configs
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
@@ -83,7 +106,9 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
 
 
-def run_one(name: str, seed: int, options: dict, eval_cfg: dict, run_dir: Path, progress: bool) -> dict:
+def run_one(
+    name: str, seed: int, options: dict, evals: dict[str, EvalConfig], run_dir: Path, progress: bool
+) -> dict:
     from mlx_dft import api
     from mlx_dft.evaluation.run import run_eval
 
@@ -126,21 +151,11 @@ def run_one(name: str, seed: int, options: dict, eval_cfg: dict, run_dir: Path, 
         "peak_memory_gb": max((r["peak_memory_gb"] for r in train), default=None),
         "accuracy": {},
     }
-    for set_name, spec in (eval_cfg.get("problems") or {}).items():
+    for set_name, eval_cfg in evals.items():
         report = run_eval(
-            problems=spec["file"],
-            question_field=spec.get("question_field", "question"),
-            answer_field=spec.get("answer_field", "answer"),
-            prompt_template=spec.get("prompt_template", "raw"),
-            chat=eval_cfg.get("chat"),
-            samples=eval_cfg.get("samples", 1),
-            temperature=eval_cfg.get("temperature", 0.0),
-            top_p=eval_cfg.get("top_p", 1.0),
-            max_tokens=eval_cfg.get("max_tokens", 256),
-            batch_size=eval_cfg.get("batch_size", 64),
-            limit=eval_cfg.get("limit"),
+            eval_cfg,
             seed=seed,
-            output=run_dir / "eval" / set_name,
+            output=str(run_dir / "eval" / set_name),
             progress=progress,
             loaded=loaded,
         )
@@ -153,6 +168,7 @@ def run_compare(
     config: str | Path, output: str | Path | None = None, progress: bool = True, log=print
 ) -> dict:
     plan = load_plan(config)
+    evals = eval_configs(plan.get("eval") or {})
     out = Path(output or plan.get("output") or "compare").expanduser()
     out.mkdir(parents=True, exist_ok=True)
     seeds = plan.get("seeds") or [0]
@@ -164,7 +180,7 @@ def run_compare(
             run_dir = out / "runs" / f"{name}-seed{seed}"
             status = "cached" if (run_dir / "results.json").is_file() else "training"
             log(f"[{len(results) + 1}/{total}] {name} seed {seed}: {status}")
-            r = run_one(name, seed, {**common, **(opts or {})}, plan.get("eval") or {}, run_dir, progress)
+            r = run_one(name, seed, {**common, **(opts or {})}, evals, run_dir, progress)
             acc = ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items())
             log(f"    val ce {r['final_val_ce']:.4f}{' | ' + acc if acc else ''}")
             results.append(r)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from mlx_dft.data import chat_prompt
 from mlx_dft.errors import UserError
 from mlx_dft.evaluation.answers import EXTRACTORS, equivalent, extract
 from mlx_dft.evaluation.benchmarks import Problem
@@ -38,15 +39,7 @@ def format_question(question: str, template: str) -> str:
 def render_prompt(question: str, template: str, tokenizer=None, chat: bool | None = None) -> str:
     """The text a model sees: the templated question, wrapped in the tokenizer's chat template
     when ``chat`` (default: when it has one)."""
-    text = format_question(question, template)
-    use_chat = bool(getattr(tokenizer, "has_chat_template", False)) if chat is None else chat
-    if use_chat:
-        if tokenizer is None or not getattr(tokenizer, "has_chat_template", False):
-            raise UserError("--chat: this model's tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-    return text
+    return chat_prompt(tokenizer, format_question(question, template), chat)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -10,23 +10,21 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from mlx_dft.checkpoint import atomic_write_json, atomic_write_text
-from mlx_dft.errors import UserError
-from mlx_dft.evaluation.answers import EXTRACTORS
 from mlx_dft.evaluation.benchmarks import load_benchmark, load_jsonl
 from mlx_dft.evaluation.generation import model_generator, render_prompt, score
+from mlx_dft.evaluation.options import EvalConfig
+from mlx_dft.files import atomic_write_json, atomic_write_text
 
 
 def loss_metrics(model, tokenizer, data: str | Path, batch_size: int = 8, max_seq_length: int = 2048) -> dict:
     """Objective (DFT), cross-entropy, perplexity and mean target probability on supervised tokens
     of ``data`` (a .jsonl, or a folder: its test.jsonl, else valid.jsonl)."""
     from mlx_dft.data import DataConfig, load_split
-    from mlx_dft.losses import LossConfig, auto_chunk_tokens
-    from mlx_dft.models import split_model
-    from mlx_dft.trainer import evaluate, make_loss_fn
+    from mlx_dft.losses import LossConfig
+    from mlx_dft.trainer import evaluate, model_loss_fn
 
     path = Path(data).expanduser()
     if path.is_dir():
@@ -34,15 +32,7 @@ def loss_metrics(model, tokenizer, data: str | Path, batch_size: int = 8, max_se
             (path / f for f in ("test.jsonl", "valid.jsonl") if (path / f).is_file()), path / "test.jsonl"
         )
     ds = load_split(path, path.stem, tokenizer, DataConfig(max_seq_length=max_seq_length))
-    body, head, fast = split_model(model)
-    loss_fn = make_loss_fn(
-        body,
-        head,
-        fast,
-        LossConfig("dft"),
-        auto_chunk_tokens(model.args.vocab_size) if hasattr(model, "args") else 0,
-    )
-    m = evaluate(model, loss_fn, ds, batch_size)
+    m = evaluate(model, model_loss_fn(model, LossConfig("dft")), ds, batch_size)
     return {
         "data": str(path),
         "examples": len(ds),
@@ -55,68 +45,47 @@ def loss_metrics(model, tokenizer, data: str | Path, batch_size: int = 8, max_se
 
 
 def run_eval(
-    model: str | None = None,
-    adapter: str | None = None,
-    data: str | None = None,
-    benchmarks: Sequence[str] = (),
-    problems: str | None = None,
-    question_field: str = "question",
-    answer_field: str = "answer",
-    prompt_template: str | None = None,
-    chat: bool | None = None,
-    samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    max_tokens: int = 512,
-    batch_size: int = 32,
-    limit: int | None = None,
-    seed: int = 0,
-    extractors: Sequence[str] = EXTRACTORS,
-    benchmark_dir: str | None = None,
-    output: str | Path | None = None,
-    progress: bool = True,
-    loaded: tuple | None = None,
+    config: EvalConfig | None = None, *, progress: bool = True, loaded: tuple | None = None, **options: Any
 ) -> dict:
-    """Evaluate a model (with an optional adapter); returns the report (also written to ``output``)."""
+    """Evaluate a model (with an optional adapter) as ``config`` says, keyword ``options`` (its field
+    names) overriding it; returns the report, also written to ``output`` when that is set.
+    ``loaded``: the ``(model, tokenizer)`` to evaluate, already loaded."""
     from mlx_dft import api
 
-    if not data and not benchmarks and not problems:
-        raise UserError("nothing to evaluate: give --data, --benchmark or --problems")
-    if samples > 1 and temperature <= 0:
-        raise UserError("--samples > 1 needs --temperature > 0 (greedy decoding repeats itself)")
-    for name in extractors:
-        if name not in EXTRACTORS:
-            raise UserError(f"--extract: unknown extractor {name!r}; choose from {', '.join(EXTRACTORS)}")
-    sets = [
-        (name, load_benchmark(name, benchmark_dir, limit), prompt_template or "boxed") for name in benchmarks
-    ]
-    if problems:
+    cfg = EvalConfig.build(config, **options)
+    cfg.validate()
+    temperature = cfg.resolved_temperature()
+    template = cfg.resolved_prompt_template(benchmark=True)
+    sets = [(name, load_benchmark(name, cfg.benchmark_dir, cfg.limit), template) for name in cfg.benchmarks]
+    if cfg.problems:
         sets.append(
             (
-                Path(problems).stem,
-                load_jsonl(problems, question_field, answer_field, limit),
-                prompt_template or "raw",
+                Path(cfg.problems).stem,
+                load_jsonl(cfg.problems, cfg.question_field, cfg.answer_field, cfg.limit),
+                cfg.resolved_prompt_template(),
             )
         )
-    model_obj, tokenizer = loaded or api.load(model, adapter)
+    model_obj, tokenizer = loaded or api.load(cfg.model, cfg.adapter)
     report: dict = {
-        "model": model,
-        "adapter": str(adapter) if adapter else None,
+        "model": cfg.model,
+        "adapter": str(cfg.adapter) if cfg.adapter else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    if data:
-        report["loss"] = loss_metrics(model_obj, tokenizer, data)
+    if cfg.data:
+        report["loss"] = loss_metrics(model_obj, tokenizer, cfg.data)
     files: dict[str, str] = {}
-    gen = model_generator(model_obj, tokenizer, max_tokens, temperature, top_p, seed)
+    gen = model_generator(model_obj, tokenizer, cfg.max_tokens, temperature, cfg.top_p, cfg.seed)
     for name, items, template in sets:
-        prompts = [render_prompt(p.question, template, tokenizer, chat) for p in items]
+        prompts = [render_prompt(p.question, template, tokenizer, cfg.chat) for p in items]
         bar = None
         if progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(items) * samples, desc=name, unit="gen", leave=False)
+            bar = tqdm(total=len(items) * cfg.samples, desc=name, unit="gen", leave=False)
         try:
-            result = score(items, gen, prompts, samples, extractors, batch_size, bar.update if bar else None)
+            result = score(
+                items, gen, prompts, cfg.samples, cfg.extract, cfg.batch_size, bar.update if bar else None
+            )
         finally:
             if bar is not None:
                 bar.close()
@@ -124,12 +93,12 @@ def run_eval(
             **result.summary(),
             "template": template,
             "temperature": temperature,
-            "top_p": top_p,
-            "max_tokens": max_tokens,
+            "top_p": cfg.top_p,
+            "max_tokens": cfg.max_tokens,
         }
         files[f"{name}.generations.jsonl"] = "".join(json.dumps(s.record()) + "\n" for s in result.items)
-    if output:
-        out = Path(output).expanduser()
+    if cfg.output:
+        out = Path(cfg.output).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         for fname, text in files.items():
             atomic_write_text(out / fname, text)

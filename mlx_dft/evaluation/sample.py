@@ -17,10 +17,12 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mlx_dft.checkpoint import atomic_write_json, atomic_write_text
 from mlx_dft.errors import UserError
 from mlx_dft.evaluation.answers import EXTRACTORS, equivalent, extract
+from mlx_dft.evaluation.options import SampleConfig
+from mlx_dft.files import atomic_write_json, atomic_write_text, read_jsonl
 
 Verifier = Callable[[str, str, dict], float]
 
@@ -117,64 +119,56 @@ def select(
 
 
 def run_sample(
-    data: str,
-    output: str,
-    model: str | None = None,
-    adapter: str | None = None,
-    samples: int = 16,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_tokens: int = 512,
-    verifier: str = "math",
-    keep: str = "accepted",
-    min_reward: float = 0.5,
-    question_field: str = "question",
-    answer_field: str = "answer",
-    prompt_template: str = "raw",
-    chat: bool | None = None,
-    batch_size: int = 32,
-    limit: int | None = None,
-    seed: int = 0,
+    data: str | None = None,
+    output: str | None = None,
+    *,
+    config: SampleConfig | None = None,
     generate: Callable[[list[str]], list[str]] | None = None,
     loaded: tuple | None = None,
+    **options: Any,
 ) -> SampleResult:
-    from mlx_dft.evaluation.benchmarks import _read
+    """Sample, verify and write the kept responses as ``config`` says, ``data``, ``output`` and keyword
+    ``options`` (its field names) overriding it. ``generate(prompts) -> completions`` replaces the
+    model (prompts are then not chat-wrapped); ``loaded``: the ``(model, tokenizer)``, already loaded."""
     from mlx_dft.evaluation.generation import format_question, model_generator, render_prompt
 
-    if samples < 1:
-        raise UserError("--samples must be at least 1")
-    check = load_verifier(verifier, answer_field)  # fail before any generation
-    path = Path(data).expanduser()
+    options |= {k: v for k, v in (("data", data), ("output", output)) if v is not None}
+    cfg = SampleConfig.build(config, **options)
+    cfg.validate()
+    temperature = cfg.resolved_temperature()
+    template = cfg.resolved_prompt_template()
+    check = load_verifier(cfg.verifier, cfg.answer_field)  # fail before any generation
+    path = Path(cfg.data).expanduser()
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    records = [r for _, r in _read(path)][: limit or None]
+    records = [r for _, r in read_jsonl(path)][: cfg.limit or None]
     for i, r in enumerate(records, 1):
-        if question_field not in r:
-            raise UserError(f"{path} record {i}: no field {question_field!r} (set --question-field)")
+        if cfg.question_field not in r:
+            raise UserError(f"{path} record {i}: no field {cfg.question_field!r} (set --question-field)")
     tokenizer = None
     if generate is None:
         from mlx_dft import api
 
-        net, tokenizer = loaded or api.load(model, adapter)
-        generate = model_generator(net, tokenizer, max_tokens, temperature, top_p, seed)
+        net, tokenizer = loaded or api.load(cfg.model, cfg.adapter)
+        generate = model_generator(net, tokenizer, cfg.max_tokens, temperature, cfg.top_p, cfg.seed)
     prompts = [
-        render_prompt(r[question_field], prompt_template, tokenizer, chat if tokenizer else False)
+        render_prompt(r[cfg.question_field], template, tokenizer, cfg.chat if tokenizer else False)
         for r in records
     ]
     # Kept records hold the user text before any chat wrapping: `mlx_dft train` wraps it again.
-    user_texts = [format_question(r[question_field], prompt_template) for r in records]
-    flat = [p for p in prompts for _ in range(samples)]
+    user_texts = [format_question(r[cfg.question_field], template) for r in records]
+    flat = [p for p in prompts for _ in range(cfg.samples)]
     outs: list[str] = []
-    for start in range(0, len(flat), batch_size):
-        outs.extend(generate(flat[start : start + batch_size]))
-    completions = [outs[i * samples : (i + 1) * samples] for i in range(len(records))]
-    result = select(records, user_texts, completions, check, keep, min_reward)
+    for start in range(0, len(flat), cfg.batch_size):
+        outs.extend(generate(flat[start : start + cfg.batch_size]))
+    completions = [outs[i * cfg.samples : (i + 1) * cfg.samples] for i in range(len(records))]
+    result = select(records, user_texts, completions, check, cfg.keep, cfg.min_reward)
     if not result.kept:
         raise UserError(
             f"no sample was accepted ({len(flat)} generated, acceptance 0%): nothing written; "
             "try more --samples, a higher --temperature, or a lower --min-reward"
         )
-    out = Path(output).expanduser()
+    out = Path(cfg.output).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         out,
@@ -186,12 +180,12 @@ def run_sample(
         out.with_suffix(".stats.json"),
         {
             "data": str(path),
-            "samples_per_prompt": samples,
+            "samples_per_prompt": cfg.samples,
             "temperature": temperature,
-            "top_p": top_p,
-            "verifier": verifier,
-            "keep": keep,
-            "min_reward": min_reward,
+            "top_p": cfg.top_p,
+            "verifier": cfg.verifier,
+            "keep": cfg.keep,
+            "min_reward": cfg.min_reward,
             "prompts": len(records),
             "generated": len(flat),
             "kept": len(result.kept),

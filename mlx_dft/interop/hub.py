@@ -11,9 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_dft import __version__
+from mlx_dft import __version__, adapters
+from mlx_dft.adapters import Card
 from mlx_dft.errors import UserError
-from mlx_dft.interop import aligner_hf, peft
+from mlx_dft.files import read_json
 from mlx_dft.interop.convert import RUN_FILE
 
 MODEL_CARD = "README.md"
@@ -28,100 +29,55 @@ class PushPlan:
     card: str
 
 
-def _kind(folder: Path) -> tuple[str, dict]:
-    if aligner_hf.is_hf_aligner(folder):
-        return "aligner", json.loads((folder / aligner_hf.HF_CONFIG).read_text())
-    cfg_path = folder / peft.PEFT_CONFIG
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("peft_type") == "LORA":
-            return ("dora" if cfg.get("use_dora") else "lora"), cfg
-        if cfg.get("peft_type") == "ADAPTION_PROMPT":
-            return "aligner-adaption-prompt", cfg
-        if "fine_tune_type" in cfg:
+def describe_folder(folder: Path, repo_id: str) -> Card:
+    """What is in an exported folder (asked of every adapter method), or a fused model."""
+    for m in dict.fromkeys(adapters.METHODS.values()):
+        card = m.card(folder, repo_id)
+        if card is not None:
+            return card
+    if (folder / adapters.CONFIG_FILE).is_file():
+        cfg = read_json(folder / adapters.CONFIG_FILE)
+        if "fine_tune_type" in cfg or "adapter" in cfg:
             raise UserError(
                 f"{folder} is an mlx_dft training folder: run `mlx_dft export {folder} --out DIR` first"
             )
     if (folder / "config.json").is_file() and list(folder.glob("model*.safetensors")):
-        return "model", json.loads((folder / "config.json").read_text())
+        run = read_json(folder / RUN_FILE) if (folder / RUN_FILE).is_file() else {}
+        base = run.get("base_model") or read_json(folder / "config.json").get("_name_or_path")
+        return Card("model", "A fine-tuned model", "transformers", [], base)
     raise UserError(
         f"{folder}: nothing to push (expected a folder written by `mlx_dft export` or `mlx_dft fuse`)"
     )
 
 
 def model_card(folder: Path, repo_id: str) -> str:
-    kind, cfg = _kind(folder)
+    card = describe_folder(folder, repo_id)
     run = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else {}
     training = run.get("training", {})
-    base = cfg.get("base_model_name_or_path") or run.get("base_model") or cfg.get("_name_or_path")
+    base = card.base_model or run.get("base_model")
     loss = training.get("loss")
-    tags = ["mlx", "mlx_dft"]
-    tags += {
-        "lora": ["lora"],
-        "dora": ["lora", "dora"],
-        "aligner": ["aligner"],
-        "aligner-adaption-prompt": ["aligner", "adaption-prompt"],
-        "model": [],
-    }[kind]
+    tags = ["mlx", "mlx_dft", *card.tags]
     if loss:
         tags.append(loss)
-    library = (
-        "peft"
-        if kind in ("lora", "dora", "aligner-adaption-prompt")
-        else ("mlx_dft" if kind == "aligner" else "transformers")
-    )
     front = ["---"]
     if base and not Path(str(base)).exists():
         front.append(f"base_model: {base}")
-    front.append(f"library_name: {library}")
+    front.append(f"library_name: {card.library}")
     front.append("tags:")
     front += [f"- {t}" for t in tags]
     front.append("---")
     title = repo_id.split("/")[-1]
-    what = {
-        "lora": "A LoRA adapter",
-        "dora": "A DoRA adapter",
-        "aligner": "An Aligner adapter",
-        "aligner-adaption-prompt": "An Aligner (as a PEFT adaption prompt)",
-        "model": "A fine-tuned model",
-    }[kind]
     lines = [
         *front,
         "",
         f"# {title}",
         "",
-        f"{what}{f' for `{base}`' if base else ''}, trained with "
+        f"{card.what}{f' for `{base}`' if base else ''}, trained with "
         f"mlx_dft {__version__}{f' ({loss.upper()} loss)' if loss else ''}.",
         "",
     ]
-    if kind in ("lora", "dora", "aligner-adaption-prompt"):
-        lines += [
-            "## Use",
-            "",
-            "```python",
-            "from peft import PeftModel",
-            "from transformers import AutoModelForCausalLM",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{base}")',
-            f'model = PeftModel.from_pretrained(model, "{repo_id}")',
-            "```",
-            "",
-        ]
-    elif kind == "aligner":
-        lines += [
-            "## Use",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "from mlx_dft.torch_aligner import attach_aligner",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{base}")',
-            f'attach_aligner(model, "{repo_id}")',
-            "```",
-            "",
-            "With MLX: `mlx_dft generate --adapter " + repo_id + " --prompt ...`.",
-            "",
-        ]
+    if card.usage:
+        lines += ["## Use", "", *card.usage, ""]
     if training:
         lines += ["## Training", "", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in training.items() if v is not None]
@@ -148,7 +104,7 @@ def plan_push(folder: str | Path, repo_id: str, private: bool = False) -> PushPl
         if p.is_file() and not p.name.startswith("."):
             files[str(p.relative_to(folder))] = p.read_bytes()
     files[MODEL_CARD] = card.encode()
-    kind, _ = _kind(folder)
+    kind = describe_folder(folder, repo_id).kind
     return PushPlan(repo_id, private, files, f"Upload {kind} trained with mlx_dft {__version__}", card)
 
 

@@ -1,5 +1,5 @@
-"""Aligner (Zhou et al., arXiv 2312.05503): N prefix tokens shared by every adapted layer, and
-zero-initialised gates, entering each layer's attention.
+"""The Aligner in MLX (Zhou et al., arXiv 2312.05503): N prefix tokens shared by every adapted
+layer, and zero-initialised gates, entering each layer's attention.
 
 For an adapted layer l (index >= start_layer) and query head h with head size d::
 
@@ -30,11 +30,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_dft.errors import UserError
+from mlx_dft.models import SHAPE_KEYS, architecture, model_type
 
-SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 GATES = ("head", "layer")
-WEIGHTS_FILE = "aligner.safetensors"
-PREFIX_KEY = "aligner.prefix"
 GATE_LEAF = "aligner_gate"
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mlx_dft_aligner_layer", default=None)
@@ -126,20 +124,12 @@ def _install(arch_module_name: str) -> None:
     _PATCHED.add(arch_module_name)
 
 
-# ------------------------------------------------------------------ the adapter interface
-
-
-def model_type_of(model: nn.Module) -> str:
-    return getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", "?")
+# ------------------------------------------------------------------ applying it
 
 
 def check_supported(model: nn.Module) -> str:
-    mt = model_type_of(model)
-    if mt not in SUPPORTED:
-        raise UserError(
-            f"--adapter aligner supports model types {', '.join(SUPPORTED)}; this model is {mt!r}"
-        )
-    return SUPPORTED[mt]
+    """The mlx-lm module whose attention this model uses; refuses other architectures."""
+    return architecture(model_type(model), "--adapter aligner").mlx_module
 
 
 def shape_of(model: nn.Module) -> dict:
@@ -152,45 +142,19 @@ def shape_of(model: nn.Module) -> dict:
     }
 
 
-def settings(cfg, model: nn.Module) -> dict:
-    check_supported(model)
-    n_layers = len(model.layers)
-    if cfg.aligner_tokens < 1:
-        raise UserError(f"--aligner-tokens must be at least 1, got {cfg.aligner_tokens}")
-    if not 0 <= cfg.aligner_start_layer < n_layers:
-        raise UserError(
-            f"--aligner-start-layer {cfg.aligner_start_layer} must be below the model's {n_layers} layers"
-        )
-    return {
-        "fine_tune_type": "aligner",
-        "aligner": {
-            "tokens": cfg.aligner_tokens,
-            "start_layer": cfg.aligner_start_layer,
-            "gate": cfg.aligner_gate,
-            **shape_of(model),
-        },
-    }
-
-
-def settings_from_config(config: dict) -> dict:
-    if "aligner" not in config:
-        raise UserError("adapter_config.json has no 'aligner' section")
-    return {"fine_tune_type": "aligner", "aligner": dict(config["aligner"])}
-
-
 def parameter_count(tokens: int, hidden: int, layers: int, start: int, heads: int, gate: str) -> int:
     """N*C + (L - S)*H for head gates, N*C + (L - S) for layer gates (the paper's count)."""
     return tokens * hidden + (layers - start) * (heads if gate == "head" else 1)
 
 
-def apply(model: nn.Module, s: dict) -> None:
+def apply_aligner(model: nn.Module, s: dict) -> None:
     arch = check_supported(model)
     a = s["aligner"]
     tokens, start, gate = int(a["tokens"]), int(a["start_layer"]), a.get("gate", "head")
     if gate not in GATES:
         raise UserError(f"unknown aligner gate {gate!r}; choose head or layer")
     have = shape_of(model)
-    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads"):
+    for key in SHAPE_KEYS[:3]:
         if key in a and int(a[key]) != have[key]:
             raise UserError(
                 f"this Aligner was made for a model with {key}={a[key]}; this model has {have[key]}"
@@ -209,16 +173,6 @@ def apply(model: nn.Module, s: dict) -> None:
         attn._aligner_prefix = ref
         attn.unfreeze(keys=[GATE_LEAF], recurse=False)
     model.aligner.unfreeze()
-
-
-def weight_files() -> list[str]:
-    return [WEIGHTS_FILE]
-
-
-def weights(model: nn.Module) -> dict[str, dict[str, mx.array]]:
-    from mlx.utils import tree_flatten
-
-    return {WEIGHTS_FILE: dict(tree_flatten(model.trainable_parameters()))}
 
 
 def constant_shift(model: nn.Module, layer: int) -> mx.array:

@@ -2,17 +2,19 @@
 
 Folders are written the way ``mlx_lm lora`` writes them (``adapters.safetensors`` with
 ``...lora_a``/``lora_b``/``m`` tensors, and ``fine_tune_type``/``num_layers``/
-``lora_parameters`` in the config), so stock mlx-lm can generate with and fuse them.
+``lora_parameters`` in the config), so stock mlx-lm can generate with and fuse them. They
+export to and import from Hugging Face PEFT (:mod:`.peft`).
 """
 
 from __future__ import annotations
 
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
-from mlx_lm.tuner.dora import DoRALinear
-from mlx_lm.tuner.lora import LoRALinear
 
+from mlx_dft.adapters.base import AdapterMethod, Card
+from mlx_dft.adapters.lora import peft
 from mlx_dft.errors import UserError
+from mlx_dft.models import last_layers
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
@@ -40,36 +42,6 @@ def resolve_keys(model: nn.Module, keys: list[str] | None) -> list[str]:
     return out
 
 
-def num_adapted_layers(model: nn.Module, num_layers: int) -> int:
-    n = len(model.layers)
-    return n if num_layers == -1 or num_layers > n else num_layers
-
-
-def settings(cfg, model: nn.Module) -> dict:
-    scale = cfg.lora_scale if cfg.lora_alpha is None else cfg.lora_alpha / cfg.lora_rank
-    return {
-        "fine_tune_type": cfg.adapter,
-        "num_layers": num_adapted_layers(model, cfg.num_layers),
-        "lora_parameters": {
-            "rank": cfg.lora_rank,
-            "scale": float(scale),
-            "dropout": cfg.lora_dropout,
-            "keys": resolve_keys(model, cfg.lora_keys),
-        },
-    }
-
-
-def settings_from_config(config: dict) -> dict:
-    try:
-        return {
-            "fine_tune_type": config.get("fine_tune_type", "lora"),
-            "num_layers": int(config["num_layers"]),
-            "lora_parameters": dict(config["lora_parameters"]),
-        }
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"adapter_config.json lacks LoRA settings ({e})") from None
-
-
 def adapted_layers(model: nn.Module, s: dict) -> list[int]:
     """Indices of the adapted blocks: ``lora_parameters.layers`` when given (an mlx_dft
     extension, for adapters imported from PEFT's ``layers_to_transform``), else the last
@@ -81,17 +53,21 @@ def adapted_layers(model: nn.Module, s: dict) -> list[int]:
         if bad:
             raise UserError(f"adapter layers {bad} do not exist in this {n}-layer model")
         return sorted(int(i) for i in explicit)
-    k = num_adapted_layers(model, s["num_layers"])
-    return list(range(n - k, n))
+    return last_layers(n, s["num_layers"])
 
 
-def apply(model: nn.Module, s: dict) -> None:
+def apply_lora(model: nn.Module, s: dict) -> None:
     """Replace the selected linear layers by mlx-lm's LoRALinear/DoRALinear.
 
     ``lora_parameters`` holds mlx-lm's rank/scale/dropout/keys, and optionally (mlx_dft
     extensions, from PEFT imports) ``layers`` and per-module ``module_ranks`` /
     ``module_scales`` keyed by full module name (``model.layers.3.self_attn.q_proj``).
     """
+    # mlx-lm is imported here, not at module level: importing mlx_lm imports transformers (and
+    # torch where installed), which `mlx_dft --help` and the PyTorch Aligner runner need not pay for.
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
     model.freeze()
     p = s["lora_parameters"]
     dora = s["fine_tune_type"] == "dora"
@@ -128,3 +104,66 @@ def apply(model: nn.Module, s: dict) -> None:
             count += len(updates)
     if count == 0:
         raise UserError(f"{s['fine_tune_type']}: no module matched keys {keys}")
+
+
+class LoRA(AdapterMethod):
+    """Low-rank updates ``scale * (x A) B`` on the linear layers of the last ``num_layers`` blocks."""
+
+    name = "lora"
+    export_formats = ("peft",)
+    card_settings = ("num_layers", "lora_rank", "lora_scale")
+
+    def settings(self, cfg, model: nn.Module) -> dict:
+        scale = cfg.lora_scale if cfg.lora_alpha is None else cfg.lora_alpha / cfg.lora_rank
+        return {
+            "fine_tune_type": self.name,
+            "num_layers": len(last_layers(len(model.layers), cfg.num_layers)),
+            "lora_parameters": {
+                "rank": cfg.lora_rank,
+                "scale": float(scale),
+                "dropout": cfg.lora_dropout,
+                "keys": resolve_keys(model, cfg.lora_keys),
+            },
+        }
+
+    def settings_from_config(self, config: dict) -> dict:
+        try:
+            return {
+                "fine_tune_type": self.name,
+                "num_layers": int(config["num_layers"]),
+                "lora_parameters": dict(config["lora_parameters"]),
+            }
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"adapter_config.json lacks LoRA settings ({e})") from None
+
+    def apply(self, model: nn.Module, settings: dict) -> None:
+        apply_lora(model, settings)
+
+    def check_fusable(self) -> None:
+        """LoRA/DoRA merge exactly (mlx-lm's ``fuse``)."""
+
+    def fuse(self, model: nn.Module, dequantize: bool) -> None:
+        fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+        if fused:
+            model.update_modules(tree_unflatten(fused))
+
+    def export(self, adapter_dir, config: dict, out, fmt: str, base_model: str | None) -> None:
+        peft.export_lora(adapter_dir, config, out, base_model)
+
+    def read_foreign(self, path, model: str | None) -> dict | None:
+        return peft.import_folder(path, model) if peft.is_peft_folder(path) else None
+
+    def card(self, folder, repo_id: str) -> Card | None:
+        cfg = peft.lora_config(folder)
+        if cfg is None or bool(cfg.get("use_dora")) != (self.name == "dora"):
+            return None
+        base = cfg.get("base_model_name_or_path")
+        what = "A DoRA adapter" if self.name == "dora" else "A LoRA adapter"
+        tags = ["lora", "dora"] if self.name == "dora" else ["lora"]
+        return Card(self.name, what, "peft", tags, base, peft.usage(base, repo_id))
+
+
+class DoRA(LoRA):
+    """LoRA with a learned per-output magnitude (weight-decomposed LoRA)."""
+
+    name = "dora"

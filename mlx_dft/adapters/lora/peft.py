@@ -1,4 +1,4 @@
-"""LoRA and DoRA between mlx_dft/mlx-lm folders and Hugging Face PEFT folders.
+"""LoRA and DoRA in Hugging Face PEFT's format: export from, and import into, mlx_dft/mlx-lm folders.
 
     mlx (y = x W^T + scale * (x A) B)          PEFT (y = x W^T + s * x A_p^T B_p^T)
     model.layers.3.self_attn.q_proj.lora_a     base_model.model.<same>.lora_A.weight = lora_a^T
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dft.checkpoint import staged_folder
 from mlx_dft.errors import UserError
-from mlx_dft.interop.files import read_json, read_safetensors
+from mlx_dft.files import read_json, read_safetensors, safetensors_metadata, staged_folder
+from mlx_dft.models import build_model, last_layers, model_config, model_signature, resolve_model_path
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -38,7 +38,6 @@ REFUSED = {
     "use_bdlora": "BD-LoRA",
     "runtime_config": None,
 }
-UNSUPPORTED_INITS_OK = {True, False, "gaussian", None}
 
 
 def _short(path: str) -> str:
@@ -56,12 +55,7 @@ def export_lora(adapter_dir: Path, config: dict, out: Path, base_model: str | No
     if p.get("layers") is not None:
         layers = sorted(int(i) for i in p["layers"])
     elif n_layers is not None:
-        k = (
-            n_layers
-            if config["num_layers"] in (-1, None) or config["num_layers"] >= n_layers
-            else config["num_layers"]
-        )
-        layers = list(range(n_layers - k, n_layers))
+        layers = last_layers(n_layers, config["num_layers"])
     else:
         raise UserError(f"{adapter_dir}: cannot tell which layers are adapted (no model_signature)")
     weights = read_safetensors(adapter_dir / "adapters.safetensors")
@@ -146,8 +140,33 @@ def export_lora(adapter_dir: Path, config: dict, out: Path, base_model: str | No
 # ------------------------------------------------------------------ import
 
 
-def is_peft_lora(config: dict) -> bool:
-    return str(config.get("peft_type", "")).upper() in ("LORA",)
+def is_peft_folder(path: Path) -> bool:
+    """A folder whose ``adapter_config.json`` is PEFT's (any PEFT type: unsupported ones are
+    refused by name on import)."""
+    if not (path.is_dir() and (path / PEFT_CONFIG).is_file()):
+        return False
+    return "peft_type" in read_json(path / PEFT_CONFIG)
+
+
+def lora_config(folder: Path) -> dict | None:
+    """The PEFT config of a LoRA/DoRA folder, or None for anything else."""
+    if not is_peft_folder(folder):
+        return None
+    cfg = read_json(folder / PEFT_CONFIG)
+    return cfg if cfg.get("peft_type") == "LORA" else None
+
+
+def usage(base: str | None, repo_id: str) -> list[str]:
+    """The model card's "Use" snippet for a PEFT folder."""
+    return [
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{base}")',
+        f'model = PeftModel.from_pretrained(model, "{repo_id}")',
+        "```",
+    ]
 
 
 def _refuse(config: dict, src: Path) -> None:
@@ -162,8 +181,6 @@ def _refuse(config: dict, src: Path) -> None:
         raise UserError(f"{src}: unsupported PEFT variant: bias training (bias={config['bias']})")
     if config.get("fan_in_fan_out"):
         raise UserError(f"{src}: unsupported PEFT variant: fan_in_fan_out (Conv1D layers)")
-    if config.get("use_dora") and config.get("use_rslora"):
-        pass  # both are fine: rsLoRA only changes the scale
     for name in ("lora_bias", "use_alora"):
         if config.get(name):
             raise UserError(f"{src}: unsupported PEFT variant: {name}")
@@ -230,7 +247,7 @@ def import_lora(src: Path, model_cfg: dict, base_model: str, block_paths: list[s
     def scale_of(rank: int, a: float) -> float:
         return a / math.sqrt(rank) if rs else a / rank
 
-    meta = _metadata(src / PEFT_WEIGHTS)  # exact mlx values when mlx_dft wrote the folder
+    meta = _metadata(src / PEFT_WEIGHTS)
     default_scale = float(meta["scale"]) if meta else scale_of(r, alpha)
     module_ranks, module_scales = {}, {}
     weights = {}
@@ -283,52 +300,21 @@ def import_lora(src: Path, model_cfg: dict, base_model: str, block_paths: list[s
 def _metadata(path: Path) -> dict:
     """mlx_dft's own exact values, when the PEFT file was written by mlx_dft."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        return json.loads(header.get("__metadata__", {}).get("mlx_dft", "{}"))
-    except (OSError, ValueError):
+        return json.loads(safetensors_metadata(path).get("mlx_dft", "{}"))
+    except ValueError:
         return {}
 
 
-# ------------------------------------------------------------------ adaption prompt (Aligner, layer gates)
+def import_folder(src: Path, model: str | None = None) -> dict:
+    """A PEFT LoRA/DoRA folder -> an mlx_dft adapter config with its tensors under ``weights``;
+    the base model (``model``, else the one the PEFT config names) is read for its layout only."""
+    from mlx_dft.adapters.lora import block_linear_paths
 
-
-def export_adaption_prompt(
-    config: dict, tensors: dict[str, mx.array], out: Path, base_model: str | None
-) -> Path:
-    """Aligner with one gate per layer on llama/mistral -> PEFT adaption prompt: the shared
-    prefix copied into every adapted layer, the layer's gate as its adaption gate. Exact."""
-    a = config["aligner"]
-    mt = (config.get("model_signature") or {}).get("model_type") or a.get("model_type")
-    reasons = []
-    if a.get("gate", "head") != "layer":
-        reasons.append(
-            "its gates are per head (PEFT adaption prompt has one gate per layer; "
-            "train with --aligner-gate layer)"
-        )
-    if mt not in ("llama", "mistral"):
-        reasons.append(f"PEFT adaption prompt supports llama and mistral, not {mt}")
-    if reasons:
-        raise UserError("cannot export this Aligner as PEFT adaption prompt: " + "; ".join(reasons))
-    n_layers, start = int(a["num_hidden_layers"]), int(a["start_layer"])
-    prefix = tensors["aligner.prefix"]
-    out_tensors = {}
-    for i in range(start, n_layers):
-        gate = tensors[f"model.layers.{i}.self_attn.aligner_gate"].reshape(1)
-        out_tensors[f"{PEFT_PREFIX}model.layers.{i}.self_attn.adaption_prompt"] = prefix[None]
-        out_tensors[f"{PEFT_PREFIX}model.layers.{i}.self_attn.adaption_gate"] = gate
-    peft_config = {
-        "peft_type": "ADAPTION_PROMPT",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model or config.get("base_model"),
-        "target_modules": "self_attn",
-        "adapter_len": int(prefix.shape[0]),
-        "adapter_layers": n_layers - start,
-        "inference_mode": True,
-        "revision": None,
-    }
-    with staged_folder(out) as tmp:
-        mx.save_safetensors(str(tmp / PEFT_WEIGHTS), out_tensors, metadata={"format": "pt"})
-        (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    base = model or read_json(src / PEFT_CONFIG).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{src}: the PEFT config names no base model; pass --model")
+    model_cfg = model_config(resolve_model_path(base))
+    block_paths = block_linear_paths(build_model(model_cfg, base))
+    out = import_lora(src, model_cfg, base, block_paths)
+    out["model_signature"] = model_signature(model_cfg)
     return out

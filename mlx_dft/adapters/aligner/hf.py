@@ -12,7 +12,7 @@ The Hugging Face Aligner format (version 1), a folder with:
 ``aligner_model.safetensors``: ``prefix`` [N, C] and, for every layer i in S..L-1,
 ``layers.{i}.gate`` [H] (head gates) or [1] (layer gates).
 
-The maths (also in :mod:`mlx_dft.torch_aligner` and :mod:`mlx_dft.adapters.aligner`): in layer
+The maths (of :mod:`.layer`, and of the PyTorch runner :mod:`.torch_runner`): in layer
 i >= S, query head h adds ``gate * softmax(q_h k^T / sqrt(d)) v`` to its attention output before
 ``o_proj``, where k, v are the prefix through the layer's k/v projections (biases included,
 Qwen3's ``k_norm`` on k, no RoPE), read by each head from its KV group.
@@ -31,16 +31,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_dft.checkpoint import staged_folder
 from mlx_dft.errors import UserError
+from mlx_dft.files import read_json, read_safetensors, staged_folder
 from mlx_dft.interop import torch_pickle
-from mlx_dft.interop.files import read_json, read_safetensors
+from mlx_dft.models import LLAMA2_BY_SHAPE, SHAPE_KEYS
 
 HF_CONFIG = "aligner_config.json"
 HF_WEIGHTS = "aligner_model.safetensors"
 FORMAT = "mlx_dft.aligner"
-SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
-LLAMA2 = {(4096, 32): "meta-llama/Llama-2-7b-hf", (5120, 40): "meta-llama/Llama-2-13b-hf"}
 
 
 def is_hf_aligner(folder: Path) -> bool:
@@ -150,7 +148,7 @@ def import_official(path: Path, base_model: str | None = None) -> dict:
     n_tokens, hidden = prefix.shape
     n_heads = heads.pop()
     n_layers = last + 1
-    base = base_model or LLAMA2.get((hidden, n_layers))
+    base = base_model or LLAMA2_BY_SHAPE.get((hidden, n_layers))
     if base is None:
         raise UserError(
             f"{path}: hidden size {hidden} and {n_layers} layers match no LLaMA-2 model; pass --model"

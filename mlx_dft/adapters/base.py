@@ -1,0 +1,91 @@
+"""The adapter contract: what every fine-tuning method (LoRA, DoRA, full, Aligner) implements.
+
+One instance per method lives in :data:`mlx_dft.adapters.METHODS`. Code outside ``adapters/``
+asks the method (``method.fuse(...)``, ``method.export(...)``, ``method.card(...)``) and never
+branches on its name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_dft.errors import UserError
+
+if TYPE_CHECKING:
+    from mlx_dft.config import TrainConfig
+
+WEIGHTS_FILE = "adapters.safetensors"
+
+
+@dataclass
+class Card:
+    """What a model card says about an exported folder of this method."""
+
+    kind: str  # e.g. "lora", "aligner-adaption-prompt"
+    what: str  # "A LoRA adapter"
+    library: str  # the Hub's library_name: "peft", "mlx_dft"
+    tags: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    usage: list[str] = field(default_factory=list)  # markdown lines of a "Use" section
+
+
+class AdapterMethod(ABC):
+    """One fine-tuning method. Settings are the method's part of ``adapter_config.json`` (mlx-lm's
+    keys where mlx-lm has the concept, so stock ``mlx_lm generate/fuse`` load our folders)."""
+
+    name: ClassVar[str]
+    # Files holding the trained tensors, in an output folder and in each checkpoint.
+    weight_files: ClassVar[tuple[str, ...]] = (WEIGHTS_FILE,)
+    # Export formats (`mlx_dft export --format`), the first being the default.
+    export_formats: ClassVar[tuple[str, ...]] = ()
+    # TrainConfig keys of this method that a model card lists.
+    card_settings: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def settings(self, cfg: TrainConfig, model: nn.Module) -> dict:
+        """Settings from training options, checked against ``model``."""
+
+    @abstractmethod
+    def settings_from_config(self, config: dict) -> dict:
+        """Settings from a saved ``adapter_config.json``."""
+
+    @abstractmethod
+    def apply(self, model: nn.Module, settings: dict) -> None:
+        """Freeze the base model and add or unfreeze the trainable parameters."""
+
+    def weights(self, model: nn.Module) -> dict[str, dict[str, mx.array]]:
+        """{file name: tensors} of the trained parameters."""
+        return {self.weight_files[0]: dict(tree_flatten(model.trainable_parameters()))}
+
+    def describe(self, settings: dict) -> str:
+        """How the trainable count decomposes (`` = 1 tokens x 576 + ...``), or ``""``."""
+        return ""
+
+    def check_fusable(self) -> None:
+        """Raise a UserError saying why this method cannot be merged into the base weights, if so."""
+        raise UserError(f"a {self.name} adapter cannot be merged into the base weights")
+
+    def fuse(self, model: nn.Module, dequantize: bool) -> None:
+        """Merge the applied adapter into the base weights, in place."""
+        self.check_fusable()
+
+    def export(self, adapter_dir: Path, config: dict, out: Path, fmt: str, base_model: str | None) -> None:
+        """Write the Hugging Face folder ``out`` for format ``fmt`` (one of ``export_formats``)."""
+        raise UserError(f"a {self.name} adapter has no Hugging Face export")
+
+    def read_foreign(self, path: Path, model: str | None) -> dict | None:
+        """If ``path`` is this method's adapter in another tool's format, an mlx_dft adapter config
+        with its tensors under ``weights`` ({file name: tensors}); else None."""
+        return None
+
+    def card(self, folder: Path, repo_id: str) -> Card | None:
+        """If ``folder`` is an export of this method, what its model card says when it is
+        published as ``repo_id``; else None."""
+        return None

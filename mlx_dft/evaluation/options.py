@@ -1,0 +1,153 @@
+"""Evaluation and sampling options: one dataclass each, and their defaults, the only ones.
+
+``mlx_dft eval`` and ``mlx_dft sample`` generate their flags from :class:`EvalConfig` and
+:class:`SampleConfig` (``max_tokens`` -> ``--max-tokens``), as ``train`` does from
+:class:`~mlx_dft.config.TrainConfig`; :func:`~mlx_dft.evaluation.run.run_eval`,
+:func:`~mlx_dft.evaluation.sample.run_sample` and the ``eval:`` block of ``mlx_dft compare`` plans
+take the same options by field name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import MISSING, dataclass
+from typing import Any, TypeVar
+
+from mlx_dft.config import _opt
+from mlx_dft.errors import UserError
+from mlx_dft.evaluation.answers import EXTRACTORS
+from mlx_dft.evaluation.benchmarks import BENCHMARKS
+
+C = TypeVar("C", bound="GenerationConfig")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    """What ``eval`` and ``sample`` share: the model, the prompts and the decoding."""
+
+    model: str | None = _opt(None, "Base model (default: the adapter's, else the bundled model).")
+    adapter: str | None = _opt(None, "Adapter (any source `generate` accepts).")
+    question_field: str = _opt("question", "Question key of --problems/--data records.")
+    answer_field: str = _opt("answer", "Reference-answer key.")
+    prompt_template: str | None = _opt(
+        None,
+        "raw, qa, boxed (the Qwen2.5-Math harness' instruction) or text with {question} "
+        "(default: boxed for --benchmark, raw otherwise).",
+    )
+    chat: bool | None = _opt(None, "Wrap prompts in the chat template (default: if the model has one).")
+    temperature: float | None = _opt(
+        None,
+        "Sampling temperature (0: greedy; default: 1 in `sample` and with `eval --samples` > 1, else 0).",
+    )
+    top_p: float = _opt(
+        1.0, "Nucleus sampling: only the likeliest tokens of this total probability (1: off)."
+    )
+    max_tokens: int = _opt(512, "Generated tokens per answer.")
+    batch_size: int = _opt(32, "Generations per batch.")
+    limit: int | None = _opt(None, "Only the first N problems.")
+    seed: int = _opt(0, "Seed for sampling.")
+
+    @classmethod
+    def build(cls: type[C], config: C | None = None, **options: Any) -> C:
+        """``config`` (default: the defaults) with ``options``, field names, replacing its values;
+        a list option may be one comma-separated string."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, value in options.items():
+            if name not in fields:
+                raise UserError(f"unknown option '{name}'")
+            if str(fields[name].type).startswith(("tuple", "list")) and value is not None:
+                items = value.split(",") if isinstance(value, str) else value
+                options[name] = tuple(str(v).strip() for v in items if str(v).strip())
+        if config is not None:
+            return dataclasses.replace(config, **options)
+        for name, f in fields.items():
+            if f.default is MISSING and f.default_factory is MISSING and name not in options:
+                raise UserError(f"{_flag(name)} is required")
+        return cls(**options)
+
+    def resolved_prompt_template(self, benchmark: bool = False) -> str:
+        return self.prompt_template or ("boxed" if benchmark else "raw")
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` naming the first invalid option."""
+        from mlx_dft.evaluation.generation import format_question
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise UserError(f"{_flag(f.name)} {value!r}: choose {' or '.join(choices)}")
+        if self.prompt_template is not None:
+            format_question("", self.prompt_template)
+        checks = (
+            (self.temperature is None or self.temperature >= 0, "--temperature must be >= 0"),
+            (self.max_tokens >= 1, "--max-tokens must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+@dataclass(kw_only=True)
+class EvalConfig(GenerationConfig):
+    """``mlx_dft eval``: supervised-token losses on a dataset, answer accuracy on problem sets."""
+
+    data: str | None = _opt(
+        None, "Dataset for supervised-token losses (a .jsonl, or a folder: test.jsonl, else valid.jsonl)."
+    )
+    benchmarks: tuple[str, ...] = _opt(
+        (), f"{', '.join(BENCHMARKS)} (repeatable).", flag="--benchmark", multiple=True
+    )
+    benchmark_dir: str | None = _opt(
+        None, "Folder of the benchmark jsonl files (default: $MLX_DFT_BENCHMARKS)."
+    )
+    problems: str | None = _opt(None, "Any jsonl of questions with reference answers.")
+    samples: int = _opt(1, "Samples per problem (mean accuracy and pass@k).")
+    extract: tuple[str, ...] = _opt(EXTRACTORS, "Answer extractors, in order.")
+    output: str | None = _opt(
+        None, "Folder for report.json and the per-problem generations (default: evals/<time>)."
+    )
+
+    def resolved_temperature(self) -> float:
+        if self.temperature is not None:
+            return self.temperature
+        return 1.0 if self.samples > 1 else 0.0
+
+    def validate(self) -> None:
+        if not self.data and not self.benchmarks and not self.problems:
+            raise UserError("nothing to evaluate: give --data, --benchmark or --problems")
+        super().validate()
+        if self.samples < 1:
+            raise UserError("--samples must be at least 1")
+        if self.samples > 1 and self.resolved_temperature() <= 0:
+            raise UserError("--samples > 1 needs --temperature > 0 (greedy decoding repeats itself)")
+        for name in self.extract:
+            if name not in EXTRACTORS:
+                raise UserError(f"--extract: unknown extractor {name!r}; choose from {', '.join(EXTRACTORS)}")
+
+
+@dataclass(kw_only=True)
+class SampleConfig(GenerationConfig):
+    """``mlx_dft sample``: K responses per prompt, verified; the accepted ones become training data."""
+
+    data: str = _opt(MISSING, "jsonl of prompts (with reference answers for the math verifier).")
+    output: str = _opt(MISSING, "jsonl to write: prompt/completion records `mlx_dft train` takes.")
+    samples: int = _opt(16, "Responses per prompt (the DFT paper: 16).")
+    verifier: str = _opt("math", "math, or module:function returning a reward.")
+    keep: str = _opt(
+        "accepted", "Keep every accepted response, or the best per prompt.", ("accepted", "best")
+    )
+    min_reward: float = _opt(0.5, "Rewards from here up are accepted.")
+
+    def resolved_temperature(self) -> float:
+        return 1.0 if self.temperature is None else self.temperature
+
+    def validate(self) -> None:
+        super().validate()
+        if self.samples < 1:
+            raise UserError("--samples must be at least 1")
