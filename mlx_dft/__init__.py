@@ -14,8 +14,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 _blas.setup()  # must precede the first `import mlx.core`
 
-__version__ = "0.1.0"
-__all__ = ["train", "generate", "load", "evaluate", "Callback", "TrainConfig", "UserError"]
+from mlx_dft._version import __version__  # noqa: E402
+
+__all__ = ["__version__", "train", "generate", "load", "evaluate", "Callback", "TrainConfig", "UserError"]
 
 
 def __getattr__(name):  # lazy: `mlx_dft --help` need not import MLX

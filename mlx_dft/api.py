@@ -14,10 +14,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dft import __version__, _blas, adapters, data, models
-from mlx_dft.checkpoint import OutputFolder
+from mlx_dft import _blas, adapters, data, models
+from mlx_dft.checkpoint import OutputFolder, run_config
 from mlx_dft.config import TrainConfig, resolve, total_steps
-from mlx_dft.errors import UserError
 from mlx_dft.interop.convert import read_source
 from mlx_dft.losses import LossConfig
 from mlx_dft.tasks import ARITH_DIR
@@ -40,29 +39,28 @@ def train(
     if mx.default_device() == mx.cpu:
         say(_blas.info().describe())
 
-    # Starting point: a resumed checkpoint, an existing adapter (--adapter-from), or a fresh one.
+    # Start from an existing adapter (--adapter-from): it decides the method and the base model.
     source = read_source(cfg.adapter_from, cfg.model) if cfg.adapter_from and resume is None else None
     if source is not None:
-        _adopt_source(cfg, explicit, source)
-    model_id, data_id = cfg.model or str(models.default_model_path()), cfg.data or str(ARITH_DIR)
+        adapters.adopt_source(cfg, source, explicit.get("adapter"))
+    cfg.model, cfg.data = cfg.model or str(models.default_model_path()), cfg.data or str(ARITH_DIR)
 
     mx.random.seed(cfg.seed)
-    model, tokenizer, model_cfg, _ = models.load_model(model_id, cfg.dtype)
-    if cfg.chat_template:
-        data.set_chat_template(tokenizer, cfg.chat_template)
+    model, tokenizer, model_cfg, _ = models.load_model(cfg.model, cfg.dtype, cfg.chat_template)
 
-    splits = data.load_datasets(data_id, tokenizer, data.DataConfig.from_options(cfg))
+    splits = data.load_datasets(cfg.data, tokenizer, data.DataConfig.from_options(cfg))
     for line in data.describe(splits, cfg.max_seq_length):
         say(line)
     train_set, val_set, n_batches = data.training_splits(splits, cfg.batch_size)
 
     method = adapters.method(cfg.adapter)
-    settings = _adapter_settings(method, cfg, model, source, resume)
+    saved = source if source is not None else resume.config if resume and cfg.adapter_from else None
+    settings = method.settings_from_config(saved) if saved is not None else method.settings(cfg, model)
     method.apply(model, settings)
     if source is not None:
         adapters.load_weights(model, source["weights"], cfg.adapter_from)
         say(f"starting from the {cfg.adapter} adapter {cfg.adapter_from}")
-    say(f"model {model_id} ({models.model_type(model)}): {adapters.summary(model, method, settings)}")
+    say(f"model {cfg.model} ({models.model_type(model)}): {adapters.summary(model, method, settings)}")
 
     steps = total_steps(cfg, n_batches)
     optimizer = optimizer_for(cfg, steps)
@@ -74,36 +72,17 @@ def train(
 
     out = OutputFolder(cfg.output or _default_output(cfg), writer=world.rank() == 0)
     out.check(cfg.overwrite, resume is not None, world)
-    trainable, total = adapters.count_parameters(model)
-    out.begin(
-        _adapter_config(cfg, settings, model_id, data_id, model_cfg, out.path, steps, trainable, total),
-        start_step if resume is not None else None,
-    )
-    workers = f"{world.size()} worker{'s' if world.size() > 1 else ''}"
-    what = f"{steps} steps of {cfg.batch_size} examples ({cfg.loss} loss, lr {cfg.resolved_learning_rate():g}"
-    say(f"training {what}, {workers}) -> {out.path}")
+    out.begin(run_config(cfg, settings, model, model_cfg, out.path, steps), start_step if resume else None)
+    say(f"training {steps} steps of {cfg.batch_size} examples ({_recipe(cfg, world)}) -> {out.path}")
 
     loss_fn = model_loss_fn(model, LossConfig(cfg.loss, cfg.dft_floor, cfg.dft_power), cfg.loss_chunk_tokens)
     if cfg.grad_checkpoint:
         models.grad_checkpoint(model)
-    run = Run(model=model, tokenizer=tokenizer, config=cfg, output=out.path)
-    run.last_checkpoint = resume.checkpoint if resume is not None else None
+    run = Run(model, tokenizer, cfg, out.path, last_checkpoint=resume.checkpoint if resume else None)
     save = out.saver(model, method, optimizer, steps, cfg.grad_accumulation_steps, cfg.keep_checkpoints)
-    train_loop(
-        model,
-        optimizer,
-        loss_fn,
-        train_set,
-        val_set,
-        LoopConfig.from_options(cfg, steps),
-        run,
-        start_step=start_step,
-        save=save,
-        record=out.record if out.writer else None,
-        callbacks=list(callbacks),
-        progress=progress,
-        log=say,
-    )
+    loop = LoopConfig.from_options(cfg, steps)
+    train_loop(model, optimizer, loss_fn, train_set, val_set, loop, run, start_step=start_step, save=save,
+               record=out.record, callbacks=list(callbacks), progress=progress, log=say)  # fmt: skip
 
     if cfg.test and "test" in splits:
         out.record(test_report(model, loss_fn, splits["test"], cfg.batch_size, run, say))
@@ -113,7 +92,7 @@ def train(
     return run
 
 
-# ------------------------------------------------------------------ the stages' small print
+# ------------------------------------------------------------------ the small print of the stages
 
 
 def _rank0_print(world: mx.distributed.Group):
@@ -124,56 +103,9 @@ def _rank0_print(world: mx.distributed.Group):
     return say
 
 
-def _adopt_source(cfg: TrainConfig, explicit: dict, source: dict) -> None:
-    """--adapter-from decides the method, and the base model when --model is not given."""
-    kind = adapters.method_of(source).name
-    if "adapter" in explicit and explicit["adapter"] != kind:
-        raise UserError(f"--adapter-from {cfg.adapter_from} holds a {kind} adapter, not {cfg.adapter}")
-    cfg.adapter = kind
-    if cfg.model is None and source.get("base_model"):
-        cfg.model = source["base_model"]
-
-
-def _adapter_settings(method, cfg: TrainConfig, model, source: dict | None, resume) -> dict:
-    """The adapter's settings: those of the adapter started from (also when resuming such a
-    run: the checkpoint recorded them), else from the options."""
-    if source is not None:
-        return method.settings_from_config(source)
-    if resume is not None and cfg.adapter_from:
-        return method.settings_from_config(resume.config)
-    return method.settings(cfg, model)
-
-
-def _adapter_config(
-    cfg: TrainConfig,
-    settings: dict,
-    model_id: str,
-    data_id: str,
-    model_cfg: dict,
-    out: Path,
-    steps: int,
-    trainable: int,
-    total: int,
-) -> dict:
-    """``adapter_config.json``: the adapter's settings (loadable by mlx-lm) and the whole run's."""
-    return {
-        **settings,
-        "adapter": cfg.adapter,
-        "base_model": model_id,
-        "model_signature": models.model_signature(model_cfg),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "mlx_dft_version": __version__,
-        "training": {
-            **cfg.to_dict(),
-            "model": model_id,
-            "data": data_id,
-            "output": str(out),
-            "learning_rate": cfg.resolved_learning_rate(),
-            "weight_decay": cfg.resolved_weight_decay(),
-            "total_steps": steps,
-        },
-    }
+def _recipe(cfg: TrainConfig, world: mx.distributed.Group) -> str:
+    workers = f"{world.size()} worker{'s' if world.size() > 1 else ''}"
+    return f"{cfg.loss} loss, lr {cfg.resolved_learning_rate():g}, {workers}"
 
 
 def _default_output(cfg: TrainConfig) -> Path:

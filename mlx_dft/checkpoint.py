@@ -28,6 +28,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_dft import adapters
+from mlx_dft._version import __version__
 from mlx_dft.adapters import CONFIG_FILE, AdapterMethod
 from mlx_dft.errors import UserError
 from mlx_dft.files import atomic_save_safetensors, atomic_write_json, atomic_write_text, staged_folder
@@ -123,6 +124,30 @@ def truncate_metrics(path: Path, step: int) -> None:
 # ------------------------------------------------------------------ the output folder
 
 
+def run_config(
+    cfg, settings: dict, model: nn.Module, model_config: dict, output: Path, total_steps: int
+) -> dict:
+    """``adapter_config.json`` of a run: the adapter's settings (so stock mlx-lm loads the folder),
+    what it was trained on, and every training option (so a resume needs nothing else)."""
+    trainable, total = adapters.count_parameters(model)
+    return {
+        **settings,
+        "adapter": cfg.adapter,
+        "base_model": cfg.model,
+        "model_signature": model_signature(model_config),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "mlx_dft_version": __version__,
+        "training": {
+            **cfg.to_dict(),
+            "output": str(output),
+            "learning_rate": cfg.resolved_learning_rate(),
+            "weight_decay": cfg.resolved_weight_decay(),
+            "total_steps": total_steps,
+        },
+    }
+
+
 class OutputFolder:
     """Where a run writes: ``adapter_config.json``, ``metrics.jsonl``, checkpoints and the newest
     adapter weights. Only the writer (rank 0 of a data-parallel run) touches the disk."""
@@ -145,7 +170,8 @@ class OutputFolder:
             mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world, stream=mx.cpu))
 
     def begin(self, adapter_config: dict, resumed_step: int | None) -> None:
-        """Write the run's config; keep the metrics up to ``resumed_step`` (or start them afresh)."""
+        """Write the run's config; keep the metrics up to ``resumed_step`` (None: a new run, whose
+        metrics start afresh)."""
         self.adapter_config = adapter_config
         if not self.writer:
             return

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import click
 
-from mlx_dft import __version__
+from mlx_dft._version import __version__
 from mlx_dft.config import TrainConfig
 from mlx_dft.errors import UserError
 from mlx_dft.evaluation.options import EvalConfig, SampleConfig

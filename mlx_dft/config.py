@@ -30,7 +30,9 @@ DEFAULT_LR = {"lora": 1e-4, "dora": 1e-4, "full": 1e-5, "aligner": 9e-3}
 DEFAULT_WEIGHT_DECAY = {"aligner": 0.02}
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
+def option(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
+    """A dataclass field that is also a command-line option: ``help`` and ``choices`` become the
+    flag's help and choices, other keywords its settings (see ``cli.dataclass_options``)."""
     meta = {"help": help}
     if choices:
         meta["choices"] = choices
@@ -41,109 +43,111 @@ def _opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
 @dataclass
 class TrainConfig:
     # what
-    model: str | None = _opt(None, "Model folder or Hugging Face repo id (default: the bundled tiny LLaMA).")
-    data: str | None = _opt(
+    model: str | None = option(
+        None, "Model folder or Hugging Face repo id (default: the bundled tiny LLaMA)."
+    )
+    data: str | None = option(
         None, "Folder with train/valid[/test].jsonl, or one .jsonl file (default: the bundled task)."
     )
-    output: str | None = _opt(
+    output: str | None = option(
         None, "Output folder for adapter, checkpoints and metrics (default: runs/<time>-<loss>-<adapter>)."
     )
     # loss
-    loss: str = _opt(
+    loss: str = option(
         "dft",
         "Token loss: sft (cross-entropy) or dft (cross-entropy scaled by the detached token probability).",
         LOSS_TYPES,
     )
-    dft_floor: float = _opt(
+    dft_floor: float = option(
         0.0,
         "DFT weight floor s: weight = max(p, s). "
         "The DFT author suggests 0.1 when rare tokens must be learned.",
     )
-    dft_power: float = _opt(1.0, "DFT weight power a: weight = p^a.")
+    dft_power: float = option(1.0, "DFT weight power a: weight = p^a.")
     # adapter
-    adapter: str = _opt("lora", "What to train: lora, dora, full or aligner.", ADAPTERS)
-    num_layers: int = _opt(16, "Adapt the last N transformer blocks; -1 for all (lora, dora, full).")
-    lora_rank: int = _opt(8, "LoRA/DoRA rank.")
-    lora_scale: float = _opt(
+    adapter: str = option("lora", "What to train: lora, dora, full or aligner.", ADAPTERS)
+    num_layers: int = option(16, "Adapt the last N transformer blocks; -1 for all (lora, dora, full).")
+    lora_rank: int = option(8, "LoRA/DoRA rank.")
+    lora_scale: float = option(
         20.0, "LoRA/DoRA scale (mlx-lm's absolute multiplier). Ignored when --lora-alpha is set."
     )
-    lora_alpha: float | None = _opt(None, "PEFT-style alpha: scale = alpha / rank.")
-    lora_dropout: float = _opt(0.0, "Dropout on the LoRA input.")
-    lora_keys: list[str] | None = _opt(
+    lora_alpha: float | None = option(None, "PEFT-style alpha: scale = alpha / rank.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input.")
+    lora_keys: list[str] | None = option(
         None,
         "Modules to adapt, e.g. q_proj,v_proj (default: every linear layer of the block, as mlx-lm).",
         is_list=True,
     )
-    aligner_tokens: int = _opt(1, "Aligner: number of shared prefix tokens N.")
-    aligner_start_layer: int = _opt(2, "Aligner: first adapted layer (the official code: 2).")
-    aligner_gate: str = _opt(
+    aligner_tokens: int = option(1, "Aligner: number of shared prefix tokens N.")
+    aligner_start_layer: int = option(2, "Aligner: first adapted layer (the official code: 2).")
+    aligner_gate: str = option(
         "head",
         "Aligner gates: one per attention head (the paper) or one per layer (PEFT adaption prompt).",
         ("head", "layer"),
     )
     # optimisation
-    optimizer: str = _opt("adamw", "Optimizer.", OPTIMIZERS)
-    learning_rate: float | None = _opt(
+    optimizer: str = option("adamw", "Optimizer.", OPTIMIZERS)
+    learning_rate: float | None = option(
         None, "Peak learning rate (default: 1e-4 for lora/dora, 1e-5 for full, 9e-3 for aligner)."
     )
-    weight_decay: float | None = _opt(
+    weight_decay: float | None = option(
         None, "AdamW weight decay (default 0.01 as the DFT paper; 0.02 for aligner)."
     )
-    adam_beta1: float = _opt(0.9, "Adam beta1.")
-    adam_beta2: float = _opt(0.999, "Adam beta2 (DFT paper: 0.95).")
-    lr_schedule: str = _opt("cosine", "Learning-rate schedule after warmup.", SCHEDULES)
-    warmup: float = _opt(
+    adam_beta1: float = option(0.9, "Adam beta1.")
+    adam_beta2: float = option(0.999, "Adam beta2 (DFT paper: 0.95).")
+    lr_schedule: str = option("cosine", "Learning-rate schedule after warmup.", SCHEDULES)
+    warmup: float = option(
         0.1, "Warmup: a fraction of the steps if < 1, else a number of steps (DFT paper: 10%)."
     )
-    max_grad_norm: float = _opt(1.0, "Clip the gradient's global norm (0: no clipping).")
+    max_grad_norm: float = option(1.0, "Clip the gradient's global norm (0: no clipping).")
     # batches and length
-    batch_size: int = _opt(
+    batch_size: int = option(
         4, "Examples per micro-batch (across all workers); a step sees batch-size x grad-accumulation-steps."
     )
-    grad_accumulation_steps: int = _opt(1, "Micro-batches accumulated per optimizer step.")
-    iters: int | None = _opt(None, "Optimizer steps to run (default: one epoch).")
-    epochs: float | None = _opt(None, "Epochs to run instead of --iters.")
-    max_seq_length: int = _opt(2048, "Longer examples are truncated (and counted).")
-    mask_prompt: bool = _opt(
+    grad_accumulation_steps: int = option(1, "Micro-batches accumulated per optimizer step.")
+    iters: int | None = option(None, "Optimizer steps to run (default: one epoch).")
+    epochs: float | None = option(None, "Epochs to run instead of --iters.")
+    max_seq_length: int = option(2048, "Longer examples are truncated (and counted).")
+    mask_prompt: bool = option(
         True,
         "Train on responses only (completions; every assistant turn of chats). "
         "--no-mask-prompt trains on all tokens.",
     )
-    chat_template: str | None = _opt(
+    chat_template: str | None = option(
         None, "Chat template (a .jinja file or a template string) for models without one."
     )
-    use_chat_template: bool | None = _opt(
+    use_chat_template: bool | None = option(
         None, "Wrap prompt/completion records in the chat template (default: when the tokenizer has one)."
     )
-    prompt_feature: str = _opt("prompt", "Prompt key of completions records.")
-    completion_feature: str = _opt("completion", "Completion key of completions records.")
-    text_feature: str = _opt("text", "Key of text records.")
-    chat_feature: str = _opt("messages", "Key of chat records.")
-    seed: int = _opt(0, "Seed for adapter initialisation, data order and dropout.")
+    prompt_feature: str = option("prompt", "Prompt key of completions records.")
+    completion_feature: str = option("completion", "Completion key of completions records.")
+    text_feature: str = option("text", "Key of text records.")
+    chat_feature: str = option("messages", "Key of chat records.")
+    seed: int = option(0, "Seed for adapter initialisation, data order and dropout.")
     # reporting, evaluation and saving
-    steps_per_report: int = _opt(10, "Steps between training reports.")
-    steps_per_eval: int | None = _opt(None, "Steps between validations (default: a tenth of the run).")
-    val_batches: int = _opt(25, "Validation batches per validation; -1 for the whole split.")
-    save_every: int = _opt(100, "Steps between checkpoints.")
-    keep_checkpoints: int = _opt(0, "Keep only the newest N checkpoints (0: keep all).")
-    test: bool = _opt(False, "Evaluate on the test split after training.")
-    adapter_from: str | None = _opt(
+    steps_per_report: int = option(10, "Steps between training reports.")
+    steps_per_eval: int | None = option(None, "Steps between validations (default: a tenth of the run).")
+    val_batches: int = option(25, "Validation batches per validation; -1 for the whole split.")
+    save_every: int = option(100, "Steps between checkpoints.")
+    keep_checkpoints: int = option(0, "Keep only the newest N checkpoints (0: keep all).")
+    test: bool = option(False, "Evaluate on the test split after training.")
+    adapter_from: str | None = option(
         None,
         "Start from an existing adapter (its settings and weights): an mlx_dft/mlx-lm or PEFT folder, an "
         "exported Aligner, an official Aligner .pth, or a Hub repo id.",
     )
-    resume: str | None = _opt(
+    resume: str | None = option(
         None, "Resume from a checkpoint folder or an output folder (its newest checkpoint)."
     )
-    overwrite: bool = _opt(False, "Allow writing into an output folder that already holds a run.")
+    overwrite: bool = option(False, "Allow writing into an output folder that already holds a run.")
     # numerics and memory
-    dtype: str = _opt(
+    dtype: str = option(
         "auto",
         "Compute dtype: auto (float32 on CPU, as stored on GPU), float32, bfloat16, float16.",
         ("auto", "float32", "bfloat16", "float16"),
     )
-    grad_checkpoint: bool = _opt(False, "Recompute block activations in the backward pass to save memory.")
-    loss_chunk_tokens: int = _opt(
+    grad_checkpoint: bool = option(False, "Recompute block activations in the backward pass to save memory.")
+    loss_chunk_tokens: int = option(
         0, "Supervised tokens per logits chunk in the loss (0: auto, ~32 MiB of float32 logits a chunk)."
     )
 

@@ -26,6 +26,8 @@ class Architecture:
 
     ``mlx_module``: the ``mlx_lm.models`` module whose ``Attention`` the model's layers use (the
     Aligner extends it). ``adaption_prompt``: Hugging Face PEFT's adaption prompt supports it.
+    ``gguf``: its GGUF ``general.architecture``; ``gguf_reorders_qk``: llama.cpp stores its q/k
+    projection rows in rotary order (see :mod:`mlx_dft.gguf.names`).
     Every listed architecture has the hidden-state loss path, the Aligner, and the PyTorch
     Aligner runner; keys/values may carry biases (qwen2) and keys a per-head norm (qwen3), which
     the code reads off the layers themselves.
@@ -33,13 +35,15 @@ class Architecture:
 
     mlx_module: str
     adaption_prompt: bool
+    gguf: str
+    gguf_reorders_qk: bool
 
 
 ARCHITECTURES = {
-    "llama": Architecture("llama", adaption_prompt=True),
-    "mistral": Architecture("llama", adaption_prompt=True),
-    "qwen2": Architecture("qwen2", adaption_prompt=False),
-    "qwen3": Architecture("qwen3", adaption_prompt=False),
+    "llama": Architecture("llama", adaption_prompt=True, gguf="llama", gguf_reorders_qk=True),
+    "mistral": Architecture("llama", adaption_prompt=True, gguf="llama", gguf_reorders_qk=True),
+    "qwen2": Architecture("qwen2", adaption_prompt=False, gguf="qwen2", gguf_reorders_qk=False),
+    "qwen3": Architecture("qwen3", adaption_prompt=False, gguf="qwen3", gguf_reorders_qk=False),
 }
 # config.json keys that fix the attention shapes an adapter is made for.
 SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
@@ -70,6 +74,15 @@ def model_type(model: nn.Module | dict) -> str:
 def model_signature(config: dict) -> dict:
     """The config.json values that identify a model (a resumed run must match them)."""
     return {k: config.get(k) for k in SIGNATURE_KEYS if k in config}
+
+
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+
+
+def block_linear_paths(model: nn.Module, layer_index: int = -1) -> list[str]:
+    """Paths (relative to a block, ``self_attn.q_proj``) of the linear layers of one transformer block."""
+    block = model.layers[layer_index]
+    return sorted(p for p, m in block.named_modules() if isinstance(m, LINEAR_TYPES) or hasattr(m, "to_lora"))
 
 
 def last_layers(n_layers: int, num_layers: int | None) -> list[int]:
@@ -106,8 +119,9 @@ def build_model(config: dict, name: str) -> nn.Module:
         raise UserError(f"cannot build model {name}: {e}") from None
 
 
-def load_model(model: str, dtype: str = "auto", tokenizer_config: dict | None = None):
-    """Load (model, tokenizer, config, path) with mlx-lm; cast floating weights per ``dtype``.
+def load_model(model: str, dtype: str = "auto", chat_template: str | None = None):
+    """Load (model, tokenizer, config, path) with mlx-lm; cast floating weights per ``dtype``;
+    ``chat_template`` (a template or a file holding one) replaces the tokenizer's.
 
     ``auto`` computes in float32 on a CPU device (MLX's CPU half-precision matmuls skip BLAS
     and are ~30x slower) and keeps the checkpoint's dtype on a GPU.
@@ -124,7 +138,11 @@ def load_model(model: str, dtype: str = "auto", tokenizer_config: dict | None = 
     except ValueError as e:
         msg = str(e).splitlines()[0]
         raise UserError(f"cannot load model {model}: {msg}") from None
-    tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    if chat_template:
+        from mlx_dft.data import set_chat_template
+
+        set_chat_template(tokenizer, chat_template)
     cast_model(net, dtype)
     return net, tokenizer, config, path
 

@@ -37,6 +37,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "AdapterMethod",
     "Card",
+    "adopt_source",
     "apply_adapter",
     "apply_saved",
     "count_parameters",
@@ -59,6 +60,17 @@ def method(name: str) -> AdapterMethod:
 def method_of(config: dict) -> AdapterMethod:
     """The method of a saved ``adapter_config.json`` (mlx-lm's folders say ``fine_tune_type``)."""
     return method(config.get("adapter") or config.get("fine_tune_type") or "lora")
+
+
+def adopt_source(cfg, source: dict, asked: str | None) -> None:
+    """Training from an existing adapter (``--adapter-from``): its method is the run's (``asked``,
+    the method the user named, must agree), and its base model the run's unless one was given."""
+    kind = method_of(source).name
+    if asked is not None and asked != kind:
+        raise UserError(f"--adapter-from {cfg.adapter_from} holds a {kind} adapter, not {asked}")
+    cfg.adapter = kind
+    if cfg.model is None and source.get("base_model"):
+        cfg.model = source["base_model"]
 
 
 def apply_adapter(model: nn.Module, name: str, settings: dict) -> None:

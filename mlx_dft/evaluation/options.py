@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import MISSING, dataclass
 from typing import Any, TypeVar
 
-from mlx_dft.config import _opt
+from mlx_dft.config import option
 from mlx_dft.errors import UserError
 from mlx_dft.evaluation.answers import EXTRACTORS
 from mlx_dft.evaluation.benchmarks import BENCHMARKS
@@ -29,27 +29,27 @@ def _flag(name: str) -> str:
 class GenerationConfig:
     """What ``eval`` and ``sample`` share: the model, the prompts and the decoding."""
 
-    model: str | None = _opt(None, "Base model (default: the adapter's, else the bundled model).")
-    adapter: str | None = _opt(None, "Adapter (any source `generate` accepts).")
-    question_field: str = _opt("question", "Question key of --problems/--data records.")
-    answer_field: str = _opt("answer", "Reference-answer key.")
-    prompt_template: str | None = _opt(
+    model: str | None = option(None, "Base model (default: the adapter's, else the bundled model).")
+    adapter: str | None = option(None, "Adapter (any source `generate` accepts).")
+    question_field: str = option("question", "Question key of --problems/--data records.")
+    answer_field: str = option("answer", "Reference-answer key.")
+    prompt_template: str | None = option(
         None,
         "raw, qa, boxed (the Qwen2.5-Math harness' instruction) or text with {question} "
         "(default: boxed for --benchmark, raw otherwise).",
     )
-    chat: bool | None = _opt(None, "Wrap prompts in the chat template (default: if the model has one).")
-    temperature: float | None = _opt(
+    chat: bool | None = option(None, "Wrap prompts in the chat template (default: if the model has one).")
+    temperature: float | None = option(
         None,
         "Sampling temperature (0: greedy; default: 1 in `sample` and with `eval --samples` > 1, else 0).",
     )
-    top_p: float = _opt(
+    top_p: float = option(
         1.0, "Nucleus sampling: only the likeliest tokens of this total probability (1: off)."
     )
-    max_tokens: int = _opt(512, "Generated tokens per answer.")
-    batch_size: int = _opt(32, "Generations per batch.")
-    limit: int | None = _opt(None, "Only the first N problems.")
-    seed: int = _opt(0, "Seed for sampling.")
+    max_tokens: int = option(512, "Generated tokens per answer.")
+    batch_size: int = option(32, "Generations per batch.")
+    limit: int | None = option(None, "Only the first N problems.")
+    seed: int = option(0, "Seed for sampling.")
 
     @classmethod
     def build(cls: type[C], config: C | None = None, **options: Any) -> C:
@@ -97,19 +97,19 @@ class GenerationConfig:
 class EvalConfig(GenerationConfig):
     """``mlx_dft eval``: supervised-token losses on a dataset, answer accuracy on problem sets."""
 
-    data: str | None = _opt(
+    data: str | None = option(
         None, "Dataset for supervised-token losses (a .jsonl, or a folder: test.jsonl, else valid.jsonl)."
     )
-    benchmarks: tuple[str, ...] = _opt(
+    benchmarks: tuple[str, ...] = option(
         (), f"{', '.join(BENCHMARKS)} (repeatable).", flag="--benchmark", multiple=True
     )
-    benchmark_dir: str | None = _opt(
+    benchmark_dir: str | None = option(
         None, "Folder of the benchmark jsonl files (default: $MLX_DFT_BENCHMARKS)."
     )
-    problems: str | None = _opt(None, "Any jsonl of questions with reference answers.")
-    samples: int = _opt(1, "Samples per problem (mean accuracy and pass@k).")
-    extract: tuple[str, ...] = _opt(EXTRACTORS, "Answer extractors, in order.")
-    output: str | None = _opt(
+    problems: str | None = option(None, "Any jsonl of questions with reference answers.")
+    samples: int = option(1, "Samples per problem (mean accuracy and pass@k).")
+    extract: tuple[str, ...] = option(EXTRACTORS, "Answer extractors, in order.")
+    output: str | None = option(
         None, "Folder for report.json and the per-problem generations (default: evals/<time>)."
     )
 
@@ -135,14 +135,14 @@ class EvalConfig(GenerationConfig):
 class SampleConfig(GenerationConfig):
     """``mlx_dft sample``: K responses per prompt, verified; the accepted ones become training data."""
 
-    data: str = _opt(MISSING, "jsonl of prompts (with reference answers for the math verifier).")
-    output: str = _opt(MISSING, "jsonl to write: prompt/completion records `mlx_dft train` takes.")
-    samples: int = _opt(16, "Responses per prompt (the DFT paper: 16).")
-    verifier: str = _opt("math", "math, or module:function returning a reward.")
-    keep: str = _opt(
+    data: str = option(MISSING, "jsonl of prompts (with reference answers for the math verifier).")
+    output: str = option(MISSING, "jsonl to write: prompt/completion records `mlx_dft train` takes.")
+    samples: int = option(16, "Responses per prompt (the DFT paper: 16).")
+    verifier: str = option("math", "math, or module:function returning a reward.")
+    keep: str = option(
         "accepted", "Keep every accepted response, or the best per prompt.", ("accepted", "best")
     )
-    min_reward: float = _opt(0.5, "Rewards from here up are accepted.")
+    min_reward: float = option(0.5, "Rewards from here up are accepted.")
 
     def resolved_temperature(self) -> float:
         return 1.0 if self.temperature is None else self.temperature

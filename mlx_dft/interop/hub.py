@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_dft import __version__, adapters
+from mlx_dft import adapters
+from mlx_dft._version import __version__
 from mlx_dft.adapters import Card
 from mlx_dft.errors import UserError
 from mlx_dft.files import read_json

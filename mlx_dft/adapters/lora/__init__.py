@@ -14,15 +14,7 @@ from mlx.utils import tree_unflatten
 from mlx_dft.adapters.base import AdapterMethod, Card
 from mlx_dft.adapters.lora import peft
 from mlx_dft.errors import UserError
-from mlx_dft.models import last_layers
-
-LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
-
-
-def block_linear_paths(model: nn.Module, layer_index: int = -1) -> list[str]:
-    """Paths (relative to a block) of the linear layers of one transformer block."""
-    block = model.layers[layer_index]
-    return sorted(p for p, m in block.named_modules() if isinstance(m, LINEAR_TYPES) or hasattr(m, "to_lora"))
+from mlx_dft.models import LINEAR_TYPES, block_linear_paths, last_layers
 
 
 def resolve_keys(model: nn.Module, keys: list[str] | None) -> list[str]:

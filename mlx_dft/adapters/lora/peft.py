@@ -23,7 +23,14 @@ import mlx.core as mx
 
 from mlx_dft.errors import UserError
 from mlx_dft.files import read_json, read_safetensors, safetensors_metadata, staged_folder
-from mlx_dft.models import build_model, last_layers, model_config, model_signature, resolve_model_path
+from mlx_dft.models import (
+    block_linear_paths,
+    build_model,
+    last_layers,
+    model_config,
+    model_signature,
+    resolve_model_path,
+)
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -308,8 +315,6 @@ def _metadata(path: Path) -> dict:
 def import_folder(src: Path, model: str | None = None) -> dict:
     """A PEFT LoRA/DoRA folder -> an mlx_dft adapter config with its tensors under ``weights``;
     the base model (``model``, else the one the PEFT config names) is read for its layout only."""
-    from mlx_dft.adapters.lora import block_linear_paths
-
     base = model or read_json(src / PEFT_CONFIG).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{src}: the PEFT config names no base model; pass --model")
