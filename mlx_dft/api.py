@@ -17,10 +17,13 @@ import mlx.core as mx
 from mlx_dft import _blas, adapters, data, models
 from mlx_dft.checkpoint import OutputFolder, run_config
 from mlx_dft.config import TrainConfig, resolve, total_steps
+from mlx_dft.errors import UserError
 from mlx_dft.interop.convert import read_source
 from mlx_dft.losses import LossConfig
 from mlx_dft.tasks import ARITH_DIR
 from mlx_dft.trainer import Callback, LoopConfig, Run, model_loss_fn, optimizer_for, test_report, train_loop
+
+__all__ = ["Callback", "Run", "TrainConfig", "UserError", "generate", "load", "train"]
 
 
 def train(
