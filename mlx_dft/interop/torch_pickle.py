@@ -2,7 +2,10 @@
 
 The unpickler resolves exactly the globals a tensor state dict needs (tensor rebuilding,
 typed storages, OrderedDict) and refuses every other one, so a malicious ``.pth`` cannot
-execute anything. Tensors come back as numpy arrays (bfloat16 widened exactly to float32).
+execute anything. Every storage must hold exactly the bytes its element count says, and every
+tensor's offset, sizes and strides must stay inside its storage, so a crafted file can neither
+crash the process nor copy process memory into a tensor. Tensors come back as numpy arrays
+(bfloat16 widened exactly to float32).
 """
 
 from __future__ import annotations
@@ -36,13 +39,41 @@ class _Storage:
         self.dtype = dtype
 
 
+# A broadcast tensor (a stride of 0) may have more elements than its storage; not this many.
+MAX_ELEMENTS = 1 << 31
+
+
+def _ints(values, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list)) or not all(type(v) is int for v in values):
+        raise pickle.UnpicklingError(f"tensor {what} {values!r} is not a tuple of integers")
+    return tuple(values)
+
+
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    flat = storage
-    itemsize = flat.dtype.itemsize
+    """The tensor ``storage[offset:]`` viewed with ``size`` and ``stride``, after checking that
+    every element it addresses lies inside the storage."""
+    if not isinstance(storage, np.ndarray) or type(offset) is not int:
+        raise pickle.UnpicklingError("malformed tensor record")
+    size, stride = _ints(size, "size"), _ints(stride, "stride")
+    numel = storage.size
+    if len(size) != len(stride) or any(v < 0 for v in (*size, *stride)) or offset < 0:
+        raise pickle.UnpicklingError(f"tensor with size {size}, stride {stride}, offset {offset} is invalid")
+    elements = int(np.prod(size, dtype=object)) if size else 1
+    if elements == 0:
+        return np.zeros(size, dtype=storage.dtype)
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+    if last >= numel:
+        raise pickle.UnpicklingError(
+            f"tensor with size {size}, stride {stride}, offset {offset} reaches element {last} "
+            f"of a storage of {numel}"
+        )
+    if elements > max(numel, MAX_ELEMENTS):
+        raise pickle.UnpicklingError(f"tensor with size {size} has too many elements ({elements})")
     if not size:
-        return flat[offset].copy()
+        return storage[offset].copy()
+    itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
-        flat[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+        storage[offset:], shape=size, strides=tuple(st * itemsize for st in stride)
     )
     return np.array(view)
 
@@ -76,8 +107,16 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
                 if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
                     raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
                 _, storage, key, _location, numel = pid
+                if not isinstance(storage, _Storage) or type(numel) is not int or numel < 0:
+                    raise pickle.UnpicklingError(f"malformed storage record {pid!r}")
                 if key not in cache:
                     raw = zf.read(f"{root}data/{key}")
+                    itemsize = 2 if storage.dtype == "bfloat16" else np.dtype(storage.dtype).itemsize
+                    if len(raw) != numel * itemsize:
+                        raise pickle.UnpicklingError(
+                            f"storage {key} holds {len(raw)} bytes, "
+                            f"its {numel} elements need {numel * itemsize}"
+                        )
                     if storage.dtype == "bfloat16":
                         bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
                         cache[key] = bits.view(np.float32)
@@ -87,7 +126,7 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
 
         try:
             obj = Unpickler(io.BytesIO(zf.read(pkls[0]))).load()
-        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, OverflowError) as e:
             raise UserError(f"{path}: cannot read checkpoint safely ({e})") from None
     if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
         raise UserError(f"{path}: expected a dict of tensors")

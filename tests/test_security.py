@@ -1,0 +1,95 @@
+"""Untrusted files: crafted PyTorch checkpoints are refused before they can read memory."""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from mlx_dft.errors import UserError
+from mlx_dft.interop import torch_pickle
+
+torch = pytest.importorskip("torch")
+
+STORAGE = object()  # stands for the one storage of the crafted file
+
+
+class _Tensor:
+    """Pickles as torch does it: _rebuild_tensor_v2(storage, offset, size, stride, ...)."""
+
+    def __init__(self, offset, size, stride):
+        self.args = (offset, size, stride)
+
+    def __reduce__(self):
+        offset, size, stride = self.args
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (STORAGE, offset, size, stride, False, collections.OrderedDict()),
+        )
+
+
+def write_pth(path, tensors: dict, numel: int = 4, data: bytes | None = None):
+    """A zip checkpoint like torch.save's, with one float32 storage of ``numel`` elements (0..n-1)."""
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is STORAGE else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump(collections.OrderedDict(tensors))
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", buf.getvalue())
+        zf.writestr("archive/version", "3\n")
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/data/0", np.arange(numel, dtype="<f4").tobytes() if data is None else data)
+    return path
+
+
+def test_a_well_formed_crafted_file_reads_like_torch(tmp_path):
+    path = write_pth(tmp_path / "ok.pth", {"a": _Tensor(0, (2, 2), (2, 1)), "t": _Tensor(1, (2,), (2,))})
+    ours = torch_pickle.load(path)
+    theirs = torch.load(path, weights_only=True)
+    for k in ("a", "t"):
+        np.testing.assert_array_equal(ours[k], theirs[k].numpy())
+    np.testing.assert_array_equal(ours["t"], [1.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    "tensor,numel,data,message",
+    [
+        (_Tensor(0, (1, 2**25), (2**25, 1)), 4, None, "reaches element"),  # would segfault
+        (_Tensor(0, (1, 1024), (1024, 1)), 4, None, "reaches element"),  # would copy process memory
+        (_Tensor(2**20, (2,), (1,)), 4, None, "reaches element"),  # offset far outside
+        (_Tensor(3, (2,), (1,)), 4, None, "reaches element"),  # one past the end
+        (_Tensor(-1, (2,), (1,)), 4, None, "invalid"),
+        (_Tensor(0, (2,), (-1,)), 4, None, "invalid"),
+        (_Tensor(0, (2, 2), (1,)), 4, None, "invalid"),
+        (_Tensor(0, (2,), (1,)), 8, np.zeros(4, "<f4").tobytes(), "holds 16 bytes"),  # numel > data
+        (_Tensor(0, (2**20, 2**20), (0, 0)), 4, None, "too many elements"),
+    ],
+)
+def test_crafted_tensor_records_are_refused(tmp_path, tensor, numel, data, message):
+    path = write_pth(tmp_path / "bad.pth", {"w": tensor}, numel=numel, data=data)
+    with pytest.raises(UserError, match=message):
+        torch_pickle.load(path)
+
+
+def test_the_cli_refuses_a_crafted_checkpoint_in_one_line(tmp_path):
+    path = write_pth(
+        tmp_path / "evil.pth",
+        {"global_value_embedding.weight": _Tensor(0, (1, 2**25), (2**25, 1))},
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_dft", "import", str(path), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 1 and "reaches element" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert not (tmp_path / "out").exists()
