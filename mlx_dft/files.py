@@ -65,6 +65,7 @@ def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise UserError(f"{out} already exists and is not empty (choose another --out)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the finished folder respects the umask
     try:
         yield tmp
         if out.exists():
@@ -73,6 +74,12 @@ def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ------------------------------------------------------------------ reading

@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlx_dft.errors import UserError
 from mlx_dft.evaluation.benchmarks import load_benchmark, load_jsonl
 from mlx_dft.evaluation.generation import model_generator, render_prompt, score
 from mlx_dft.evaluation.options import EvalConfig
-from mlx_dft.files import atomic_write_json, atomic_write_text
+from mlx_dft.files import staged_folder
+
+REPORT = "report.json"
 
 
 def loss_metrics(model, tokenizer, data: str | Path, batch_size: int = 8, max_seq_length: int = 2048) -> dict:
@@ -54,6 +57,9 @@ def run_eval(
 
     cfg = EvalConfig.build(config, **options)
     cfg.validate()
+    out = Path(cfg.output).expanduser() if cfg.output else None
+    if out is not None:
+        check_report_folder(out)
     temperature = cfg.resolved_temperature()
     template = cfg.resolved_prompt_template(benchmark=True)
     sets = [(name, load_benchmark(name, cfg.benchmark_dir, cfg.limit), template) for name in cfg.benchmarks]
@@ -97,13 +103,20 @@ def run_eval(
             "max_tokens": cfg.max_tokens,
         }
         files[f"{name}.generations.jsonl"] = "".join(json.dumps(s.record()) + "\n" for s in result.items)
-    if cfg.output:
-        out = Path(cfg.output).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
-        for fname, text in files.items():
-            atomic_write_text(out / fname, text)
-        atomic_write_json(out / "report.json", report)
+    if out is not None:  # the whole folder at once: one evaluation's files, never a mix of two
+        with staged_folder(out, overwrite=True) as tmp:
+            for fname, text in files.items():
+                (tmp / fname).write_text(text)
+            (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def check_report_folder(out: Path) -> None:
+    """``out`` may be new, empty, or an earlier report folder (replaced whole); nothing else."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT).is_file():
+        raise UserError(f"--output {out} holds other files, not an earlier report: choose another folder")
 
 
 def format_report(report: dict) -> str:

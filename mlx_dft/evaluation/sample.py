@@ -141,6 +141,11 @@ def run_sample(
     path = Path(cfg.data).expanduser()
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
+    out = Path(cfg.output).expanduser()
+    if out.resolve() in (path.resolve(), path.with_suffix(".stats.json").resolve()):
+        raise UserError(f"--output {out} would overwrite the input --data {path}: choose another file")
+    if out.is_dir():
+        raise UserError(f"--output {out} is a folder; give the .jsonl file to write")
     records = [r for _, r in read_jsonl(path)][: cfg.limit or None]
     for i, r in enumerate(records, 1):
         if cfg.question_field not in r:
@@ -168,7 +173,6 @@ def run_sample(
             f"no sample was accepted ({len(flat)} generated, acceptance 0%): nothing written; "
             "try more --samples, a higher --temperature, or a lower --min-reward"
         )
-    out = Path(cfg.output).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         out,

@@ -114,7 +114,12 @@ def push(folder: str | Path, repo_id: str, private: bool = False, api=None) -> s
     from huggingface_hub import CommitOperationAdd, HfApi
 
     plan = plan_push(folder, repo_id, private)
-    api = api or HfApi()
+    if api is None:
+        from huggingface_hub import get_token
+
+        if not get_token():  # say so before any network traffic
+            raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
+        api = HfApi()
     ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in plan.files.items()]
     try:
         api.create_repo(repo_id=plan.repo_id, private=plan.private, repo_type="model", exist_ok=True)

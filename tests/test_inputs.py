@@ -1,0 +1,89 @@
+"""Inputs that used to be misread, reused or overwritten: each works as meant or is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli
+from mlx_dft.errors import UserError
+from mlx_dft.evaluation.run import run_eval
+from mlx_dft.evaluation.sample import run_sample
+from mlx_dft.files import staged_folder
+
+
+def test_staged_folders_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with staged_folder(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_push_without_a_token_says_so_before_the_network(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_HOME": str(tmp_path / "hf")}
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_dft", "push", str(folder), "--repo", "me/x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 1 and "HF_TOKEN" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_sample_refuses_to_overwrite_its_input(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n')
+    before = data.read_bytes()
+    with pytest.raises(UserError, match="would overwrite the input"):
+        run_sample(str(data), str(data), generate=lambda p: ["2"] * len(p))
+    assert data.read_bytes() == before
+
+
+def test_eval_output_that_is_a_file_fails_before_any_work(tmp_path, arith_data):
+    (tmp_path / "report").write_text("mine")
+    p = run_cli("eval", "--model", "no/such-model", "--problems", arith_data / "test.jsonl",
+                "--output", tmp_path / "report")  # fmt: skip
+    assert p.returncode == 1 and "exists and is not a folder" in p.stderr and p.stderr.count("\n") == 1
+    assert (tmp_path / "report").read_text() == "mine"
+
+
+def test_eval_output_of_other_files_is_refused(tmp_path, arith_data):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(UserError, match="holds other files"):
+        run_eval(
+            model="no/such-model", problems=str(arith_data / "test.jsonl"), output=str(tmp_path / "notes")
+        )
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_a_reused_report_folder_holds_one_evaluation(tiny_model, arith_data, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text((arith_data / "test.jsonl").read_text())
+    out = tmp_path / "ev"
+    common = {
+        "model": str(tiny_model),
+        "question_field": "prompt",
+        "limit": 2,
+        "max_tokens": 3,
+        "progress": False,
+    }
+    run_eval(problems=str(arith_data / "test.jsonl"), output=str(out), **common)
+    assert (out / "test.generations.jsonl").is_file()
+    run_eval(problems=str(other), output=str(out), **common)
+    assert sorted(p.name for p in out.iterdir()) == ["other.generations.jsonl", "report.json"]
+    assert list(json.loads((out / "report.json").read_text())["generation"]) == ["other"]
