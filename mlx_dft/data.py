@@ -1,8 +1,11 @@
 """Data: jsonl records -> token sequences with a supervision mask -> padded batches.
 
-Record formats (auto-detected, as mlx-lm's):
+Record formats (auto-detected, as mlx-lm's and TRL's):
 - text:        {"text": "..."}                                   every token is trained on
 - completions: {"prompt": "...", "completion": "..."}            the completion is trained on
+               {"prompt": [messages], "completion": [messages]}  (TRL's conversational form: rendered
+                                                                 with the chat template, the
+                                                                 completion's turns trained on)
 - chat:        {"messages": [{"role": ..., "content": ...}, ...]} every assistant turn is trained on
 
 ``mask_prompt=False`` trains on every token instead. Supervised responses end with EOS
@@ -196,6 +199,14 @@ def encode_record(rec: dict, fmt: str, tokenizer, cfg: DataConfig, warn: list) -
 
     if fmt == "completions":
         prompt, completion = rec[cfg.prompt_feature], rec[cfg.completion_feature]
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return _encode_conversational(prompt, completion, rec.get("tools"), tokenizer, cfg)
+        if not (isinstance(prompt, str) and isinstance(completion, str)):
+            raise ValueError(
+                f"'{cfg.prompt_feature}' and '{cfg.completion_feature}' must both be strings, or both "
+                f"lists of messages (TRL's conversational form), not {type(prompt).__name__} and "
+                f"{type(completion).__name__}"
+            )
         use_chat = cfg.use_chat_template
         if use_chat is None:
             use_chat = has_chat_template(tokenizer)
@@ -217,14 +228,38 @@ def _append_eos(ids, mask, eos):
     return ids, mask
 
 
+def _check_messages(messages, what: str) -> None:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError(f"'{what}' must be a list of {{role, content}} objects")
+
+
+def _encode_conversational(prompt: list, completion: list, tools, tokenizer, cfg: DataConfig):
+    """TRL's conversational prompt/completion: the chat template renders prompt + completion, and
+    the completion's turns (everything after the prompt's generation prompt) are supervised."""
+    if not has_chat_template(tokenizer):
+        raise UserError(
+            "conversational prompt/completion data needs a chat template and this model's tokenizer "
+            "has none: pass --chat-template FILE.jinja (or a template string)"
+        )
+    _check_messages(prompt, cfg.prompt_feature)
+    _check_messages(completion, cfg.completion_feature)
+    if not completion:
+        raise ValueError(f"'{cfg.completion_feature}' has no message to train on")
+    full = _render(tokenizer, prompt + completion, tools)
+    before = _render(tokenizer, prompt, tools, add_generation_prompt=True)
+    if not full.startswith(before):
+        raise ValueError("the chat template renders the prompt differently once the completion follows")
+    spans = [(len(before), len(full))] if cfg.mask_prompt else [(0, len(full))]
+    return _encode_spans(tokenizer, full, spans, False)
+
+
 def _encode_chat(messages, tools, tokenizer, cfg: DataConfig, warn: list):
     if not has_chat_template(tokenizer):
         raise UserError(
             "chat data needs a chat template and this model's tokenizer has none: pass "
             "--chat-template FILE.jinja (or a template string), or use prompt/completion records"
         )
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise ValueError("'messages' must be a list of {role, content} objects")
+    _check_messages(messages, cfg.chat_feature)
     full = _render(tokenizer, messages, tools)
     spans = []
     if cfg.mask_prompt:

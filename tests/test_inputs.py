@@ -87,3 +87,47 @@ def test_a_reused_report_folder_holds_one_evaluation(tiny_model, arith_data, tmp
     run_eval(problems=str(other), output=str(out), **common)
     assert sorted(p.name for p in out.iterdir()) == ["other.generations.jsonl", "report.json"]
     assert list(json.loads((out / "report.json").read_text())["generation"]) == ["other"]
+
+
+CHAT = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def _chat_tokenizer():
+    from mlx_lm.utils import load_tokenizer
+
+    from conftest import BUNDLED
+    from mlx_dft.data import set_chat_template
+
+    tok = load_tokenizer(BUNDLED)
+    set_chat_template(tok, CHAT)
+    return tok
+
+
+def test_trl_conversational_prompt_completion_is_rendered_and_masked_like_chat(tmp_path):
+    from mlx_dft.data import DataConfig, load_split
+
+    tok = _chat_tokenizer()
+    user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sam has 3 pens."}]
+    answer = [{"role": "assistant", "content": "The answer is 3."}]
+    (tmp_path / "trl.jsonl").write_text(json.dumps({"prompt": user, "completion": answer}) + "\n")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": user + answer}) + "\n")
+    trl = load_split(tmp_path / "trl.jsonl", "train", tok, DataConfig())
+    chat = load_split(tmp_path / "chat.jsonl", "train", tok, DataConfig())
+    assert trl.tokens[0].tolist() == chat.tokens[0].tolist()
+    assert trl.supervised[0].tolist() == chat.supervised[0].tolist()
+    supervised = tok.decode([int(t) for t, m in zip(trl.tokens[0], trl.supervised[0]) if m])
+    assert "The answer is 3." in supervised and "Sam" not in supervised
+    assert "{'role'" not in tok.decode(trl.tokens[0].tolist())  # not the Python text of the lists
+
+
+def test_prompt_completion_of_mixed_kinds_is_refused(tmp_path):
+    from mlx_dft.data import DataConfig, load_split
+
+    (tmp_path / "bad.jsonl").write_text(
+        json.dumps({"prompt": "hi", "completion": [{"role": "assistant", "content": "x"}]}) + "\n"
+    )
+    with pytest.raises(UserError, match=r"bad.jsonl line 1: .*must both be strings"):
+        load_split(tmp_path / "bad.jsonl", "train", _chat_tokenizer(), DataConfig())
