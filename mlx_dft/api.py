@@ -74,7 +74,7 @@ def train(
         say(f"resuming from {resume.checkpoint} at step {start_step}")
 
     out = OutputFolder(cfg.output or _default_output(cfg), writer=world.rank() == 0)
-    out.check(cfg.overwrite, resume is not None, world)
+    out.check(cfg.overwrite, resume.run_folder if resume else None, world)
     out.begin(run_config(cfg, settings, model, model_cfg, out.path, steps), start_step if resume else None)
     say(f"training {steps} steps of {cfg.batch_size} examples ({_recipe(cfg, world)}) -> {out.path}")
 
@@ -91,6 +91,7 @@ def train(
         out.record(test_report(model, loss_fn, splits["test"], cfg.batch_size, run, say))
     elif cfg.test:
         say("note: --test given but the data has no test.jsonl")
+    out.release()
     say(f"saved {cfg.adapter} adapter to {out.path}")
     return run
 

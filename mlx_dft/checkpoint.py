@@ -123,6 +123,52 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 # ------------------------------------------------------------------ the output folder
 
+LOCK_FILE = ".mlx_dft.lock"
+
+
+def _same(a: Path, b: Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def lock_folder(folder: Path):
+    """An exclusive lock on ``folder`` held while the returned file stays open (the OS drops it
+    when the process ends, however it ends). A folder locked by another process is refused."""
+    import fcntl
+    import os
+
+    f = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        if holder == f"process {os.getpid()}":
+            return f  # an earlier run of this same process (its lock lives until it is collected)
+        f.close()
+        raise UserError(
+            f"--output {folder} is in use by {holder}: wait for it to finish or choose another --output"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()}")
+    f.flush()
+    return f
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete the temporary files and folders a run killed mid-write left (only the newest files
+    are ever renamed into place, so anything still temporary is garbage)."""
+    for place in (folder, folder / CHECKPOINTS):
+        if not place.is_dir():
+            continue
+        for p in place.iterdir():
+            if not p.name.startswith(".") or p.name == LOCK_FILE:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.name.endswith((".tmp", ".tmp.safetensors")):
+                p.unlink(missing_ok=True)
+
 
 def run_config(
     cfg, settings: dict, model: nn.Module, model_config: dict, output: Path, total_steps: int
@@ -156,18 +202,39 @@ class OutputFolder:
         self.path = Path(path)
         self.writer = writer
 
-    def check(self, overwrite: bool, resuming: bool, world: mx.distributed.Group | None = None) -> None:
-        """Refuse a path that is a file, or a folder holding a run (unless overwriting or resuming).
-        With several workers, all of them check before the writer writes anything."""
+    def check(
+        self, overwrite: bool, resuming: Path | None = None, world: mx.distributed.Group | None = None
+    ) -> None:
+        """Refuse a path that is a file, a folder held by another running process, or a folder
+        holding a run other than the one being resumed (``resuming``: that run's folder) unless
+        overwriting. The writer then locks the folder for the life of the process and removes the
+        temporary files a killed run may have left. With several workers, all of them check before
+        the writer writes anything."""
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--output {self.path} exists and is not a folder")
-        if (self.path / CONFIG_FILE).exists() and not (overwrite or resuming):
+        same_run = resuming is not None and _same(resuming, self.path)
+        if (self.path / CONFIG_FILE).exists() and not (overwrite or same_run):
+            hint = f"--resume {self.path} to continue it" if resuming is None else "another --output"
             raise UserError(
-                f"--output {self.path} already holds a run: pass --resume {self.path} to continue it, "
-                "--overwrite to replace it, or choose another --output"
+                f"--output {self.path} already holds a run: pass {hint}, --overwrite to replace it, "
+                "or choose another --output"
             )
+        if self.writer:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--output {self.path}: cannot create it ({e.strerror})") from None
+            self._lock = lock_folder(self.path)
+            remove_leftovers(self.path)
         if world is not None and world.size() > 1:
             mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world, stream=mx.cpu))
+
+    def release(self) -> None:
+        """Unlock the folder (the run is over)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
 
     def begin(self, adapter_config: dict, resumed_step: int | None) -> None:
         """Write the run's config; keep the metrics up to ``resumed_step`` (None: a new run, whose

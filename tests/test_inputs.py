@@ -131,3 +131,44 @@ def test_prompt_completion_of_mixed_kinds_is_refused(tmp_path):
     )
     with pytest.raises(UserError, match=r"bad.jsonl line 1: .*must both be strings"):
         load_split(tmp_path / "bad.jsonl", "train", _chat_tokenizer(), DataConfig())
+
+
+def _train_args(model, data, out, *extra):
+    return ["train", "--model", model, "--data", data, "--output", out, "--iters", 2, "--batch-size", 4,
+            "--save-every", 1, "--steps-per-eval", 100, "--val-batches", 1, *extra]  # fmt: skip
+
+
+def test_a_folder_in_use_by_another_process_is_refused(tiny_model, arith_data, tmp_path):
+    from mlx_dft.checkpoint import lock_folder
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    held = lock_folder(out)
+    try:
+        p = run_cli(*_train_args(tiny_model, arith_data, out))
+    finally:
+        held.close()
+    assert p.returncode == 1 and f"in use by process {os.getpid()}" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and not (out / "adapter_config.json").exists()
+
+
+def test_resuming_into_a_folder_of_another_run_is_refused(tiny_model, arith_data, tmp_path):
+    for name in ("a", "b"):
+        assert run_cli(*_train_args(tiny_model, arith_data, tmp_path / name)).returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()}
+    p = run_cli("train", "--resume", tmp_path / "a", "--output", tmp_path / "b", "--iters", 3)
+    assert p.returncode == 1 and "already holds a run" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()} == before
+
+
+def test_the_next_run_removes_what_a_killed_run_left(tiny_model, arith_data, tmp_path):
+    out = tmp_path / "r"
+    assert run_cli(*_train_args(tiny_model, arith_data, out)).returncode == 0
+    junk = [out / ".adapters.999.tmp.safetensors", out / ".metrics.jsonl.abc.tmp"]
+    for j in junk:
+        j.write_text("partial")
+    (out / "checkpoints" / ".step-0000003.xyz").mkdir()
+    p = run_cli("train", "--resume", out, "--iters", 3)
+    assert p.returncode == 0, p.stderr
+    assert not any(j.exists() for j in junk) and not (out / "checkpoints" / ".step-0000003.xyz").exists()
+    assert (out / "checkpoints" / "step-0000003").is_dir()
