@@ -170,23 +170,38 @@ def remove_leftovers(folder: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+def absolute(value: str | None) -> str | None:
+    """A path that exists, made absolute (so the run resumes and loads from any folder); anything
+    else (a Hub repo id, a template string, None) as it is."""
+    if not value or "\n" in value or len(value) > 4096:
+        return value
+    try:
+        p = Path(value).expanduser()
+        return str(p.resolve()) if p.exists() else value
+    except OSError:  # e.g. a name too long to be a path: not a path
+        return value
+
+
 def run_config(
     cfg, settings: dict, model: nn.Module, model_config: dict, output: Path, total_steps: int
 ) -> dict:
     """``adapter_config.json`` of a run: the adapter's settings (so stock mlx-lm loads the folder),
     what it was trained on, and every training option (so a resume needs nothing else)."""
     trainable, total = adapters.count_parameters(model)
+    training = cfg.to_dict()
+    for key in ("model", "data", "chat_template", "adapter_from"):
+        training[key] = absolute(training.get(key))
     return {
         **settings,
         "adapter": cfg.adapter,
-        "base_model": cfg.model,
+        "base_model": absolute(cfg.model),
         "model_signature": model_signature(model_config),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "mlx_dft_version": __version__,
         "training": {
-            **cfg.to_dict(),
-            "output": str(output),
+            **training,
+            "output": str(Path(output).resolve()),
             "learning_rate": cfg.resolved_learning_rate(),
             "weight_decay": cfg.resolved_weight_decay(),
             "total_steps": total_steps,

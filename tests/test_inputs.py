@@ -172,3 +172,24 @@ def test_the_next_run_removes_what_a_killed_run_left(tiny_model, arith_data, tmp
     assert p.returncode == 0, p.stderr
     assert not any(j.exists() for j in junk) and not (out / "checkpoints" / ".step-0000003.xyz").exists()
     assert (out / "checkpoints" / "step-0000003").is_dir()
+
+
+def test_a_run_made_with_relative_paths_resumes_and_loads_from_elsewhere(tiny_model, arith_data, tmp_path):
+    import shutil
+
+    import mlx_dft
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model, work / "base")
+    shutil.copytree(arith_data, work / "data")
+    p = run_cli(*_train_args("base", "data", "out"), cwd=work)
+    assert p.returncode == 0, p.stderr
+    cfg = json.loads((work / "out" / "adapter_config.json").read_text())
+    assert cfg["base_model"] == str((work / "base").resolve())
+    assert cfg["training"]["data"] == str((work / "data").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    p = run_cli("train", "--resume", work / "out", "--iters", 3, cwd=elsewhere)
+    assert p.returncode == 0, p.stderr
+    net, _ = mlx_dft.load(adapter=str(work / "out"))
+    assert net is not None
