@@ -345,11 +345,15 @@ class Resume:
         """Load the adapter weights, optimizer state and random state; returns the step reached."""
         adapters.load_weights(model, adapters.read_weights(method, self.checkpoint), self.checkpoint)
         state = read_state(self.checkpoint)
-        step = int(state["step"])
+        try:
+            step = int(state["step"])
+            hi, lo = state["rng"]
+            key = (int(hi) << 32) | int(lo)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{self.checkpoint / STATE_FILE}: incomplete checkpoint state ({e!r})") from None
         optimizer.init(model.trainable_parameters())
         optimizer.state = load_optimizer_state(self.checkpoint)
-        hi, lo = state["rng"]
-        mx.random.seed((int(hi) << 32) | int(lo))  # restores the exact key (dropout stream)
+        mx.random.seed(key)  # restores the exact key (dropout stream)
         if step >= total_steps:
             raise UserError(
                 f"checkpoint {self.checkpoint} is at step {step}, already at or past --iters {total_steps}"

@@ -240,9 +240,17 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="mlx_dft", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except click.UsageError as e:  # one line, naming the command's help, not click's usage block
+        where = (
+            f"mlx_dft {e.ctx.command_path.split(' ', 1)[1]}"
+            if e.ctx and " " in e.ctx.command_path
+            else "mlx_dft"
+        )
+        print(f"mlx_dft: error: {e.format_message()} (see `{where} --help`)", file=sys.stderr)
+        sys.exit(1)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        print(f"mlx_dft: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(1)
     except (KeyboardInterrupt, click.exceptions.Abort):
         print("mlx_dft: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -159,9 +159,14 @@ def chat_prompt(tokenizer, text: str, chat: bool | None = None) -> str:
 
 
 def _render(tokenizer, messages, tools=None, add_generation_prompt=False) -> str:
-    return _hf(tokenizer).apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    from jinja2 import TemplateError
+
+    try:
+        return _hf(tokenizer).apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as e:  # a syntax error, or the template's own raise_exception()
+        raise UserError(f"the chat template failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 def _encode_spans(tokenizer, text: str, spans: list[tuple[int, int]], add_special_tokens: bool):

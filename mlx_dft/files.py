@@ -105,8 +105,12 @@ def read_jsonl(path: Path, what: str = "data") -> list[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {lineno}: not UTF-8 text (byte {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -121,8 +125,8 @@ def read_jsonl(path: Path, what: str = "data") -> list[tuple[int, dict]]:
     return records
 
 
-def read_safetensors(path: Path) -> dict[str, mx.array]:
-    """Tensors of a safetensors file; a missing, corrupt or truncated file is a one-line error."""
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file whose header is unreadable or describes more bytes than it holds."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found")
@@ -133,11 +137,22 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
             if n <= 0 or n > size - 8:
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        ends = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
+        if any(not (0 <= a <= b) for a, b in ends):
+            raise ValueError("negative or reversed data offsets")
+        end = max((b for _, b in ends), default=0)
         if 8 + n + end > size:
             raise ValueError(f"truncated: {size} bytes, the header describes {8 + n + end}")
-        return mx.load(str(path))
     except Exception as e:  # noqa: BLE001  (any parse failure is the same user-facing problem)
+        raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, mx.array]:
+    """Tensors of a safetensors file; a missing, corrupt or truncated file is a one-line error."""
+    check_safetensors(path)
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
 
 

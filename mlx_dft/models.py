@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_dft.errors import UserError
-from mlx_dft.files import local_or_hub, read_json
+from mlx_dft.files import check_safetensors, local_or_hub, read_json
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,13 @@ def load_model(model: str, dtype: str = "auto", chat_template: str | None = None
 
     path = resolve_model_path(model)
     config = model_config(path)
-    if not list(path.glob("model*.safetensors")):
+    if "model_type" not in config:
+        raise UserError(f"{path / 'config.json'} has no model_type: not a transformers model config")
+    weights = sorted(path.glob("model*.safetensors"))
+    if not weights:
         raise UserError(f"model folder {path} has no model*.safetensors weights")
+    for f in weights:
+        check_safetensors(f)
     try:
         net, config = _load_model(path)
     except ValueError as e:

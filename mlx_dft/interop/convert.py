@@ -71,6 +71,8 @@ def export_adapter(
     (``auto``: the first: PEFT for LoRA/DoRA, our HF format for the Aligner)."""
     adapter_dir, out = Path(adapter_dir).expanduser(), Path(out).expanduser()
     config = adapters.read_adapter_config(adapter_dir)
+    if "peft_type" in config:
+        raise UserError(f"{adapter_dir} is already a Hugging Face PEFT folder: nothing to export")
     m = adapters.method_of(config)
     if m.export_formats and fmt != "auto" and fmt not in m.export_formats:
         raise UserError(f"--format {fmt}: a {m.name} adapter exports as {' or '.join(m.export_formats)}")
