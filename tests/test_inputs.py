@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -193,3 +194,81 @@ def test_a_run_made_with_relative_paths_resumes_and_loads_from_elsewhere(tiny_mo
     assert p.returncode == 0, p.stderr
     net, _ = mlx_dft.load(adapter=str(work / "out"))
     assert net is not None
+
+
+def _plan(tmp_path, tiny_model, arith_data, **over):
+    plan = {
+        "common": {
+            "model": str(tiny_model),
+            "data": str(arith_data),
+            "iters": 2,
+            "batch_size": 4,
+            "steps_per_eval": 100,
+            "val_batches": 1,
+        },  # fmt: skip
+        "runs": {"a": {"loss": "sft"}},
+        "seeds": [0],
+        "eval": {
+            "problems": {"id": {"file": str(arith_data / "test.jsonl"), "question_field": "prompt"}},
+            "max_tokens": 3,
+            "limit": 2,
+        },  # fmt: skip
+    }
+    for key, value in over.items():
+        plan[key] = value
+    path = tmp_path / "plan.yaml"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def test_compare_reuses_a_run_only_if_its_settings_are_unchanged(tiny_model, arith_data, tmp_path):
+    from mlx_dft.evaluation.compare import run_compare
+
+    logs = []
+    run_compare(_plan(tmp_path, tiny_model, arith_data), tmp_path / "c", progress=False, log=logs.append)
+    logs.clear()
+    run_compare(_plan(tmp_path, tiny_model, arith_data), tmp_path / "c", progress=False, log=logs.append)
+    assert any("cached" in x for x in logs)
+    logs.clear()
+    changed = {"a": {"loss": "sft", "adapter": "dora"}}
+    res = run_compare(_plan(tmp_path, tiny_model, arith_data, runs=changed), tmp_path / "c", progress=False,
+                      log=logs.append)  # fmt: skip
+    assert any("training" in x for x in logs) and not any("cached" in x for x in logs)
+    assert res["runs"][0]["adapter"] == "dora"
+
+
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"seeds": 3}, "'seeds' must be a list"),
+        ({"runs": {"a": "sft"}}, "runs.a must map training options"),
+        ({"runs": {"a": {"iters": 0}}}, "runs.a: iters must be at least 1"),
+        ({"runs": {"a": {"lossy": "sft"}}}, "runs.a: unknown option 'lossy'"),
+        ({"common": {"seed": 1}}, "common.seed: compare sets it"),
+        ({"eval": {"problems": {"id": "test.jsonl"}}}, "eval.problems.id must be a mapping"),
+        ({"eval": {"problems": {"id": {"file": "test.jsonl", "question_field": "q"}}}}, "eval.problems.id:"),
+        ({"eval": {"problems": {"id": {"file": "nope.jsonl"}}}}, "eval.problems.id: data file not found"),
+    ],
+)
+def test_compare_plans_are_checked_whole_before_training(tiny_model, arith_data, tmp_path, over, message):
+    from mlx_dft.evaluation.compare import run_compare
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_compare(_plan(tmp_path, tiny_model, arith_data, **over), tmp_path / "c", progress=False)
+    assert not (tmp_path / "c" / "runs").exists()
+
+
+def test_compare_paths_are_relative_to_the_plan(tiny_model, arith_data, tmp_path):
+    import shutil
+
+    from mlx_dft.evaluation.compare import load_plan
+
+    shutil.copytree(arith_data, tmp_path / "plans" / "task")
+    plan = _plan(tmp_path, tiny_model, arith_data)
+    text = json.loads(plan.read_text())
+    text["common"]["data"] = "task"
+    text["eval"]["problems"]["id"]["file"] = "task/test.jsonl"
+    (tmp_path / "plans" / "p.yaml").write_text(json.dumps(text))
+    loaded = load_plan(tmp_path / "plans" / "p.yaml")
+    assert loaded["common"]["data"] == str((tmp_path / "plans" / "task").resolve())
+    assert loaded["eval"]["problems"]["id"]["file"] == str(tmp_path / "plans" / "task" / "test.jsonl")

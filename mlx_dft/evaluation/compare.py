@@ -16,16 +16,24 @@ The ``eval:`` options (``max_tokens``, ``batch_size``, ``samples``, ``temperatur
 ``limit``, ``prompt_template``, ``chat``) are ``mlx_dft eval``'s, with its defaults; a problem set
 may set its own ``question_field``, ``answer_field`` and ``prompt_template``.
 
+The whole plan is checked before the first run trains (errors name the plan key); relative paths
+(``model``, ``data``, ``chat_template``, ``adapter_from``, problem ``file``s, ``output``) are
+relative to the plan file; ``seed`` and ``output`` are compare's to set, per run.
+
 Each run trains into ``OUTPUT/runs/<name>-seed<k>`` and writes ``results.json`` there when its
-evaluation is done: a rerun skips finished runs and resumes unfinished ones from their last
-checkpoint. ``OUTPUT/report.md`` gets a table (mean ± std over seeds) and ``curves.png`` /
+evaluation is done. A rerun reuses a finished run, and resumes an unfinished one from its last
+checkpoint, only while the run's resolved settings (training configuration, seed, evaluation) are
+those it was made with (``compare_settings.json``); a run whose settings changed starts again. ``OUTPUT/report.md`` gets a table (mean ± std over seeds) and ``curves.png`` /
 ``accuracy.png`` the curves from every run's ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +41,9 @@ from pathlib import Path
 import yaml
 
 from mlx_dft.checkpoint import list_checkpoints
+from mlx_dft.config import build_config, normalise
 from mlx_dft.errors import UserError
+from mlx_dft.evaluation.benchmarks import load_jsonl
 from mlx_dft.evaluation.options import EvalConfig
 from mlx_dft.files import atomic_write_json, atomic_write_text
 
@@ -53,7 +63,16 @@ SET_OPTIONS = ("question_field", "answer_field", "prompt_template")
 EVAL_KEYS = {"problems", *EVAL_OPTIONS}
 
 
+# Training options a plan's runs may not set: compare decides them per run.
+RUN_DECIDES = ("seed", "output", "resume", "overwrite")
+# Options whose relative paths are relative to the plan file.
+PATH_OPTIONS = ("model", "data", "chat_template", "adapter_from")
+
+
 def load_plan(path: str | Path) -> dict:
+    """The plan, checked whole before anything trains: every key known, every run's options a
+    valid training configuration, every problem set readable; errors name the plan key. Relative
+    paths are made relative to the plan file."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"compare config not found: {p}")
@@ -61,6 +80,8 @@ def load_plan(path: str | Path) -> dict:
         plan = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(plan, dict):
+        raise UserError(f"{p}: expected a mapping with common, runs, seeds, eval, output")
     unknown = set(plan) - {"common", "runs", "seeds", "eval", "output"}
     if unknown:
         raise UserError(
@@ -68,16 +89,91 @@ def load_plan(path: str | Path) -> dict:
         )
     if not isinstance(plan.get("runs"), dict) or not plan["runs"]:
         raise UserError(f"{p}: 'runs' must map run names to their options")
-    bad_eval = set(plan.get("eval") or {}) - EVAL_KEYS
+    seeds = plan.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(type(x) is int and x >= 0 for x in seeds):
+        raise UserError(
+            f"{p}: 'seeds' must be a list of non-negative integers, e.g. [0, 1, 2], not {seeds!r}"
+        )
+    plan["seeds"] = seeds
+    base = p.parent
+    common = plan.get("common") or {}
+    if not isinstance(common, dict):
+        raise UserError(f"{p}: 'common' must map training options to values")
+    for key in RUN_DECIDES:
+        if key in common:
+            raise UserError(f"{p}: common.{key}: compare sets it for each run; remove it")
+    plan["common"] = _relative_to(base, common)
+    for name, opts in list(plan["runs"].items()):
+        if opts is None:
+            opts = {}
+        if not isinstance(opts, dict):
+            raise UserError(f"{p}: runs.{name} must map training options to values, not {opts!r}")
+        for key in RUN_DECIDES:
+            if key in opts:
+                raise UserError(f"{p}: runs.{name}.{key}: compare sets it for each run; remove it")
+        plan["runs"][name] = _relative_to(base, opts)
+        _check_run(p, f"runs.{name}", {**plan["common"], **plan["runs"][name]})
+    block = plan.get("eval") or {}
+    if not isinstance(block, dict):
+        raise UserError(f"{p}: 'eval' must be a mapping")
+    bad_eval = set(block) - EVAL_KEYS
     if bad_eval:
         raise UserError(f"{p}: unknown eval key(s) {', '.join(sorted(bad_eval))}")
-    base = p.parent
-    for spec in ((plan.get("eval") or {}).get("problems") or {}).values():
-        if "file" not in spec:
-            raise UserError(f"{p}: every eval problem set needs a 'file'")
-        f = Path(spec["file"]).expanduser()
+    problems = block.get("problems") or {}
+    if not isinstance(problems, dict):
+        raise UserError(f"{p}: eval.problems must map set names to {{file: ..., question_field: ...}}")
+    for set_name, spec in problems.items():
+        if not isinstance(spec, dict) or "file" not in spec:
+            raise UserError(f"{p}: eval.problems.{set_name} must be a mapping with a 'file'")
+        unknown = set(spec) - {"file", *SET_OPTIONS}
+        if unknown:
+            raise UserError(f"{p}: eval.problems.{set_name}: unknown key(s) {', '.join(sorted(unknown))}")
+        f = Path(str(spec["file"])).expanduser()
         spec["file"] = str(f if f.is_absolute() else base / f)
+        try:
+            load_jsonl(
+                spec["file"],
+                spec.get("question_field", "question"),
+                spec.get("answer_field", "answer"),
+                limit=1,
+            )
+        except UserError as e:
+            raise UserError(f"{p}: eval.problems.{set_name}: {_plan_words(str(e))}") from None
+    plan["eval"] = block
+    if plan.get("output") is not None:
+        o = Path(str(plan["output"])).expanduser()
+        plan["output"] = str(o if o.is_absolute() else base / o)
     return plan
+
+
+def _relative_to(base: Path, options: dict) -> dict:
+    out = dict(options)
+    for key in PATH_OPTIONS:
+        value = out.get(key)
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute() and (base / value).exists():
+            out[key] = str((base / value).resolve())
+    return out
+
+
+def _plan_words(message: str) -> str:
+    """A message about CLI flags (``--learning-rate``), in the plan's spelling (``learning_rate``)."""
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
+def _check_run(plan_path: Path, where: str, options: dict) -> None:
+    try:
+        build_config(normalise(options, where))
+    except UserError as e:
+        raise UserError(f"{plan_path}: {where}: {_plan_words(str(e))}") from None
+
+
+def run_settings(options: dict, seed: int, evals: dict[str, EvalConfig]) -> dict:
+    """Everything that decides a run's results: its resolved training configuration, its seed and
+    its evaluation settings. A finished run is reused only while this is unchanged."""
+    cfg = build_config(normalise({**options, "seed": seed}, "plan")).to_dict()
+    return json.loads(
+        json.dumps({"training": cfg, "eval": {k: dataclasses.asdict(v) for k, v in evals.items()}})
+    )
 
 
 def eval_configs(block: dict) -> dict[str, EvalConfig]:
@@ -106,15 +202,33 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
 
 
+SETTINGS_FILE = "compare_settings.json"
+
+
+def _same_settings(path: Path, settings: dict) -> bool:
+    """True when the run folder was made with ``settings`` (or holds nothing yet)."""
+    if not path.parent.exists():
+        return True
+    try:
+        return json.loads(path.read_text()) == settings
+    except (OSError, ValueError):
+        return False
+
+
 def run_one(
     name: str, seed: int, options: dict, evals: dict[str, EvalConfig], run_dir: Path, progress: bool
 ) -> dict:
     from mlx_dft import api
     from mlx_dft.evaluation.run import run_eval
 
-    done = run_dir / "results.json"
+    done, settings_file = run_dir / "results.json", run_dir / SETTINGS_FILE
+    settings = run_settings(options, seed, evals)
+    if not _same_settings(settings_file, settings):
+        shutil.rmtree(run_dir, ignore_errors=True)  # made under another plan: start it again
     if done.is_file():
         return json.loads(done.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(settings_file, settings)
     from mlx_dft.checkpoint import read_state
 
     tic = time.perf_counter()
@@ -178,7 +292,9 @@ def run_compare(
     for name, opts in plan["runs"].items():
         for seed in seeds:
             run_dir = out / "runs" / f"{name}-seed{seed}"
-            status = "cached" if (run_dir / "results.json").is_file() else "training"
+            settings = run_settings({**common, **(opts or {})}, seed, evals)
+            fresh = (run_dir / "results.json").is_file() and _same_settings(run_dir / SETTINGS_FILE, settings)
+            status = "cached" if fresh else "training"
             log(f"[{len(results) + 1}/{total}] {name} seed {seed}: {status}")
             r = run_one(name, seed, {**common, **(opts or {})}, evals, run_dir, progress)
             acc = ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items())
