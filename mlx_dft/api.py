@@ -116,14 +116,22 @@ def _default_output(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.loss}-{cfg.adapter}"
 
 
-def load(model: str | None = None, adapter: str | Path | None = None, dtype: str = "auto"):
+def load(
+    model: str | None = None,
+    adapter: str | Path | None = None,
+    dtype: str = "auto",
+    chat_template: str | None = None,
+):
     """(model, tokenizer) with an adapter applied, ready for generation. ``adapter`` is an
     mlx_dft/mlx-lm folder, a PEFT LoRA/DoRA folder, our HF Aligner folder, an official Aligner
-    ``.pth`` or a Hub repo id holding one (converted on the fly)."""
+    ``.pth`` or a Hub repo id holding one (converted on the fly). The chat template is
+    ``chat_template`` (text or a file), else the one the adapter was trained with, else the model's."""
     source = read_source(adapter, model) if adapter is not None else None
     if model is None and source is not None:
         model = source.get("base_model")
-    net, tokenizer, _, _ = models.load_model(model or str(models.default_model_path()), dtype)
+    if chat_template is None and source is not None:
+        chat_template = (source.get("training") or {}).get("chat_template")
+    net, tokenizer, _, _ = models.load_model(model or str(models.default_model_path()), dtype, chat_template)
     if source is not None:
         adapters.apply_saved(net, source, source["weights"], str(adapter))
     net.eval()
@@ -140,13 +148,14 @@ def generate(
     chat: bool | None = None,
     seed: int = 0,
     loaded: tuple | None = None,
+    chat_template: str | None = None,
 ) -> str:
     """Generate a completion of ``prompt``; ``chat`` wraps it in the chat template (default:
-    when the tokenizer has one)."""
+    when the tokenizer has one; ``chat_template`` as for :func:`load`)."""
     from mlx_lm import generate as mlx_generate
     from mlx_lm.sample_utils import make_sampler
 
-    net, tokenizer = loaded or load(model, adapter)
+    net, tokenizer = loaded or load(model, adapter, chat_template=chat_template)
     prompt = data.chat_prompt(tokenizer, prompt, chat)
     mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p)

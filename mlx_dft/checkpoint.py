@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_dft import adapters
 from mlx_dft._version import __version__
 from mlx_dft.adapters import CONFIG_FILE, AdapterMethod
+from mlx_dft.data import read_chat_template
 from mlx_dft.errors import UserError
 from mlx_dft.files import atomic_save_safetensors, atomic_write_json, atomic_write_text, staged_folder
 from mlx_dft.models import model_signature
@@ -186,11 +187,14 @@ def run_config(
     cfg, settings: dict, model: nn.Module, model_config: dict, output: Path, total_steps: int
 ) -> dict:
     """``adapter_config.json`` of a run: the adapter's settings (so stock mlx-lm loads the folder),
-    what it was trained on, and every training option (so a resume needs nothing else)."""
+    what it was trained on, and every training option (so a resume needs nothing else); paths
+    absolute, and a chat template as its text."""
     trainable, total = adapters.count_parameters(model)
     training = cfg.to_dict()
-    for key in ("model", "data", "chat_template", "adapter_from"):
+    for key in ("model", "data", "adapter_from"):
         training[key] = absolute(training.get(key))
+    if cfg.chat_template:  # its text, so every later use of the adapter renders prompts the same way
+        training["chat_template"] = read_chat_template(cfg.chat_template)
     return {
         **settings,
         "adapter": cfg.adapter,

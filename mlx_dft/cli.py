@@ -108,7 +108,12 @@ def train(config, **options):
     default=None,
     help="Wrap the prompt in the chat template (default: if the model has one).",
 )
-def generate(model, adapter, prompt, max_tokens, temp, top_p, seed, chat):
+@click.option(
+    "--chat-template",
+    default=None,
+    help="Chat template (a .jinja file or a template string; default: the adapter's, else the model's).",
+)
+def generate(model, adapter, prompt, max_tokens, temp, top_p, seed, chat, chat_template):
     """Generate text from a model, with or without a trained adapter."""
     from mlx_dft import api
 
@@ -125,6 +130,7 @@ def generate(model, adapter, prompt, max_tokens, temp, top_p, seed, chat):
         top_p=top_p,
         chat=chat,
         seed=seed,
+        chat_template=chat_template,
     )
     click.echo(text)
 

@@ -135,14 +135,29 @@ def has_chat_template(tokenizer) -> bool:
     )
 
 
+def read_chat_template(template: str) -> str:
+    """The text of a chat template given as text or as the path of a file holding it (a string
+    with a newline or a ``{`` is text: a Jinja template always has one)."""
+    if "\n" in template or "{" in template or len(template) > 1024:
+        return template
+    p = Path(template).expanduser()
+    try:
+        is_file = p.is_file()
+    except OSError:  # not a possible path
+        return template
+    if p.suffix in (".jinja", ".j2", ".txt") or is_file:
+        if not is_file:
+            raise UserError(f"chat template file not found: {p}")
+        try:
+            return p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"chat template file {p}: unreadable ({e})") from None
+    return template
+
+
 def set_chat_template(tokenizer, template: str) -> None:
     """Use ``template`` (a Jinja string, or a path to a file holding one) for chat data."""
-    p = Path(template).expanduser()
-    if p.suffix in (".jinja", ".j2", ".txt") or p.is_file():
-        if not p.is_file():
-            raise UserError(f"chat template file not found: {p}")
-        template = p.read_text()
-    _hf(tokenizer).chat_template = template
+    _hf(tokenizer).chat_template = read_chat_template(template)
     if hasattr(tokenizer, "has_chat_template"):
         tokenizer.has_chat_template = True
 

@@ -272,3 +272,41 @@ def test_compare_paths_are_relative_to_the_plan(tiny_model, arith_data, tmp_path
     loaded = load_plan(tmp_path / "plans" / "p.yaml")
     assert loaded["common"]["data"] == str((tmp_path / "plans" / "task").resolve())
     assert loaded["eval"]["problems"]["id"]["file"] == str(tmp_path / "plans" / "task" / "test.jsonl")
+
+
+def test_a_chat_template_given_to_train_travels_with_the_adapter(tiny_model, tmp_path):
+    """The template's text is stored with the adapter and used by generate and eval, also after
+    the template file is gone."""
+    template = tmp_path / "t.jinja"
+    template.write_text(CHAT)
+    data = tmp_path / "chat"
+    data.mkdir()
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Add {i} and 1."},
+                {"role": "assistant", "content": f"{i + 1}"},
+            ]
+        }
+        for i in range(8)
+    ]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "q.jsonl").write_text(json.dumps({"question": "Add 2 and 1.", "answer": "3"}) + "\n")
+    p = run_cli(*_train_args(tiny_model, data, tmp_path / "out", "--chat-template", template))
+    assert p.returncode == 0, p.stderr
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["training"]["chat_template"] == CHAT
+    template.unlink()
+    gen = run_cli("generate", "--adapter", tmp_path / "out", "-p", "Add 2 and 1.", "--chat", "-m", 2)
+    assert gen.returncode == 0, gen.stderr
+    ev = run_cli("eval", "--adapter", tmp_path / "out", "--problems", data / "q.jsonl", "--max-tokens", 2,
+                 "--chat", "--output", tmp_path / "ev")  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    row = json.loads((tmp_path / "ev" / "q.generations.jsonl").read_text())
+    assert row["prompt"].endswith("<s>user: Add 2 and 1.</s>\n<s>assistant:")
+
+
+def test_a_long_chat_template_string_is_text_not_a_file_name(tiny_model, arith_data, tmp_path):
+    long = "{% for m in messages %}" + " " * 300 + "{{ m['content'] }}{% endfor %}"
+    p = run_cli(*_train_args(tiny_model, arith_data, tmp_path / "o", "--chat-template", long))
+    assert p.returncode == 0, p.stderr

@@ -23,8 +23,9 @@ relative to the plan file; ``seed`` and ``output`` are compare's to set, per run
 Each run trains into ``OUTPUT/runs/<name>-seed<k>`` and writes ``results.json`` there when its
 evaluation is done. A rerun reuses a finished run, and resumes an unfinished one from its last
 checkpoint, only while the run's resolved settings (training configuration, seed, evaluation) are
-those it was made with (``compare_settings.json``); a run whose settings changed starts again. ``OUTPUT/report.md`` gets a table (mean ± std over seeds) and ``curves.png`` /
-``accuracy.png`` the curves from every run's ``metrics.jsonl``.
+those it was made with (``compare_settings.json``); a run whose settings changed starts again.
+``OUTPUT/report.md`` gets a table (mean ± std over seeds) and ``curves.png`` / ``accuracy.png`` the
+curves from every run's ``metrics.jsonl``.
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ class GenerationConfig:
         "(default: boxed for --benchmark, raw otherwise).",
     )
     chat: bool | None = option(None, "Wrap prompts in the chat template (default: if the model has one).")
+    chat_template: str | None = option(
+        None,
+        "Chat template (a .jinja file or a template string; default: the adapter's, else the model's).",
+    )
     temperature: float | None = option(
         None,
         "Sampling temperature (0: greedy; default: 1 in `sample` and with `eval --samples` > 1, else 0).",
