@@ -83,11 +83,14 @@ def load_plan(path: str | Path) -> dict:
         raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(plan, dict):
         raise UserError(f"{p}: expected a mapping with common, runs, seeds, eval, output")
-    unknown = set(plan) - {"common", "runs", "seeds", "eval", "output"}
+    unknown = set(plan) - {"common", "runs", "seeds", "eval", "output", "baseline"}
     if unknown:
         raise UserError(
-            f"{p}: unknown key(s) {', '.join(sorted(unknown))} (expected common, runs, seeds, eval, output)"
+            f"{p}: unknown key(s) {', '.join(sorted(unknown))} "
+            "(expected common, runs, seeds, eval, output, baseline)"
         )
+    if not isinstance(plan.get("baseline", True), bool):
+        raise UserError(f"{p}: 'baseline' must be true or false")
     if not isinstance(plan.get("runs"), dict) or not plan["runs"]:
         raise UserError(f"{p}: 'runs' must map run names to their options")
     seeds = plan.get("seeds", [0])
@@ -301,12 +304,44 @@ def run_compare(
             acc = ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items())
             log(f"    val ce {r['final_val_ce']:.4f}{' | ' + acc if acc else ''}")
             results.append(r)
+    base = evaluate_base(plan, evals, out, progress, log) if plan.get("baseline", True) and evals else None
     summary = summarise(results)
-    atomic_write_json(out / "results.json", {"runs": results, "summary": summary})
-    plots = make_plots(out, plan, seeds)
-    atomic_write_text(out / "report.md", report_markdown(summary, results, plots, plan))
+    atomic_write_json(out / "results.json", {"runs": results, "summary": summary, "base": base})
+    plots = make_plots(out, plan, seeds, base)
+    atomic_write_text(out / "report.md", report_markdown(summary, results, plots, plan, base))
     log(f"report: {out / 'report.md'}")
     return {"runs": results, "summary": summary, "output": str(out)}
+
+
+def evaluate_base(plan: dict, evals: dict[str, EvalConfig], out: Path, progress: bool, log) -> dict:
+    """Accuracy of the untuned model (the plan's common model, no adapter) on every problem set:
+    the row every recipe is measured against. Reused while its settings are unchanged."""
+    from mlx_dft.evaluation.run import run_eval
+
+    common = plan.get("common") or {}
+    model = common.get("model")
+    folder = out / "base"
+    evaluation = {k: dataclasses.asdict(v) for k, v in evals.items()}
+    settings = json.loads(
+        json.dumps({"model": model, "chat_template": common.get("chat_template"), "eval": evaluation})
+    )
+    done = folder / "results.json"
+    if done.is_file() and _same_settings(folder / SETTINGS_FILE, settings):
+        log("base model: cached")
+        return json.loads(done.read_text())
+    log("base model: evaluating")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    atomic_write_json(folder / SETTINGS_FILE, settings)
+    from mlx_dft import api
+
+    loaded = api.load(model, None, chat_template=common.get("chat_template"))
+    accuracy = {}
+    for set_name, cfg in evals.items():
+        report = run_eval(cfg, output=str(folder / set_name), progress=progress, loaded=loaded)
+        accuracy[set_name] = next(iter(report["generation"].values()))["accuracy"]
+    atomic_write_json(done, accuracy)
+    return accuracy
 
 
 def summarise(results: list[dict]) -> dict:
@@ -342,12 +377,10 @@ def _pm(ms: tuple[float, float], fmt: str = ".3f") -> str:
     return "n/a" if math.isnan(m) else (f"{m:{fmt}} ± {s:{fmt}}" if s else f"{m:{fmt}}")
 
 
-def report_markdown(summary: dict, results: list[dict], plots: list[str], plan: dict) -> str:
-    sets = [
-        k.split(":", 1)[1]
-        for k in next(iter(summary.values()))
-        if k.startswith("accuracy:") and not k.endswith(":all")
-    ]
+def report_markdown(
+    summary: dict, results: list[dict], plots: list[str], plan: dict, base: dict | None = None
+) -> str:
+    sets = _sets(summary)
     head = [
         "run",
         "loss",
@@ -361,7 +394,20 @@ def report_markdown(summary: dict, results: list[dict], plots: list[str], plan: 
         "tokens/s",
         "peak GB",
     ]
-    lines = ["# Comparison", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    common = plan.get("common") or {}
+    lines = [
+        "# Comparison",
+        "",
+        f"Model `{common.get('model') or 'the bundled model'}`, "
+        f"data `{common.get('data') or 'the bundled task'}`.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    if base:
+        cells = ["base model (no fine-tuning)", "-", "-", "0", "-", "-", "-", "-"]
+        cells += [f"{base[s]:.3f}" if s in base else "n/a" for s in sets] + ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     for name, row in summary.items():
         cells = [
             name,
@@ -379,14 +425,15 @@ def report_markdown(summary: dict, results: list[dict], plots: list[str], plan: 
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± standard deviation over seeds. Per seed:", ""]
     lines += [
-        "| run | seed | " + " | ".join(f"accuracy {s}" for s in sets) + " | val CE |",
-        "|" + "---|" * (3 + len(sets)),
+        "| run | seed | " + " | ".join(f"accuracy {s}" for s in sets) + " | val CE | training time |",
+        "|" + "---|" * (4 + len(sets)),
     ]
     for r in results:
+        val_ce = "n/a" if r["final_val_ce"] is None else f"{r['final_val_ce']:.4f}"
         lines.append(
             f"| {r['name']} | {r['seed']} | "
             + " | ".join(f"{r['accuracy'][s]:.3f}" for s in sets)
-            + f" | {r['final_val_ce']:.4f} |"
+            + f" | {val_ce} | {r['train_seconds']:.0f} s |"
         )
     lines.append("")
     lines += [f"![{p}]({p})" for p in plots]
@@ -402,68 +449,88 @@ def report_markdown(summary: dict, results: list[dict], plots: list[str], plan: 
     return "\n".join(lines)
 
 
-def make_plots(out: Path, plan: dict, seeds: list[int]) -> list[str]:
-    """curves.png (train/val CE and val probability per step) and accuracy.png; returns file names."""
+def make_plots(out: Path, plan: dict, seeds: list[int], base: dict | None = None) -> list[str]:
+    """curves.png (training objective and CE, validation CE and target probability per step) and
+    accuracy.png (per problem set, value-labelled bars, seeds as dots, the base model as a dashed
+    line); returns the file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(plan["runs"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    common = plan.get("common") or {}
+    title = f"{_short(common.get('model'), 'bundled model')} on {_short(common.get('data'), 'bundled task')}"
+    panels = (
+        ("train_loss", "training objective (the run's loss)"),
+        ("train_ce", "training cross-entropy"),
+        ("val_ce", "validation cross-entropy"),
+        ("val_prob", "validation mean target probability"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.4))
     for i, name in enumerate(names):
-        color = f"C{i}"
         for j, seed in enumerate(seeds):
             hist = _history(out / "runs" / f"{name}-seed{seed}")
-            label = name if j == 0 else None
-            tr = [(r["step"], r["train_ce"]) for r in hist if "train_ce" in r]
-            va = [(r["step"], r["val_ce"], r["val_prob"]) for r in hist if "val_ce" in r]
-            if tr:
-                axes[0].plot(*zip(*tr), color=color, alpha=0.7, label=label)
-            if va:
-                steps, ce, prob = zip(*va)
-                axes[1].plot(steps, ce, color=color, alpha=0.7, marker="o", ms=3, label=label)
-                axes[2].plot(steps, prob, color=color, alpha=0.7, marker="o", ms=3, label=label)
-    for ax, title in zip(
-        axes, ("train cross-entropy", "validation cross-entropy", "validation mean target probability")
-    ):
-        ax.set_title(title)
+            for ax, (key, _) in zip(axes, panels):
+                pts = [(r["step"], r[key]) for r in hist if key in r]
+                if pts:
+                    few = len(pts) <= 30
+                    ax.plot(*zip(*pts), color=f"C{i}", alpha=0.75, marker="o" if few else None, ms=3,
+                            label=name if j == 0 else None)  # fmt: skip
+    for ax, (_, label) in zip(axes, panels):
+        ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(names)), frameon=False)
+    fig.suptitle(f"{title}: one line per run and seed")
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
     files = ["curves.png"]
     results = json.loads((out / "results.json").read_text())["summary"]
-    sets = [
-        k.split(":", 1)[1]
-        for k in next(iter(results.values()))
-        if k.startswith("accuracy:") and not k.endswith(":all")
-    ]
+    sets = _sets(results)
     if sets:
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names) * len(sets)), 4.2))
+        fig, ax = plt.subplots(figsize=(max(8.5, 2.2 + 1.8 * len(names) * len(sets)), 4.6))
         width = 0.8 / len(names)
+        top = 0.0
         for i, name in enumerate(names):
             means = [results[name][f"accuracy:{s}"][0] for s in sets]
             stds = [results[name][f"accuracy:{s}"][1] for s in sets]
             xs = [k + i * width for k in range(len(sets))]
-            ax.bar(xs, means, width, yerr=stds, capsize=3, label=name, color=f"C{i}")
+            bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=name, color=f"C{i}")
+            ax.bar_label(bars, labels=[f"{m:.1%}" for m in means], padding=3, fontsize=8)
             for x, s in zip(xs, sets):
-                ax.scatter(
-                    [x] * len(results[name][f"accuracy:{s}:all"]),
-                    results[name][f"accuracy:{s}:all"],
-                    color="black",
-                    s=8,
-                    zorder=3,
-                )
+                values = results[name][f"accuracy:{s}:all"]
+                ax.scatter([x] * len(values), values, color="black", s=8, zorder=3)
+                top = max(top, *values)
+            top = max(top, *[m + sd for m, sd in zip(means, stds)])
+        for k, s in enumerate(sets):
+            if base and s in base:
+                ax.hlines(base[s], k - width / 2, k + width * (len(names) - 0.5), colors="black",
+                          linestyles="dashed", label="base model" if k == 0 else None)  # fmt: skip
+                top = max(top, base[s])
         ax.set_xticks([k + width * (len(names) - 1) / 2 for k in range(len(sets))], sets)
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1)
-        ax.legend()
+        ax.set_ylabel("accuracy (greedy)")
+        ax.set_ylim(0, min(1.0, top * 1.2 + 0.05))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_title(
+            f"{title}\naccuracy, mean ± sd over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", fontsize=10
+        )
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=110)
         plt.close(fig)
         files.append("accuracy.png")
     return files
+
+
+def _short(path: str | None, default: str) -> str:
+    """The last two parts of a path (``smollm2-135m-instruct/float32``), or a Hub id as it is."""
+    return "/".join(Path(str(path)).parts[-2:]) if path else default
+
+
+def _sets(summary: dict) -> list[str]:
+    first = next(iter(summary.values()))
+    return [k.split(":", 1)[1] for k in first if k.startswith("accuracy:") and not k.endswith(":all")]
