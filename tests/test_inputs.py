@@ -15,7 +15,7 @@ from conftest import run_cli
 from mlx_dft.errors import UserError
 from mlx_dft.evaluation.run import run_eval
 from mlx_dft.evaluation.sample import run_sample
-from mlx_dft.files import staged_folder
+from mlx_dft.files import atomic_write_text, staged_folder
 
 
 def test_staged_folders_respect_the_umask(tmp_path):
@@ -26,6 +26,12 @@ def test_staged_folders_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o644
 
 
 def test_push_without_a_token_says_so_before_the_network(tmp_path):
