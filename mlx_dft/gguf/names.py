@@ -1,7 +1,7 @@
 """GGUF naming conventions (llama.cpp's), next to Hugging Face / mlx-lm ones.
 
 Which architectures GGUF covers, and whether llama.cpp reorders their q/k rows, is in
-:data:`mlx_dft.models.ARCHITECTURES`. Tensor names: ``blk.{i}.attn_q.weight`` <->
+:data:`mlx_dft.architectures.ARCHITECTURES`. Tensor names: ``blk.{i}.attn_q.weight`` <->
 ``model.layers.{i}.self_attn.q_proj.weight`` and so on
 (:data:`BLOCK_TENSORS`, :data:`GLOBAL_TENSORS`); a tensor's ``.scales`` / ``.biases`` (MLX's
 affine quantization) follow its ``.weight``. Architecture parameters live under
@@ -16,10 +16,12 @@ they apply unchanged to packed quantized weights and their scales and biases.
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
+import mlx.core as mx
 import numpy as np
 
-from mlx_dft.models import ARCHITECTURES
+from mlx_dft.architectures import ARCHITECTURES
 
 GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
@@ -95,13 +97,17 @@ def reordered_heads(hf_name: str, config: dict) -> int | None:
     return None
 
 
-def to_hf_rows(w: np.ndarray, heads: int) -> np.ndarray:
+# A numpy or an MLX array: the row reorders use only reshape and swapaxes, which both have.
+Rows = TypeVar("Rows", np.ndarray, mx.array)
+
+
+def to_hf_rows(w: Rows, heads: int) -> Rows:
     """GGUF row order -> HF row order of a q/k tensor [heads * d, ...] (weights, scales, biases)."""
     rows = w.shape[0]
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def to_gguf_rows(w: np.ndarray, heads: int) -> np.ndarray:
+def to_gguf_rows(w: Rows, heads: int) -> Rows:
     """HF row order -> GGUF row order (the inverse of :func:`to_hf_rows`)."""
     rows = w.shape[0]
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -136,12 +136,14 @@ def extract_answer(text: str) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
-def make_split(seed: int, n: int, steps: tuple[int, ...], exclude: set[str] = frozenset()) -> list:
-    """``n`` distinct problems whose question is not in ``exclude``."""
+def make_split(
+    seed: int, n: int, steps: tuple[int, ...], exclude: set[str] = frozenset(), low: int = 10, high: int = 99
+) -> list:
+    """``n`` distinct problems whose question is not in ``exclude``; numbers from ``low`` to ``high``."""
     rng = random.Random(seed)
     out, seen = [], set(exclude)
     while len(out) < n:
-        p = make_problem(rng, rng.choice(steps))
+        p = make_problem(rng, rng.choice(steps), low, high)
         if p.question in seen:
             continue
         seen.add(p.question)

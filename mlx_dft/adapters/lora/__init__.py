@@ -102,7 +102,7 @@ class LoRA(AdapterMethod):
     """Low-rank updates ``scale * (x A) B`` on the linear layers of the last ``num_layers`` blocks."""
 
     name = "lora"
-    export_formats = ("peft",)
+    export_formats = ("peft", "gguf")
     card_settings = ("num_layers", "lora_rank", "lora_scale")
 
     def settings(self, cfg, model: nn.Module) -> dict:
@@ -140,7 +140,12 @@ class LoRA(AdapterMethod):
             model.update_modules(tree_unflatten(fused))
 
     def export(self, adapter_dir, config: dict, out, fmt: str, base_model: str | None) -> None:
-        peft.export_lora(adapter_dir, config, out, base_model)
+        if fmt == "gguf":
+            from mlx_dft.gguf.adapter import export_lora_gguf
+
+            export_lora_gguf(adapter_dir, config, out, base_model)
+        else:
+            peft.export_lora(adapter_dir, config, out, base_model)
 
     def read_foreign(self, path, model: str | None) -> dict | None:
         return peft.import_folder(path, model) if peft.is_peft_folder(path) else None
@@ -159,3 +164,11 @@ class DoRA(LoRA):
     """LoRA with a learned per-output magnitude (weight-decomposed LoRA)."""
 
     name = "dora"
+
+    def export(self, adapter_dir, config: dict, out, fmt: str, base_model: str | None) -> None:
+        if fmt == "gguf":  # llama.cpp's LoRA adds b a; DoRA rescales every row of W + b a
+            raise UserError(
+                "a DoRA adapter has no llama.cpp LoRA (GGUF) form: its magnitude vector rescales the "
+                "whole weight; merge it instead: `mlx_dft fuse ADAPTER --out DIR --gguf`"
+            )
+        super().export(adapter_dir, config, out, fmt, base_model)

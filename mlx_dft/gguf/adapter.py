@@ -1,0 +1,108 @@
+"""A LoRA adapter as llama.cpp's LoRA GGUF (``llama-cli --lora FILE``, ``llama-server --lora``).
+
+    mlx (y = x W^T + scale * (x A) B)            llama.cpp (y = x W^T + alpha / r * x a^T b^T)
+    model.layers.3.self_attn.q_proj.lora_a (in, r)   blk.3.attn_q.weight.lora_a = A^T  (r, in)
+    ...lora_b (r, out)                               blk.3.attn_q.weight.lora_b = B^T  (out, r)
+    scale                                            adapter.lora.alpha = scale * r
+
+The rows of ``lora_b`` (the output rows of q/k projections) are reordered for llama/mistral as
+the base model's own q/k rows are (:func:`mlx_dft.gguf.names.to_gguf_rows`). llama.cpp has one
+alpha per file and divides it by each tensor's rank; a module whose scale or rank differs from
+the adapter's (an import from PEFT's rank/alpha patterns) has the difference folded into its
+``lora_b``, so every module computes exactly its own ``scale * (x A) B``. Tensors are F32.
+
+DoRA's magnitude vector has no llama.cpp form: such adapters are refused (their method refuses
+before this module is reached; a stray ``.m`` tensor is refused here too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_dft.architectures import architecture
+from mlx_dft.errors import UserError
+from mlx_dft.files import read_json, read_safetensors, staged_folder
+from mlx_dft.gguf.names import reordered_heads, to_gguf_name, to_gguf_rows
+from mlx_dft.gguf.writer import GGUFWriter
+
+FILE = "adapter.gguf"
+
+
+def _model_config(config: dict, base_model: str | None) -> dict:
+    """The base model's config.json values the export needs: the run's recorded signature, else
+    the base model's own config.json."""
+    signature = config.get("model_signature") or {}
+    if {"model_type", "num_attention_heads"} <= set(signature):
+        return signature
+    from mlx_dft.models import resolve_model_path
+
+    base = base_model or config.get("base_model")
+    if not base:
+        raise UserError(
+            "the adapter names no base model (needed for the GGUF architecture); pass --base-model"
+        )
+    return read_json(resolve_model_path(str(base)) / "config.json")
+
+
+def lora_tensors(weights: dict[str, mx.array], params: dict, model_config: dict) -> tuple[float, dict]:
+    """(alpha, {gguf name: float32 array}) of an mlx LoRA adapter's tensors."""
+    rank, scale = int(params["rank"]), float(params["scale"])
+    ranks, scales = params.get("module_ranks") or {}, params.get("module_scales") or {}
+    alpha = scale * rank
+    modules: dict[str, dict[str, mx.array]] = {}
+    for name, w in weights.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "m":
+            raise UserError(f"tensor {name} is a DoRA magnitude, which llama.cpp's LoRA format cannot hold")
+        if leaf not in ("lora_a", "lora_b"):
+            raise UserError(f"unexpected adapter tensor {name}")
+        modules.setdefault(module, {})[leaf] = w
+    out = {}
+    for module, parts in sorted(modules.items()):
+        target = to_gguf_name(module + ".weight")
+        if target is None or "lora_a" not in parts or "lora_b" not in parts:
+            raise UserError(
+                f"LoRA on {module} has no llama.cpp form (not a block linear layer, or A/B missing)"
+            )
+        a = np.asarray(parts["lora_a"].astype(mx.float32)).T  # (r, in)
+        b = np.asarray(parts["lora_b"].astype(mx.float32)).T  # (out, r)
+        r = a.shape[0]
+        if r != int(ranks.get(module, rank)):
+            raise UserError(
+                f"{module}: lora_a has rank {r}, the adapter config says {ranks.get(module, rank)}"
+            )
+        llama_scale = alpha / r if alpha else 1.0  # llama.cpp: alpha 0 means "no alpha", scale 1
+        factor = float(scales.get(module, scale)) / llama_scale
+        if factor != 1.0:
+            b = b * np.float32(factor)
+        heads = reordered_heads(module + ".weight", model_config)
+        if heads is not None:
+            b = to_gguf_rows(b, heads)
+        out[target + ".lora_a"] = np.ascontiguousarray(a)
+        out[target + ".lora_b"] = np.ascontiguousarray(b)
+    if not out:
+        raise UserError("the adapter has no LoRA tensors")
+    return alpha, out
+
+
+def export_lora_gguf(adapter_dir: Path, config: dict, out: Path, base_model: str | None = None) -> Path:
+    """Write ``out/adapter.gguf`` from an mlx_dft (or mlx-lm) LoRA folder."""
+    adapter_dir = Path(adapter_dir)
+    model_config = _model_config(config, base_model)
+    arch = architecture(str(model_config.get("model_type")), "GGUF LoRA export").gguf
+    weights = read_safetensors(adapter_dir / "adapters.safetensors")
+    alpha, tensors = lora_tensors(weights, config["lora_parameters"], model_config)
+    writer = GGUFWriter()
+    writer.add_string("general.architecture", arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("general.name", adapter_dir.resolve().name)
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array.shape, "F32", lambda array=array: array)
+    with staged_folder(out) as stage:
+        writer.write(stage / FILE)
+    return out

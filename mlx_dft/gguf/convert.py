@@ -1,0 +1,251 @@
+"""GGUF -> a Hugging Face-layout model folder that mlx-lm (and, dequantized, transformers) loads.
+
+:func:`convert_gguf` checks everything it can before writing: the file (:mod:`.reader`), the
+architecture and its parameters, the tokenizer (:mod:`.tokenizer`), and every tensor's name and
+shape against the mlx-lm model the config describes. Then it writes ``config.json``,
+``model.safetensors`` and the tokenizer files into a staged folder renamed into place whole.
+
+- Tensor names follow :func:`names.to_hf_name`; llama.cpp's rotary row order of q/k is undone
+  with :func:`names.to_hf_rows` (packed weights, scales and biases alike).
+- Q4_0/Q4_1/Q8_0 tensors stay MLX-quantized (affine, groups of 32): ``quantization`` in
+  config.json gives the most common bit width, and every module whose width differs its own
+  entry, which mlx-lm's loader takes as a per-module override.
+- ``dequantize=True`` writes float32 weights, dequantized with scales and biases cast to float32
+  first (the file's float16 ones cost ~1e-1 in the logits; float32 ones ~1e-4).
+
+:func:`cached_conversion` is what ``--model FILE.gguf`` uses: one converted folder per file
+version under ``$MLX_DFT_CACHE/gguf`` (default ``~/.cache/mlx_dft/gguf``), reused when present.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_dft.architectures import ARCHITECTURES
+from mlx_dft.errors import UserError
+from mlx_dft.files import atomic_write_json, staged_folder
+from mlx_dft.gguf import names
+from mlx_dft.gguf.reader import GROUP_SIZE, GGUFHeader, load_tensors, read_header
+from mlx_dft.gguf.tokenizer import build_tokenizer, token_id_list, write_tokenizer
+
+
+def model_type_of(arch: str) -> str:
+    """The ``model_type`` for a GGUF ``general.architecture`` (the table entry named like it
+    first: a llama-architecture file is a llama model, whatever model it was converted from)."""
+    matches = [mt for mt, a in ARCHITECTURES.items() if a.gguf == arch]
+    if not matches:
+        supported = sorted({a.gguf for a in ARCHITECTURES.values()})
+        raise UserError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(supported)})")
+    return arch if arch in matches else matches[0]
+
+
+def _number(meta: dict, key: str, kind: type, default=None):
+    value = meta.get(key, default)
+    if value is None:
+        raise UserError(f"the GGUF file has no {key}, which a model needs")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not isinstance(value, int))
+    ):
+        raise UserError(f"GGUF metadata {key} = {str(value)[:60]} is not a single {kind.__name__}")
+    if value <= 0 and kind is int:
+        raise UserError(f"GGUF metadata {key} = {value} must be positive")
+    return kind(value)
+
+
+def model_config(header: GGUFHeader) -> dict:
+    """config.json (without tokenizer ids and quantization) from a GGUF's metadata and tensors."""
+    meta, tensors = header.metadata, header.tensors
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise UserError(f"{header.path} has no general.architecture")
+    model_type = model_type_of(arch)
+    prefix = f"{arch}."
+    keys = names.CONFIG_KEYS
+    cfg: dict = {"model_type": model_type, "architectures": [ARCHITECTURES[model_type].hf_class]}
+    for hf_key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        cfg[hf_key] = _number(meta, prefix + keys[hf_key], int)
+    heads = cfg["num_attention_heads"]
+    cfg["num_key_value_heads"] = _number(meta, prefix + keys["num_key_value_heads"], int, heads)
+    cfg["rms_norm_eps"] = _number(meta, prefix + keys["rms_norm_eps"], float)
+    cfg["rope_theta"] = _number(meta, prefix + keys["rope_theta"], float, 10000.0)
+    cfg["max_position_embeddings"] = _number(meta, prefix + keys["max_position_embeddings"], int, 4096)
+    head_dim = _number(meta, prefix + keys["head_dim"], int, cfg["hidden_size"] // heads)
+    if _number(meta, f"{prefix}attention.value_length", int, head_dim) != head_dim:
+        raise UserError("GGUF keys and values of different head sizes are not supported")
+    if heads % cfg["num_key_value_heads"] or head_dim % 2:
+        raise UserError(
+            f"GGUF head counts {heads}/{cfg['num_key_value_heads']} and head size {head_dim} do not fit"
+        )
+    cfg["head_dim"] = head_dim
+    scaling = meta.get(f"{prefix}rope.scaling.type", "none")
+    if scaling == "linear":
+        factor = _number(meta, f"{prefix}rope.scaling.factor", float)
+        cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": factor}
+    elif scaling != "none":
+        raise UserError(f"GGUF RoPE scaling {scaling!r} is not supported (supported: none, linear)")
+    if "rope_freqs.weight" in tensors:
+        raise UserError(
+            "the GGUF file has rope_freqs.weight (per-frequency RoPE factors, as in Llama 3.1), "
+            "which mlx_dft does not convert"
+        )
+    if "token_embd.weight" not in tensors:
+        raise UserError(f"{header.path} has no token_embd.weight tensor")
+    cfg["vocab_size"] = tensors["token_embd.weight"].shape[0]
+    cfg["tie_word_embeddings"] = "output.weight" not in tensors
+    if model_type in ("llama", "mistral"):
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        cfg["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    return cfg
+
+
+def _build(cfg: dict) -> nn.Module:
+    """The mlx-lm model ``cfg`` describes, its weights lazy (never computed)."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_cls, args_cls = _get_classes(cfg)
+        return model_cls(args_cls.from_dict(cfg))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot build a {cfg['model_type']} model from the GGUF metadata: {e}") from None
+
+
+def _hf_rows(a: mx.array, heads: int | None) -> mx.array:
+    """Undo llama.cpp's q/k row order (``heads`` from :func:`names.reordered_heads`; None: as is)."""
+    return names.to_hf_rows(a, heads) if heads else a
+
+
+def _convert_tensors(header: GGUFHeader, cfg: dict, dequantize: bool) -> tuple[dict[str, mx.array], dict]:
+    """(weights under Hugging Face names, per-module bits of the quantized ones), checked
+    against the parameters of the model ``cfg`` describes."""
+    hf_names = {}
+    for name in header.tensors:
+        hf = names.to_hf_name(name)
+        if hf is None:
+            raise UserError(f"GGUF tensor {name} has no counterpart in a {cfg['model_type']} model")
+        hf_names[name] = hf
+    model = _build(cfg)
+    expected = dict(tree_flatten(model.parameters()))
+    modules = dict(model.named_modules())
+    missing = sorted(set(expected) - set(hf_names.values()))
+    if missing:
+        raise UserError(f"the GGUF file lacks {len(missing)} tensors of the model, e.g. {missing[0]}")
+    for name, hf in hf_names.items():
+        if hf not in expected:
+            raise UserError(f"GGUF tensor {name} ({hf}) is not a parameter of a {cfg['model_type']} model")
+        if tuple(expected[hf].shape) != header.tensors[name].shape:
+            raise UserError(
+                f"GGUF tensor {name} has shape {header.tensors[name].shape}, "
+                f"the model expects {tuple(expected[hf].shape)}"
+            )
+    arrays = load_tensors(header)
+    weights, bits = {}, {}
+    for name, info in header.tensors.items():
+        hf = hf_names[name]
+        heads = names.reordered_heads(hf, cfg)
+        if not info.quantized:
+            w = arrays[name]
+            weights[hf] = _hf_rows(w.astype(mx.float32) if dequantize else w, heads)
+            continue
+        base, hf_base = name[: -len(".weight")], hf[: -len(".weight")]
+        w, scales, biases = (
+            _hf_rows(arrays[f"{base}.{leaf}"], heads) for leaf in ("weight", "scales", "biases")
+        )
+        b = w.shape[-1] * 32 // info.shape[-1]
+        if dequantize or not hasattr(modules.get(hf_base), "to_quantized"):
+            # float32 scales and biases before the products: the float16 ones round each group's
+            # values to float16 precision (gguf.md: 0.08 vs 8.8e-5 in the logits).
+            weights[hf] = mx.dequantize(
+                w, scales.astype(mx.float32), biases.astype(mx.float32), GROUP_SIZE, b
+            )
+            if not dequantize:
+                weights[hf] = weights[hf].astype(scales.dtype)
+        else:
+            weights[hf], weights[f"{hf_base}.scales"], weights[f"{hf_base}.biases"] = w, scales, biases
+            bits[hf_base] = b
+    return weights, bits
+
+
+def _quantization(bits: dict[str, int]) -> dict | None:
+    if not bits:
+        return None
+    default = Counter(bits.values()).most_common(1)[0][0]
+    q = {"group_size": GROUP_SIZE, "bits": default}
+    q.update({m: {"group_size": GROUP_SIZE, "bits": b} for m, b in sorted(bits.items()) if b != default})
+    return q
+
+
+def convert_gguf(
+    path: str | Path, out: str | Path, dequantize: bool = False, overwrite: bool = False
+) -> Path:
+    """Convert the GGUF file ``path`` into the model folder ``out``; returns ``out``."""
+    header = read_header(path)
+    cfg = model_config(header)
+    meta = header.metadata
+    _, special = build_tokenizer(meta)  # fail on the tokenizer before any tensor is read
+    if len(meta["tokenizer.ggml.tokens"]) > cfg["vocab_size"]:
+        raise UserError(
+            f"the GGUF tokenizer has {len(meta['tokenizer.ggml.tokens'])} tokens, "
+            f"the embedding only {cfg['vocab_size']} rows"
+        )
+    for key, names_ in (("bos_token_id", ("bos_token",)), ("eos_token_id", ("eos_token", "eot_token"))):
+        ids = token_id_list(special, *names_)
+        if ids:
+            cfg[key] = ids[0] if len(ids) == 1 else ids
+    weights, bits = _convert_tensors(header, cfg, dequantize)
+    if (q := _quantization(bits)) is not None:
+        cfg["quantization"] = q
+    else:
+        # the dtype of most of the weights (a float16 file keeps its norms in float32)
+        sizes = Counter()
+        for v in weights.values():
+            sizes[v.dtype] += v.size
+        cfg["torch_dtype"] = str(sizes.most_common(1)[0][0]).rpartition(".")[2]
+    out = Path(out)
+    with staged_folder(out, overwrite=overwrite) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+        write_tokenizer(meta, tmp, cfg["max_position_embeddings"])
+        atomic_write_json(tmp / "config.json", cfg)
+    return out
+
+
+def cache_root() -> Path:
+    """Where converted GGUF files are kept: ``$MLX_DFT_CACHE/gguf``, else ``~/.cache/mlx_dft/gguf``."""
+    return Path(os.environ.get("MLX_DFT_CACHE") or Path.home() / ".cache" / "mlx_dft") / "gguf"
+
+
+def cached_conversion(path: str | Path, dequantize: bool, root: Path | None = None) -> Path:
+    """The converted folder of the GGUF file ``path`` under ``root`` (default :func:`cache_root`),
+    converting it on first use.
+
+    Keyed by the file's name, size and modification time (a new download converts again), and
+    by the variant. Concurrent processes (data-parallel ranks) may both convert: the first
+    rename wins, the other discards its copy; a folder under the final name is always whole."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    variant = "float32" if dequantize else "quantized"
+    root = Path(root) if root is not None else cache_root()
+    out = root / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{variant}"
+    if (out / "config.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}."))
+    try:
+        convert_gguf(path, work / "model", dequantize)
+        try:
+            os.rename(work / "model", out)
+        except OSError:
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out

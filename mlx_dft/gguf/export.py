@@ -1,0 +1,174 @@
+"""A Hugging Face model folder (``config.json``, ``model*.safetensors``, tokenizer files: what
+``mlx_dft fuse`` writes) as one GGUF file that llama.cpp, Ollama and LM Studio load.
+
+- Metadata: ``general.*`` (architecture, type, name, file type), the architecture's parameters
+  from config.json (:data:`mlx_dft.gguf.names.CONFIG_KEYS`, plus the rotary dimension count, the
+  vocabulary size, key/value lengths), and the tokenizer (:mod:`mlx_dft.gguf.vocab`).
+- Tensors: renamed with :func:`~mlx_dft.gguf.names.to_gguf_name`; the q/k rows of llama/mistral
+  reordered to llama.cpp's rotary layout (:func:`~mlx_dft.gguf.names.to_gguf_rows`); no
+  ``output.weight`` when the embedding is tied (llama.cpp then uses ``token_embd``).
+- Types (``gguf_type``): ``f32``; ``f16``; ``q8_0``; ``q4_0``. Norms, biases and other 1-D tensors
+  stay F32 in every type, and so does a matrix whose rows are not a multiple of 32 values when a
+  quantized type is asked (llama.cpp's blocks are 32 values). With ``q4_0`` the output projection
+  (``output.weight``, or ``token_embd`` when tied) is Q8_0, as llama.cpp's quantizer keeps it at a
+  higher precision (Q6_K there; K-quants are not written here).
+
+MLX-quantized folders are refused: dequantize them first (``mlx_dft fuse --dequantize``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_dft.architectures import architecture
+from mlx_dft.errors import UserError
+from mlx_dft.files import check_safetensors, read_json
+from mlx_dft.gguf.names import CONFIG_KEYS, reordered_heads, to_gguf_name, to_gguf_rows
+from mlx_dft.gguf.vocab import add_tokenizer
+from mlx_dft.gguf.writer import GGUFWriter
+
+# --gguf-type -> llama.cpp's general.file_type (enum llama_ftype) and the type of 2-D tensors.
+GGUF_TYPES = {"f32": (0, "F32"), "f16": (1, "F16"), "q8_0": (7, "Q8_0"), "q4_0": (2, "Q4_0")}
+QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION: the block layouts written by mlx_dft.gguf.quants
+FLOAT_KEYS = {"rms_norm_eps", "rope_theta"}
+# Tensors of a checkpoint that carry no weights of their own.
+SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def check_gguf_type(gguf_type: str) -> str:
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"unknown GGUF type {gguf_type!r}; choose {', '.join(GGUF_TYPES)}")
+    return gguf_type
+
+
+def file_name(gguf_type: str) -> str:
+    """The GGUF file ``mlx_dft fuse --gguf`` writes into its folder: ``model-f16.gguf`` and so on."""
+    return f"model-{check_gguf_type(gguf_type)}.gguf"
+
+
+def tensor_type(gguf_type: str, shape: tuple[int, ...], output: bool) -> str:
+    """The stored type of one tensor (see the module docstring)."""
+    wanted = GGUF_TYPES[gguf_type][1]
+    if len(shape) < 2 or wanted == "F32":
+        return "F32"
+    if wanted in ("Q8_0", "Q4_0") and shape[-1] % 32:
+        return "F32"
+    return "Q8_0" if wanted == "Q4_0" and output else wanted
+
+
+def _rope(config: dict) -> tuple[float | None, dict | None]:
+    """(rope_theta, rope scaling) from config.json, in transformers 4's or 5's spelling."""
+    params = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    theta = config.get("rope_theta", params.get("rope_theta"))
+    scaling = config.get("rope_scaling") or None
+    kind = (scaling or params).get("rope_type") or (scaling or {}).get("type") or "default"
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, {"type": "linear", "factor": float((scaling or params)["factor"])}
+    raise UserError(
+        f"config.json: rope scaling of type {kind!r} is not written to GGUF (default and linear are)"
+    )
+
+
+def add_architecture(writer: GGUFWriter, config: dict, arch: str, n_vocab: int) -> None:
+    """``{arch}.*`` parameters from a config.json."""
+    theta, scaling = _rope(config)
+    values = {**config, "rope_theta": theta}
+    if values.get("num_key_value_heads") is None:
+        values["num_key_value_heads"] = config["num_attention_heads"]
+    for hf_key, gguf_key in CONFIG_KEYS.items():
+        if values.get(hf_key) is None:
+            continue
+        if hf_key in FLOAT_KEYS:
+            writer.add_float32(f"{arch}.{gguf_key}", values[hf_key])
+        else:
+            writer.add_uint32(f"{arch}.{gguf_key}", values[hf_key])
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if config.get("head_dim"):
+        writer.add_uint32(f"{arch}.attention.value_length", head_dim)
+    writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
+    writer.add_uint32(f"{arch}.vocab_size", n_vocab)
+    if scaling:
+        writer.add_string(f"{arch}.rope.scaling.type", scaling["type"])
+        writer.add_float32(f"{arch}.rope.scaling.factor", scaling["factor"])
+
+
+def _weights(folder: Path) -> dict[str, mx.array]:
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"model folder {folder} has no model*.safetensors weights")
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        check_safetensors(f)
+        weights.update(mx.load(str(f)))
+    return weights
+
+
+def _numpy(w: mx.array) -> np.ndarray:
+    return np.asarray(w.astype(mx.float32))
+
+
+def write_model_gguf(
+    folder: str | Path, out: str | Path, gguf_type: str = "f16", name: str | None = None
+) -> Path:
+    """Write the model in ``folder`` as the GGUF file ``out`` (``gguf_type``: f32, f16, q8_0, q4_0)."""
+    folder, out = Path(folder), Path(out)
+    check_gguf_type(gguf_type)
+    config = read_json(folder / "config.json")
+    if config.get("quantization") or config.get("quantization_config"):
+        raise UserError(
+            f"{folder} holds quantized weights; GGUF export needs float ones (fuse with --dequantize)"
+        )
+    arch = architecture(str(config.get("model_type")), "GGUF export").gguf
+    weights = _weights(folder)
+    tied = bool(config.get("tie_word_embeddings", False))
+    if "model.embed_tokens.weight" not in weights:
+        raise UserError(f"{folder}: no model.embed_tokens.weight tensor")
+    if not tied and "lm_head.weight" not in weights:
+        raise UserError(f"{folder}: no lm_head.weight, and config.json does not tie it to the embedding")
+    n_vocab = int(weights["model.embed_tokens.weight"].shape[0])
+
+    writer = GGUFWriter()
+    writer.add_string("general.architecture", arch)
+    writer.add_string("general.type", "model")
+    writer.add_string("general.name", name or folder.resolve().name)
+    writer.add_uint32("general.file_type", GGUF_TYPES[gguf_type][0])
+    writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+    add_architecture(writer, config, arch, n_vocab)
+    add_tokenizer(writer, folder, n_vocab, config)
+
+    for hf_name in sorted(weights, key=_order):
+        if SKIPPED.search(hf_name) or (tied and hf_name == "lm_head.weight"):
+            continue
+        gguf_name = to_gguf_name(hf_name)
+        if gguf_name is None:
+            raise UserError(f"{folder}: tensor {hf_name} has no GGUF name (an unsupported layer?)")
+        shape = tuple(weights[hf_name].shape)
+        output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+        writer.add_tensor(
+            gguf_name, shape, tensor_type(gguf_type, shape, output), _reader(weights, hf_name, config)
+        )
+    return writer.write(out)
+
+
+def _reader(weights: dict[str, mx.array], hf_name: str, config: dict):
+    heads = reordered_heads(hf_name, config)
+
+    def read() -> np.ndarray:
+        w = _numpy(weights.pop(hf_name))  # dropped once written: one tensor in memory at a time
+        return w if heads is None else to_gguf_rows(w, heads)
+
+    return read
+
+
+def _order(hf_name: str) -> tuple:
+    # token_embd, the blocks in order, then the final norm and the output (llama.cpp's order).
+    m = re.match(r"model\.layers\.(\d+)\.", hf_name)
+    if m:
+        return (1, int(m.group(1)), hf_name)
+    return (0 if "embed_tokens" in hf_name else 2, 0, hf_name)
