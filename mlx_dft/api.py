@@ -16,12 +16,12 @@ import mlx.core as mx
 
 from mlx_dft import _blas, adapters, data, models
 from mlx_dft.checkpoint import OutputFolder, run_config
-from mlx_dft.config import TrainConfig, resolve, total_steps
+from mlx_dft.config import TrainConfig, check_run_length, resolve, total_steps
 from mlx_dft.errors import UserError
 from mlx_dft.interop.convert import read_source
 from mlx_dft.losses import LossConfig
 from mlx_dft.tasks import ARITH_DIR
-from mlx_dft.trainer import Callback, LoopConfig, Run, model_loss_fn, optimizer_for, test_report, train_loop
+from mlx_dft.trainer import Callback, LoopConfig, Run, optimizer_for, run_loss_fns, test_report, train_loop
 
 __all__ = ["Callback", "Run", "TrainConfig", "UserError", "generate", "load", "train"]
 
@@ -60,12 +60,15 @@ def train(
     saved = source if source is not None else resume.config if resume and cfg.adapter_from else None
     settings = method.settings_from_config(saved) if saved is not None else method.settings(cfg, model)
     method.apply(model, settings)
+    # Before any trained weights load: ASFT's reference is the model with the adapter switched off.
+    loss_fn, warmup_loss_fn = run_loss_fns(model, cfg, method)
     if source is not None:
         adapters.load_weights(model, source["weights"], cfg.adapter_from)
         say(f"starting from the {cfg.adapter} adapter {cfg.adapter_from}")
     say(f"model {cfg.model} ({models.model_type(model)}): {adapters.summary(model, method, settings)}")
 
     steps = total_steps(cfg, n_batches)
+    check_run_length(cfg, steps)
     optimizer = optimizer_for(cfg, steps)
     start_step = 0
     if resume is not None:
@@ -78,14 +81,14 @@ def train(
     out.begin(run_config(cfg, settings, model, model_cfg, out.path, steps), start_step if resume else None)
     say(f"training {steps} steps of {cfg.batch_size} examples ({_recipe(cfg, world)}) -> {out.path}")
 
-    loss_fn = model_loss_fn(model, LossConfig(cfg.loss, cfg.dft_floor, cfg.dft_power), cfg.loss_chunk_tokens)
     if cfg.grad_checkpoint:
         models.grad_checkpoint(model)
     run = Run(model, tokenizer, cfg, out.path, last_checkpoint=resume.checkpoint if resume else None)
     save = out.saver(model, method, optimizer, steps, cfg.grad_accumulation_steps, cfg.keep_checkpoints)
     loop = LoopConfig.from_options(cfg, steps)
     train_loop(model, optimizer, loss_fn, train_set, val_set, loop, run, start_step=start_step, save=save,
-               record=out.record, callbacks=list(callbacks), progress=progress, log=say)  # fmt: skip
+               record=out.record, callbacks=list(callbacks), progress=progress, log=say,
+               warmup_loss_fn=warmup_loss_fn)  # fmt: skip
 
     if cfg.test and "test" in splits:
         out.record(test_report(model, loss_fn, splits["test"], cfg.batch_size, run, say))
@@ -109,7 +112,10 @@ def _rank0_print(world: mx.distributed.Group):
 
 def _recipe(cfg: TrainConfig, world: mx.distributed.Group) -> str:
     workers = f"{world.size()} worker{'s' if world.size() > 1 else ''}"
-    return f"{cfg.loss} loss, lr {cfg.resolved_learning_rate():g}, {workers}"
+    loss = LossConfig.from_options(cfg).describe()
+    if cfg.sft_warmup_steps:
+        loss += f" after {cfg.sft_warmup_steps} SFT steps"
+    return f"{loss}, lr {cfg.resolved_learning_rate():g}, {workers}"
 
 
 def _default_output(cfg: TrainConfig) -> Path:

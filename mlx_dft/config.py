@@ -55,7 +55,9 @@ class TrainConfig:
     # loss
     loss: str = option(
         "dft",
-        "Token loss: sft (cross-entropy) or dft (cross-entropy scaled by the detached token probability).",
+        "Token loss: sft (cross-entropy), dft (cross-entropy scaled by the detached token probability), "
+        "asft (dft + alpha x KL(base model || model) over the vocabulary) or eaft (cross-entropy scaled "
+        "by the detached normalised top-k entropy).",
         LOSS_TYPES,
     )
     dft_floor: float = option(
@@ -64,6 +66,19 @@ class TrainConfig:
         "The DFT author suggests 0.1 when rare tokens must be learned.",
     )
     dft_power: float = option(1.0, "DFT weight power a: weight = p^a.")
+    asft_alpha: float = option(
+        0.1,
+        "ASFT: weight of each token's KL(base || model), added to its DFT term; the base is the model "
+        "with the adapter switched off.",
+    )
+    asft_reference_copy: bool = option(
+        False,
+        "ASFT with --adapter full: keep a frozen copy of the trained blocks' initial weights as the "
+        "reference (doubles the memory of those blocks).",
+    )
+    eaft_alpha: float = option(1.0, "EAFT: weight = (H_k / ln k)^alpha.")
+    eaft_top_k: int = option(20, "EAFT: k, the number of largest logits whose softmax entropy H_k is used.")
+    sft_warmup_steps: int = option(0, "Plain SFT for the first N optimizer steps, then --loss.")
     # adapter
     adapter: str = option("lora", "What to train: lora, dora, full or aligner.", ADAPTERS)
     num_layers: int = option(16, "Adapt the last N transformer blocks; -1 for all (lora, dora, full).")
@@ -349,6 +364,15 @@ def total_steps(cfg: TrainConfig, n_batches: int) -> int:
     return max(1, math.ceil(epochs * n_batches / cfg.grad_accumulation_steps))
 
 
+def check_run_length(cfg: TrainConfig, steps: int) -> None:
+    """Refuse options that do not fit a run of ``steps`` optimizer steps."""
+    if cfg.sft_warmup_steps >= steps:
+        raise UserError(
+            f"--sft-warmup-steps {cfg.sft_warmup_steps} must be below the run's {steps} steps "
+            "(or the run never reaches --loss)"
+        )
+
+
 def warmup_steps(cfg: TrainConfig, steps: int) -> int:
     """``warmup`` as steps: a fraction of the run below 1, else a count; never beyond the run."""
     warmup = int(round(cfg.warmup * steps)) if cfg.warmup < 1 else int(cfg.warmup)
@@ -371,6 +395,16 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.num_layers == -1 or cfg.num_layers >= 1, "--num-layers must be -1 (all) or at least 1")
     check(0.0 <= cfg.dft_floor <= 1.0, "--dft-floor must be in [0, 1]")
     check(cfg.dft_power > 0.0, "--dft-power must be positive")
+    check(cfg.asft_alpha >= 0.0, "--asft-alpha must be >= 0")
+    check(cfg.eaft_alpha >= 0.0, "--eaft-alpha must be >= 0")
+    check(cfg.eaft_top_k >= 2, "--eaft-top-k must be at least 2")
+    check(cfg.sft_warmup_steps >= 0, "--sft-warmup-steps must be >= 0")
+    check(
+        cfg.sft_warmup_steps == 0 or cfg.loss != "sft",
+        "--sft-warmup-steps switches from SFT to another --loss; with --loss sft it has nothing to do",
+    )
+    if cfg.iters is not None:
+        check_run_length(cfg, cfg.iters)
     check(cfg.learning_rate is None or cfg.learning_rate > 0, "--learning-rate must be positive")
     check(cfg.warmup >= 0, "--warmup must be >= 0")
     check(cfg.max_grad_norm >= 0, "--max-grad-norm must be >= 0")

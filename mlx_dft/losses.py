@@ -1,29 +1,38 @@
-"""Token losses: SFT (cross-entropy) and DFT (cross-entropy scaled by the token's own probability).
+"""Token losses: SFT, DFT and its relatives ASFT and EAFT, as pure functions of hidden states.
 
-For supervised positions t with target y_t::
+For supervised positions t with target y_t, logits z_t and reference logits r_t::
 
-    CE_t = -log softmax(z_t)[y_t]            p_t = exp(-CE_t)
-    w_t  = 1                                  (sft)
-    w_t  = max(p_t ** power, floor)           (dft; paper: power=1, floor=0)
-    L    = sum_t stopgrad(w_t) * CE_t / |M|
+    CE_t = -log softmax(z_t)[y_t]             p_t = exp(-CE_t)
+    sft:  w_t = 1                             L = sum_t w_t * CE_t / |M|
+    dft:  w_t = sg(max(p_t ** power, floor))  (paper: power=1, floor=0)
+    asft: L = sum_t [w_t(dft) * CE_t + alpha * KL(softmax(r_t) || softmax(z_t))] / |M|
+    eaft: w_t = sg((H_k(z_t) / ln k) ** alpha) H_k: entropy of the softmax of the k largest logits
+
+ASFT (Anchored SFT, arXiv 2509.23753) anchors DFT to a reference policy, the base model (the
+adapter switched off), over the full vocabulary; EAFT (Entropy-Adaptive Fine-Tuning, arXiv
+2601.02151) down-weights tokens the model is confidently wrong about (low top-k entropy).
 
 Every function here returns *sums* over tokens, never means: the trainer divides by the
 supervised-token count of the whole optimizer step (all micro-batches, all workers), so
 gradient accumulation and data parallelism give exactly the one-big-batch update.
 
 The logits are computed from the final hidden states at supervised positions only, in
-chunks of tokens, so a batch never holds a float32 [batch, length, vocab] array.
+chunks of tokens, so a batch never holds a float32 [batch, length, vocab] array; ASFT's
+reference logits are computed from the reference hidden states in the same chunks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-LOSS_TYPES = ("sft", "dft")
+LOSS_TYPES = ("sft", "dft", "asft", "eaft")
+# The parts of each loss that reports show next to the objective (sums over tokens, like it).
+LOSS_PARTS = {"asft": ("dft", "kl"), "eaft": ("eaft_weight",)}
 # Logit elements per chunk of the chunked loss (32 MiB of float32; the backward pass holds
 # a handful of chunk-sized temporaries, so peak memory is a few hundred MiB at any vocabulary).
 DEFAULT_CHUNK_ELEMENTS = 8 * 1024 * 1024
@@ -34,6 +43,9 @@ class LossConfig:
     loss: str = "dft"
     dft_floor: float = 0.0
     dft_power: float = 1.0
+    asft_alpha: float = 0.1
+    eaft_alpha: float = 1.0
+    eaft_top_k: int = 20
 
     def __post_init__(self):
         if self.loss not in LOSS_TYPES:
@@ -42,12 +54,48 @@ class LossConfig:
             raise ValueError(f"dft_floor must be in [0, 1], got {self.dft_floor}")
         if self.dft_power <= 0.0:
             raise ValueError(f"dft_power must be > 0, got {self.dft_power}")
+        if self.asft_alpha < 0.0:
+            raise ValueError(f"asft_alpha must be >= 0, got {self.asft_alpha}")
+        if self.eaft_alpha < 0.0:
+            raise ValueError(f"eaft_alpha must be >= 0, got {self.eaft_alpha}")
+        if self.eaft_top_k < 2:
+            raise ValueError(f"eaft_top_k must be at least 2, got {self.eaft_top_k}")
+
+    @classmethod
+    def from_options(cls, cfg) -> LossConfig:
+        """The loss a :class:`~mlx_dft.config.TrainConfig` asks for."""
+        return cls(cfg.loss, cfg.dft_floor, cfg.dft_power, cfg.asft_alpha, cfg.eaft_alpha, cfg.eaft_top_k)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Names of the sums :func:`loss_sums` returns after (objective, ce, prob, tokens)."""
+        return LOSS_PARTS.get(self.loss, ())
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss needs the reference model's hidden states (ASFT)."""
+        return self.loss == "asft"
+
+    def describe(self) -> str:
+        """``asft loss (alpha 0.1)``: the loss and the settings it uses."""
+        settings = {
+            "dft": [("floor", self.dft_floor, 0.0), ("power", self.dft_power, 1.0)],
+            "asft": [("alpha", self.asft_alpha, None), ("dft floor", self.dft_floor, 0.0)],
+            "eaft": [("alpha", self.eaft_alpha, None), ("top-k", self.eaft_top_k, None)],
+        }.get(self.loss, [])
+        shown = [f"{name} {value:g}" for name, value, default in settings if value != default]
+        return f"{self.loss} loss" + (f" ({', '.join(shown)})" if shown else "")
 
 
-def token_weights(ce: mx.array, cfg: LossConfig) -> mx.array:
-    """Detached per-token weights for per-token cross-entropies ``ce``."""
+def token_weights(ce: mx.array, cfg: LossConfig, eaft_weight: mx.array | None = None) -> mx.array:
+    """Detached per-token weights of the cross-entropies ``ce`` (DFT's for dft and asft; EAFT's
+    weight, computed from the logits by :func:`eaft_weights`, passed in as ``eaft_weight``)."""
     if cfg.loss == "sft":
         return mx.ones_like(ce)
+    if cfg.loss == "eaft":
+        if eaft_weight is None:
+            raise ValueError("the eaft loss needs its per-token weights (eaft_weights of the logits)")
+        return mx.stop_gradient(eaft_weight.astype(mx.float32))
     logp = -mx.stop_gradient(ce)
     w = mx.exp(logp * cfg.dft_power) if cfg.dft_power != 1.0 else mx.exp(logp)
     if cfg.dft_floor > 0.0:
@@ -55,32 +103,141 @@ def token_weights(ce: mx.array, cfg: LossConfig) -> mx.array:
     return w
 
 
-def loss_sums(ce: mx.array, valid: mx.array, cfg: LossConfig) -> tuple[mx.array, ...]:
-    """(objective, ce, probability, token count) summed over the valid tokens."""
+def loss_sums(
+    ce: mx.array, valid: mx.array, cfg: LossConfig, extra: mx.array | None = None
+) -> tuple[mx.array, ...]:
+    """(objective, ce, probability, token count, *parts) summed over the valid tokens.
+
+    ``extra`` holds the per-token term the loss adds to the cross-entropy: KL(ref || model) for
+    asft (differentiable), the EAFT weight for eaft; ``cfg.parts`` names the part sums (detached):
+    asft's DFT term and KL term, eaft's weight.
+    """
     ce = ce.astype(mx.float32)
     valid = valid.astype(mx.float32)
-    w = token_weights(ce, cfg)
-    objective = (w * ce * valid).sum()
+    w = token_weights(ce, cfg, extra if cfg.loss == "eaft" else None)
+    weighted = (w * ce * valid).sum()
     ce_sum = (mx.stop_gradient(ce) * valid).sum()
     prob_sum = (mx.exp(-mx.stop_gradient(ce)) * valid).sum()
-    return objective, ce_sum, prob_sum, valid.sum()
+    if cfg.loss == "asft":
+        if extra is None:
+            raise ValueError("the asft loss needs the per-token KL to its reference")
+        kl = (extra.astype(mx.float32) * valid).sum()
+        objective = weighted + cfg.asft_alpha * kl
+        return objective, ce_sum, prob_sum, valid.sum(), mx.stop_gradient(weighted), mx.stop_gradient(kl)
+    if cfg.loss == "eaft":
+        return weighted, ce_sum, prob_sum, valid.sum(), (w * valid).sum()
+    return weighted, ce_sum, prob_sum, valid.sum()
+
+
+def eaft_weights(logits: mx.array, top_k: int, alpha: float) -> mx.array:
+    """Detached (H_k / ln k) ** alpha per row of ``logits`` [N, V]: H_k is the entropy of the
+    softmax over the row's ``top_k`` largest logits, so the ratio lies in [0, 1]."""
+    top = mx.topk(mx.stop_gradient(logits).astype(mx.float32), top_k, axis=-1)
+    logq = top - mx.logsumexp(top, axis=-1, keepdims=True)
+    ratio = -(mx.exp(logq) * logq).sum(axis=-1) / math.log(top_k)
+    if alpha == 1.0:
+        return ratio
+    return mx.power(mx.maximum(ratio, 0.0), alpha)
+
+
+def kl_to_reference(logits: mx.array, ref_logits: mx.array) -> mx.array:
+    """KL(softmax(ref_logits) || softmax(logits)) per row over the full vocabulary; no gradient
+    reaches the reference."""
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    ref = mx.stop_gradient(ref_logits)
+    ref_logp = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
+    return (mx.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1)
+
+
+def token_terms(
+    logits: mx.array, targets: mx.array, cfg: LossConfig, ref_logits: mx.array | None = None
+) -> tuple[mx.array, mx.array | None]:
+    """(CE, extra) per row of ``logits`` [N, V]: ``extra`` is the KL to ``ref_logits`` for asft,
+    the EAFT weight for eaft, None otherwise (see :func:`loss_sums`)."""
+    logits = logits.astype(mx.float32)
+    lse = mx.logsumexp(logits, axis=-1)
+    ce = lse - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    if cfg.loss == "asft":
+        if ref_logits is None:
+            raise ValueError("the asft loss needs reference logits")
+        return ce, kl_to_reference(logits, ref_logits.astype(mx.float32))
+    if cfg.loss == "eaft":
+        return ce, eaft_weights(logits, cfg.eaft_top_k, cfg.eaft_alpha)
+    return ce, None
 
 
 def loss_from_logits(
-    logits: mx.array, targets: mx.array, mask: mx.array, cfg: LossConfig
+    logits: mx.array,
+    targets: mx.array,
+    mask: mx.array,
+    cfg: LossConfig,
+    ref_logits: mx.array | None = None,
 ) -> tuple[mx.array, dict]:
-    """Mean loss over ``mask`` from full logits [..., V]: the plain reference form of the loss."""
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")
-    objective, ce_sum, prob_sum, n = loss_sums(ce, mask, cfg)
+    """Mean loss over ``mask`` from full logits [..., V] (and, for asft, the reference's): the plain
+    reference form of the loss. The metrics hold the means of ce, prob and the loss's parts."""
+    v = logits.shape[-1]
+    flat_ref = None if ref_logits is None else ref_logits.reshape(-1, v)
+    ce, extra = token_terms(logits.reshape(-1, v), targets.reshape(-1), cfg, flat_ref)
+    objective, ce_sum, prob_sum, n, *parts = loss_sums(ce, mask.reshape(-1), cfg, extra)
     n = mx.maximum(n, 1)
-    return objective / n, {"ce": ce_sum / n, "prob": prob_sum / n, "ntoks": n}
+    metrics = {"ce": ce_sum / n, "prob": prob_sum / n, "ntoks": n}
+    metrics.update({name: s / n for name, s in zip(cfg.parts, parts)})
+    return objective / n, metrics
 
 
-def _target_ce(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
-    logits = head(h).astype(mx.float32)
-    lse = mx.logsumexp(logits, axis=-1)
-    target_logit = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return lse - target_logit
+def chunked_terms(
+    head: nn.Module | Callable,
+    hidden: mx.array,
+    targets: mx.array,
+    chunk_tokens: int,
+    cfg: LossConfig,
+    ref_hidden: mx.array | None = None,
+) -> tuple[mx.array, mx.array | None]:
+    """Per-token (CE, extra) of ``targets`` [N] under ``head(hidden)`` [N, V] (see
+    :func:`token_terms`); for asft the reference logits are ``head(ref_hidden)``, detached.
+
+    Splits the N tokens into chunks of ``chunk_tokens``; with more than one chunk each is
+    wrapped in ``mx.checkpoint`` so its [chunk, V] logits (and reference logits) are recomputed
+    in the backward pass instead of kept, and chained to the previous chunk so they are
+    evaluated in turn: peak memory holds a few chunks of logits, not N (measured: 2048 tokens
+    x 152k vocab, 3.7 GB unchunked, 0.3 GB in chunks of 64).
+    """
+    if cfg.needs_reference and ref_hidden is None:
+        raise ValueError(f"the {cfg.loss} loss needs reference hidden states")
+    with_ref = cfg.needs_reference
+    n = hidden.shape[0]
+
+    def terms(h: mx.array, t: mx.array, ref_h: mx.array | None) -> mx.array:
+        ref_logits = mx.stop_gradient(head(ref_h)) if with_ref else None
+        ce, extra = token_terms(head(h), t, cfg, ref_logits)
+        return ce[:, None] if extra is None else mx.stack([ce, extra], axis=-1)
+
+    if chunk_tokens <= 0 or n <= chunk_tokens:
+        out = terms(hidden, targets, ref_hidden)
+    else:
+        trainable = head.trainable_parameters() if isinstance(head, nn.Module) else {}
+
+        def piece(t: mx.array, ref_h: mx.array | None):
+            # Targets and reference states need no gradient: close over them (checkpoint
+            # differentiates its inputs).
+            def fn(params, h):
+                if params:
+                    head.update(params)
+                return terms(h, t, ref_h)
+
+            return mx.checkpoint(fn)
+
+        chunks = []
+        for i in range(0, n, chunk_tokens):
+            h = hidden[i : i + chunk_tokens]
+            if chunks:
+                # A (zero) data dependency on the previous chunk makes MLX evaluate the chunks one
+                # after another, forward and backward, instead of holding all their logits at once.
+                h = h + 0.0 * chunks[-1].sum()
+            ref_h = ref_hidden[i : i + chunk_tokens] if with_ref else None
+            chunks.append(piece(targets[i : i + chunk_tokens], ref_h)(trainable, h))
+        out = mx.concatenate(chunks)
+    return out[:, 0], (out[:, 1] if out.shape[1] > 1 else None)
 
 
 def chunked_ce(
@@ -89,38 +246,9 @@ def chunked_ce(
     targets: mx.array,
     chunk_tokens: int,
 ) -> mx.array:
-    """Per-token cross-entropy of ``targets`` [N] under ``head(hidden)`` [N, V].
-
-    Splits the N tokens into chunks of ``chunk_tokens``; with more than one chunk each is
-    wrapped in ``mx.checkpoint`` so its [chunk, V] logits are recomputed in the backward
-    pass instead of kept, and chained to the previous chunk so they are evaluated in turn:
-    peak memory holds a few chunks of logits, not N (measured: 2048 tokens x 152k vocab,
-    3.7 GB unchunked, 0.3 GB in chunks of 64).
-    """
-    n = hidden.shape[0]
-    if chunk_tokens <= 0 or n <= chunk_tokens:
-        return _target_ce(head, hidden, targets)
-
-    trainable = head.trainable_parameters() if isinstance(head, nn.Module) else {}
-
-    def piece(t: mx.array):
-        # Targets are integer indices: close over them (checkpoint differentiates its inputs).
-        def fn(params, h):
-            if params:
-                head.update(params)
-            return _target_ce(head, h, t)
-
-        return mx.checkpoint(fn)
-
-    out = []
-    for i in range(0, n, chunk_tokens):
-        h = hidden[i : i + chunk_tokens]
-        if out:
-            # A (zero) data dependency on the previous chunk makes MLX evaluate the chunks one
-            # after another, forward and backward, instead of holding all their logits at once.
-            h = h + 0.0 * out[-1].sum()
-        out.append(piece(targets[i : i + chunk_tokens])(trainable, h))
-    return mx.concatenate(out)
+    """Per-token cross-entropy of ``targets`` [N] under ``head(hidden)`` [N, V], in chunks
+    (:func:`chunked_terms` of the plain cross-entropy)."""
+    return chunked_terms(head, hidden, targets, chunk_tokens, LossConfig("sft"))[0]
 
 
 def auto_chunk_tokens(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,8 +25,11 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
-from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_ce, loss_sums
+from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, loss_sums
 from mlx_dft.models import split_model, vocab_size
+
+if TYPE_CHECKING:
+    from mlx_dft.adapters.base import AdapterOff
 
 
 class Callback:
@@ -59,6 +63,7 @@ class LoopConfig:
     save_every: int = 100
     max_grad_norm: float = 1.0
     seed: int = 0
+    sft_warmup_steps: int = 0  # optimizer steps 1..N use the warm-up (plain SFT) loss
 
     @classmethod
     def from_options(cls, cfg, total_steps: int) -> LoopConfig:
@@ -74,6 +79,7 @@ class LoopConfig:
             save_every=cfg.save_every,
             max_grad_norm=cfg.max_grad_norm,
             seed=cfg.seed,
+            sft_warmup_steps=cfg.sft_warmup_steps,
         )
 
 
@@ -98,26 +104,129 @@ class Run:
         return None
 
 
-def make_loss_fn(body: Callable, head, fast: bool, loss_cfg: LossConfig, chunk_tokens: int):
-    """loss(model, inputs, positions, targets, valid) -> (objective, ce, prob, ntoks) sums."""
+def make_loss_fn(
+    body: Callable,
+    head,
+    fast: bool,
+    loss_cfg: LossConfig,
+    chunk_tokens: int,
+    adapter_off: AdapterOff | None = None,
+):
+    """loss(model, inputs, positions, targets, valid) -> (objective, ce, prob, ntoks, *parts) sums.
+    The function's ``parts`` attribute names the parts (``loss_cfg.parts``); its ``state`` lists the
+    arrays it reads besides the model's (a compiled function takes them as inputs).
+
+    For ASFT the body runs a second time inside ``adapter_off()`` (the method's switch to the base
+    model, :meth:`~mlx_dft.adapters.base.AdapterMethod.adapter_off`), without gradient, from the
+    first block the adapter changes on (see :func:`_policy_and_reference`): the reference hidden
+    states at the supervised positions, turned into logits chunk by chunk with the policy's. The
+    head is shared: no method adapts it.
+    """
+    if loss_cfg.needs_reference and adapter_off is None:
+        raise ValueError(f"the {loss_cfg.loss} loss needs the adapter's switch to the base model")
+
+    def at_positions(out: mx.array, positions: mx.array) -> mx.array:
+        return mx.take(out.reshape(-1, out.shape[-1]), positions, axis=0)
 
     def loss_fn(model, inputs, positions, targets, valid):
-        out = body(inputs)
-        flat = out.reshape(-1, out.shape[-1])
-        h = mx.take(flat, positions, axis=0)
-        ce = chunked_ce(head, h, targets, chunk_tokens if fast else 0)
-        return loss_sums(ce, valid, loss_cfg)
+        if loss_cfg.needs_reference:
+            first = adapter_off.first_layer if fast else 0
+            out, ref = _policy_and_reference(body, inputs, adapter_off, first)
+            ref_h = mx.stop_gradient(at_positions(ref, positions))
+        else:
+            out, ref_h = body(inputs), None
+        h = at_positions(out, positions)
+        ce, extra = chunked_terms(head, h, targets, chunk_tokens if fast else 0, loss_cfg, ref_h)
+        return loss_sums(ce, valid, loss_cfg, extra)
 
+    loss_fn.parts = loss_cfg.parts
+    loss_fn.state = adapter_off.state if loss_cfg.needs_reference else []
     return loss_fn
 
 
-def model_loss_fn(model: nn.Module, loss_cfg: LossConfig, chunk_tokens: int = 0) -> Callable:
+class _StandIn:
+    """Takes a block's place in the body's list of blocks: calls ``fn`` instead, and reads as the
+    block otherwise (mlx-lm's models read attributes such as ``use_sliding`` off their blocks)."""
+
+    def __init__(self, block: nn.Module, fn: Callable):
+        self.block, self.fn = block, fn
+
+    def __call__(self, x, *args, **kwargs):
+        return self.fn(x, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.block, name)
+
+
+def _policy_and_reference(
+    body: Callable, inputs: mx.array, adapter_off: AdapterOff, first: int
+) -> tuple[mx.array, mx.array]:
+    """``body(inputs)`` as it is, and inside ``adapter_off()``.
+
+    Blocks before ``first`` compute the same either way, so with ``first`` > 0 the reference pass
+    reuses their output: the adapted pass records the input of block ``first``, and in the
+    reference pass the blocks before it stand in, returning that input (detached). The body must
+    call its ``layers`` in turn on the hidden state, as the architectures with a hidden-state path
+    (:func:`mlx_dft.models.split_model`) do; ``first`` = 0 runs the whole body twice.
+    """
+    layers = getattr(body, "layers", None)
+    if first <= 0 or not isinstance(layers, list):
+        out = body(inputs)
+        with adapter_off():
+            return out, body(inputs)
+    block, seen = layers[first], {}
+
+    def record(x, *args, **kwargs):
+        seen["x"] = x
+        return block(x, *args, **kwargs)
+
+    layers[first] = _StandIn(block, record)
+    try:
+        out = body(inputs)
+    finally:
+        layers[first] = block
+    x = mx.stop_gradient(seen["x"])
+    before = layers[:first]
+    with adapter_off():
+        layers[:first] = [_StandIn(b, lambda *args, **kwargs: x) for b in before]
+        try:
+            ref = body(inputs)
+        finally:
+            layers[:first] = before
+    return out, ref
+
+
+def model_loss_fn(
+    model: nn.Module,
+    loss_cfg: LossConfig,
+    chunk_tokens: int = 0,
+    adapter_off: AdapterOff | None = None,
+) -> Callable:
     """``make_loss_fn`` for ``model``: logits from hidden states at supervised positions where the
     architecture allows (see :func:`mlx_dft.models.split_model`), ``chunk_tokens`` per logits
     chunk (0: about 32 MiB of float32 logits a chunk)."""
+    vocab = vocab_size(model)
+    if loss_cfg.loss == "eaft" and loss_cfg.eaft_top_k > vocab:
+        raise UserError(f"--eaft-top-k {loss_cfg.eaft_top_k} is above the vocabulary size ({vocab})")
     body, head, fast = split_model(model)
-    chunk = chunk_tokens or auto_chunk_tokens(vocab_size(model))
-    return make_loss_fn(body, head, fast, loss_cfg, chunk)
+    chunk = chunk_tokens or auto_chunk_tokens(vocab)
+    return make_loss_fn(body, head, fast, loss_cfg, chunk, adapter_off)
+
+
+def run_loss_fns(model: nn.Module, cfg, method) -> tuple[Callable, Callable | None]:
+    """The loss function of a :class:`~mlx_dft.config.TrainConfig` (its ``--loss``; also the
+    validation loss) and, with ``--sft-warmup-steps``, the plain-SFT one of the first steps.
+
+    Call it once the adapter is applied and before any trained weights are loaded: ASFT's
+    reference is ``method``'s adapter switched off, and a method that needs a copy of the initial
+    weights for it (full fine-tuning, with ``--asft-reference-copy``) takes that copy now.
+    """
+    loss_cfg = LossConfig.from_options(cfg)
+    off = method.adapter_off(model, cfg.asft_reference_copy) if loss_cfg.needs_reference else None
+    loss_fn = model_loss_fn(model, loss_cfg, cfg.loss_chunk_tokens, off)
+    if not cfg.sft_warmup_steps:
+        return loss_fn, None
+    return loss_fn, model_loss_fn(model, LossConfig("sft"), cfg.loss_chunk_tokens)
 
 
 def build_optimizer(
@@ -174,7 +283,8 @@ def _eval_fn(model: nn.Module, loss_fn: Callable) -> Callable:
     key = (id(model), id(loss_fn))
     if key not in _EVAL_FNS:
         _EVAL_FNS.clear()  # one live run at a time is the common case: do not hold old models
-        _EVAL_FNS[key] = mx.compile(lambda *arrays: mx.stack(loss_fn(model, *arrays)), inputs=model.state)
+        inputs = [model.state, getattr(loss_fn, "state", [])]
+        _EVAL_FNS[key] = mx.compile(lambda *arrays: mx.stack(loss_fn(model, *arrays)), inputs=inputs)
     return _EVAL_FNS[key]
 
 
@@ -187,11 +297,13 @@ def evaluate(
     world: mx.distributed.Group | None = None,
     progress: Callable | None = None,
 ) -> dict:
-    """Mean objective, cross-entropy, target probability and perplexity over supervised tokens."""
+    """Mean objective, cross-entropy, target probability, perplexity and the loss's parts
+    (``loss_fn.parts``) over supervised tokens."""
     world = world or mx.distributed.init()
     was_training = model.training
     model.eval()
-    sums = mx.zeros((4,))
+    parts = getattr(loss_fn, "parts", ())
+    sums = mx.zeros((4 + len(parts),))
     compiled = _eval_fn(model, loss_fn)
     for batch in eval_batches(dataset, batch_size, world.rank(), world.size(), num_batches):
         sums = sums + compiled(*batch.arrays())
@@ -200,7 +312,7 @@ def evaluate(
             progress()
     if world.size() > 1:
         sums = mx.distributed.all_sum(sums, stream=mx.cpu)
-    obj, ce, prob, n = (float(x) for x in sums.tolist())
+    obj, ce, prob, n, *part_sums = (float(x) for x in sums.tolist())
     if was_training:
         model.train()
     n = max(n, 1.0)
@@ -210,6 +322,7 @@ def evaluate(
         "prob": prob / n,
         "ppl": math.exp(min(ce / n, 50.0)),
         "tokens": int(n),
+        **{name: s / n for name, s in zip(parts, part_sums)},
     }
 
 
@@ -220,7 +333,7 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
     micro-batch's gradient of the loss *sum* to ``acc`` (``None`` for the first), and with
     ``do_update`` divides the total by the supervised-token count of every micro-batch on
     every worker, clips, and applies the optimizer. Returns (metric sums [objective, ce,
-    prob, tokens], acc, acc_n, grad_norm).
+    prob, tokens, *parts], acc, acc_n, grad_norm).
     """
     world_size = mx.distributed.init().size()
     state = [model.state, optimizer.state, mx.random.state]
@@ -238,14 +351,14 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
         optimizer.update(model, grads)
         return norm
 
-    @partial(mx.compile, inputs=state, outputs=state)
+    @partial(mx.compile, inputs=[*state, getattr(loss_fn, "state", [])], outputs=state)
     def step_fn(inputs, positions, targets, valid, acc, acc_n, do_update):
-        (obj, ce, prob, n), grads = loss_vg(model, inputs, positions, targets, valid)
-        n_total = n
+        sums, grads = loss_vg(model, inputs, positions, targets, valid)
+        n = n_total = sums[3]
         if acc is not None:
             grads = tree_map(mx.add, grads, acc)
             n_total = n + acc_n
-        metrics = mx.stack([obj, ce, prob, n])
+        metrics = mx.stack(sums)
         if do_update:
             return metrics, None, None, update(grads, n_total)
         return metrics, grads, n_total, None
@@ -255,11 +368,10 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
 
 def optimizer_step(step_fn, state, batches: list[Batch]):
     """One optimizer step over ``batches`` (micro-batches); returns (metric sums, grad norm)."""
-    acc = acc_n = None
-    total = mx.zeros((4,))
+    acc = acc_n = total = None
     for k, batch in enumerate(batches):
         metrics, acc, acc_n, norm = step_fn(*batch.arrays(), acc, acc_n, k == len(batches) - 1)
-        total = total + metrics
+        total = metrics if total is None else total + metrics
         mx.eval(state, total, acc, acc_n, norm)
     return total, norm
 
@@ -270,9 +382,15 @@ def _fmt(rec: dict) -> str:
         ("train_loss", "loss", ".4f"),
         ("train_ce", "ce", ".4f"),
         ("train_prob", "p", ".3f"),
+        ("train_dft", "dft", ".4f"),
+        ("train_kl", "kl", ".4f"),
+        ("train_eaft_weight", "w", ".3f"),
         ("val_loss", "val_loss", ".4f"),
         ("val_ce", "val_ce", ".4f"),
         ("val_prob", "val_p", ".3f"),
+        ("val_dft", "val_dft", ".4f"),
+        ("val_kl", "val_kl", ".4f"),
+        ("val_eaft_weight", "val_w", ".3f"),
         ("learning_rate", "lr", ".2e"),
         ("grad_norm", "|g|", ".3f"),
         ("tokens_per_sec", "tok/s", ",.0f"),
@@ -297,12 +415,23 @@ def train_loop(
     callbacks: list[Callback] = (),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    warmup_loss_fn: Callable | None = None,
 ) -> Run:
+    """Train from ``start_step`` to ``loop.total_steps``. Optimizer steps 1 to
+    ``loop.sft_warmup_steps`` use ``warmup_loss_fn`` (plain SFT), the others ``loss_fn``; each has
+    its own compiled step, so a step's loss depends on its number only (and a resumed run does what
+    the uninterrupted one does). Validation always uses ``loss_fn``."""
     world = mx.distributed.init()
     rank, world_size = world.rank(), world.size()
     run.rank, run.world_size = rank, world_size
     accum = loop.grad_accumulation_steps
+    if loop.sft_warmup_steps > 0 and warmup_loss_fn is None:
+        raise ValueError("sft_warmup_steps needs a warmup_loss_fn")
     step_fn, state = make_step(model, optimizer, loss_fn, loop.max_grad_norm)
+    warmup_step_fn = None
+    if loop.sft_warmup_steps > 0:
+        warmup_step_fn = make_step(model, optimizer, warmup_loss_fn, loop.max_grad_norm)[0]
+    parts = getattr(loss_fn, "parts", ())
 
     batches: Iterator[Batch] = iterate_batches(
         train_set, loop.batch_size, seed=loop.seed, start=start_step * accum, rank=rank, world_size=world_size
@@ -318,6 +447,7 @@ def train_loop(
             "val_loss": m["loss"],
             "val_ce": m["ce"],
             "val_prob": m["prob"],
+            **{f"val_{name}": m[name] for name in parts},
             "val_ppl": m["ppl"],
             "val_tokens": m["tokens"],
             "val_time": time.perf_counter() - tic,
@@ -341,7 +471,9 @@ def train_loop(
 
     model.train()
     mx.reset_peak_memory()
-    window = mx.zeros((4,))
+    # Sums over the report window: objective, ce, prob, tokens, tokens of the steps that computed
+    # the loss's parts (not the warm-up steps), parts.
+    window = mx.zeros((5 + len(parts),))
     window_tokens = 0
     window_steps = 0
     window_time = 0.0
@@ -353,7 +485,12 @@ def train_loop(
         for step in range(start_step + 1, loop.total_steps + 1):
             tic = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
-            sums, last_norm = optimizer_step(step_fn, state, micro)
+            if step <= loop.sft_warmup_steps:
+                sums, last_norm = optimizer_step(warmup_step_fn, state, micro)
+                sums = mx.concatenate([sums[:4], mx.zeros((1 + len(parts),))])
+            else:
+                sums, last_norm = optimizer_step(step_fn, state, micro)
+                sums = mx.concatenate([sums[:4], sums[3:4], sums[4:]])
             window = window + sums
             window_tokens += sum(b.n_tokens for b in micro)
             window_steps += 1
@@ -376,7 +513,7 @@ def train_loop(
                 if world_size > 1:
                     sums = mx.distributed.all_sum(sums, stream=mx.cpu)
                     tokens = mx.distributed.all_sum(tokens, stream=mx.cpu)
-                obj, ce, prob, n = (float(x) for x in sums.tolist())
+                obj, ce, prob, n, part_n, *part_sums = (float(x) for x in sums.tolist())
                 tokens = int(tokens.item())
                 trained_tokens += tokens
                 n = max(n, 1.0)
@@ -386,6 +523,7 @@ def train_loop(
                     "train_loss": obj / n,
                     "train_ce": ce / n,
                     "train_prob": prob / n,
+                    **({f"train_{k}": s / part_n for k, s in zip(parts, part_sums)} if part_n > 0 else {}),
                     "learning_rate": float(lr.item() if isinstance(lr, mx.array) else lr),
                     "grad_norm": float(last_norm.item()),
                     "tokens_per_sec": tokens / max(window_time, 1e-9),
@@ -401,7 +539,7 @@ def train_loop(
                         f"loss {rec['train_loss']:.4f} ce {rec['train_ce']:.3f} "
                         f"{rec['tokens_per_sec']:,.0f} tok/s {rec['peak_memory_gb']:.2f} GB"
                     )
-                window = mx.zeros((4,))
+                window = mx.zeros((5 + len(parts),))
                 window_tokens = window_steps = 0
                 window_time = 0.0
 
@@ -432,6 +570,7 @@ def test_report(
         "test_loss": m["loss"],
         "test_ce": m["ce"],
         "test_prob": m["prob"],
+        **{f"test_{name}": m[name] for name in getattr(loss_fn, "parts", ())},
         "test_ppl": m["ppl"],
     }
     run.history.append(rec)

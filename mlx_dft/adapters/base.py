@@ -8,6 +8,8 @@ branches on its name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -34,6 +36,22 @@ class Card:
     tags: list[str] = field(default_factory=list)
     base_model: str | None = None
     usage: list[str] = field(default_factory=list)  # markdown lines of a "Use" section
+
+
+@dataclass
+class AdapterOff:
+    """How to run a model with its adapter switched off (:meth:`AdapterMethod.adapter_off`):
+    inside ``with off():`` the model computes the base model. ``state``: arrays the switch swaps in,
+    which a function compiled with ``mx.compile`` must take as inputs. ``first_layer``: the first
+    block the adapter changes; the blocks before it compute the same on or off, so a reference pass
+    may start from the input of that block in the adapted pass."""
+
+    context: Callable[[], AbstractContextManager]
+    state: list = field(default_factory=list)
+    first_layer: int = 0
+
+    def __call__(self) -> AbstractContextManager:
+        return self.context()
 
 
 class AdapterMethod(ABC):
@@ -63,6 +81,18 @@ class AdapterMethod(ABC):
     def weights(self, model: nn.Module) -> dict[str, dict[str, mx.array]]:
         """{file name: tensors} of the trained parameters."""
         return {self.weight_files[0]: dict(tree_flatten(model.trainable_parameters()))}
+
+    def adapter_off(self, model: nn.Module, copy_weights: bool = False) -> AdapterOff:
+        """The switch inside which ``model`` (with this method applied) computes the base model, the
+        adapter switched off: ASFT's reference policy, without a second model.
+
+        Entering and leaving only rebinds modules, parameters or flags, so a loss function may use it
+        inside a function that ``mx.compile`` traces or ``nn.value_and_grad`` differentiates: the
+        trace records the forward pass that ran inside it. Call this after :meth:`apply` and before
+        trained weights are loaded. A method that can only switch off by keeping the initial weights
+        (full fine-tuning) copies them now when ``copy_weights`` is True, and refuses otherwise.
+        """
+        raise UserError(f"a {self.name} adapter cannot be switched off to give a reference model")
 
     def describe(self, settings: dict) -> str:
         """How the trainable count decomposes (`` = 1 tokens x 576 + ...``), or ``""``."""

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
-import mlx.nn as nn
+from contextlib import contextmanager
 
-from mlx_dft.adapters.base import AdapterMethod
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_dft.adapters.base import AdapterMethod, AdapterOff
 from mlx_dft.errors import UserError
 from mlx_dft.models import is_quantized, last_layers
 
@@ -32,6 +36,33 @@ class Full(AdapterMethod):
         model.freeze()
         for i in last_layers(len(model.layers), settings["num_layers"]):
             model.layers[i].unfreeze()
+
+    def adapter_off(self, model: nn.Module, copy_weights: bool = False) -> AdapterOff:
+        """The trained blocks' initial weights swapped in. They are the only reference, so this
+        keeps them (``copy_weights``): training replaces the blocks' arrays rather than writing
+        into them, so holding the current ones is the copy, and it doubles the blocks' memory."""
+        if not copy_weights:
+            raise UserError(
+                "--loss asft with --adapter full needs --asft-reference-copy: the reference is a frozen "
+                "copy of the trained blocks' initial weights, which doubles their memory"
+            )
+        trained = [i for i, b in enumerate(model.layers) if tree_flatten(b.trainable_parameters())]
+        blocks = [model.layers[i] for i in trained]
+        initial = [b.parameters() for b in blocks]
+        mx.eval(initial)
+
+        @contextmanager
+        def off():
+            current = [b.parameters() for b in blocks]
+            for b, p in zip(blocks, initial):
+                b.update(p)
+            try:
+                yield
+            finally:
+                for b, p in zip(blocks, current):
+                    b.update(p)
+
+        return AdapterOff(off, initial, first_layer=min(trained, default=0))
 
     def check_fusable(self) -> None:
         """Always: the trained blocks' weights are the model's own, nothing to merge."""

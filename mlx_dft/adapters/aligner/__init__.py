@@ -24,8 +24,9 @@ from mlx_dft.adapters.aligner.layer import (
     prefix_keys_values,
     prefix_term,
     shape_of,
+    switched_off,
 )
-from mlx_dft.adapters.base import AdapterMethod, Card
+from mlx_dft.adapters.base import AdapterMethod, AdapterOff, Card
 from mlx_dft.adapters.lora.peft import PEFT_CONFIG
 from mlx_dft.adapters.lora.peft import usage as peft_usage
 from mlx_dft.errors import UserError
@@ -83,6 +84,11 @@ class Aligner(AdapterMethod):
 
     def apply(self, model: nn.Module, settings: dict) -> None:
         apply_aligner(model, settings)
+
+    def adapter_off(self, model: nn.Module, copy_weights: bool = False) -> AdapterOff:
+        """The prefix terms skipped (as gates of 0): exactly the base model."""
+        adapted = [i for i, block in enumerate(model.layers) if GATE_LEAF in block.self_attn]
+        return AdapterOff(switched_off, first_layer=min(adapted, default=0))
 
     def describe(self, settings: dict) -> str:
         a = settings["aligner"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,6 +37,7 @@ GATES = ("head", "layer")
 GATE_LEAF = "aligner_gate"
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mlx_dft_aligner_layer", default=None)
+_OFF: contextvars.ContextVar = contextvars.ContextVar("mlx_dft_aligner_off", default=False)
 _PATCHED: set[str] = set()
 
 
@@ -115,13 +117,23 @@ def _install(arch_module_name: str) -> None:
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
         out = original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
         attn = _ACTIVE.get()
-        if attn is None:
+        if attn is None or _OFF.get():
             return out
         return out + prefix_term(attn, queries, scale).astype(out.dtype)
 
     attention_cls.__call__ = __call__
     mod.scaled_dot_product_attention = scaled_dot_product_attention
     _PATCHED.add(arch_module_name)
+
+
+@contextmanager
+def switched_off():
+    """Inside: no layer adds its prefix term, so the model computes the base model exactly."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
 
 
 # ------------------------------------------------------------------ applying it

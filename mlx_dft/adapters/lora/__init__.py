@@ -8,10 +8,12 @@ export to and import from Hugging Face PEFT (:mod:`.peft`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mlx_dft.adapters.base import AdapterMethod, Card
+from mlx_dft.adapters.base import AdapterMethod, AdapterOff, Card
 from mlx_dft.adapters.lora import peft
 from mlx_dft.errors import UserError
 from mlx_dft.models import LINEAR_TYPES, block_linear_paths, last_layers
@@ -98,6 +100,27 @@ def apply_lora(model: nn.Module, s: dict) -> None:
         raise UserError(f"{s['fine_tune_type']}: no module matched keys {keys}")
 
 
+@contextmanager
+def base_linears(model: nn.Module):
+    """Inside: every LoRA/DoRA layer of ``model`` is replaced by its base linear (``.linear``)."""
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
+    sites = [
+        (parent, key, child)
+        for parent in model.modules()
+        for key, child in parent.items()
+        if isinstance(child, (LoRALinear, DoRALinear))
+    ]
+    for parent, key, child in sites:
+        parent[key] = child.linear
+    try:
+        yield
+    finally:
+        for parent, key, child in sites:
+            parent[key] = child
+
+
 class LoRA(AdapterMethod):
     """Low-rank updates ``scale * (x A) B`` on the linear layers of the last ``num_layers`` blocks."""
 
@@ -130,6 +153,19 @@ class LoRA(AdapterMethod):
 
     def apply(self, model: nn.Module, settings: dict) -> None:
         apply_lora(model, settings)
+
+    def adapter_off(self, model: nn.Module, copy_weights: bool = False) -> AdapterOff:
+        """Each LoRA/DoRA layer replaced by the frozen base linear it wraps (quantized for QLoRA):
+        exactly the base model, also for DoRA once its magnitude has trained (m W/|W| != W)."""
+        from mlx_lm.tuner.dora import DoRALinear
+        from mlx_lm.tuner.lora import LoRALinear
+
+        adapted = [
+            i
+            for i, block in enumerate(model.layers)
+            if any(isinstance(m, (LoRALinear, DoRALinear)) for m in block.modules())
+        ]
+        return AdapterOff(lambda: base_linears(model), first_layer=min(adapted, default=0))
 
     def check_fusable(self) -> None:
         """LoRA/DoRA merge exactly (mlx-lm's ``fuse``)."""
