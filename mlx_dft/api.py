@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx_dft import _blas, adapters, data, models
 from mlx_dft.checkpoint import OutputFolder, run_config
 from mlx_dft.config import TrainConfig, check_run_length, resolve, total_steps
-from mlx_dft.errors import UserError
+from mlx_dft.errors import Interrupted, UserError
 from mlx_dft.interop.convert import read_source
 from mlx_dft.losses import LossConfig
 from mlx_dft.tasks import ARITH_DIR
@@ -77,7 +77,13 @@ def train(
         say(f"resuming from {resume.checkpoint} at step {start_step}")
 
     out = OutputFolder(cfg.output or _default_output(cfg), writer=world.rank() == 0)
+    finished = resume is not None and not resume.check_unfinished(start_step, steps, out.path)
     out.check(cfg.overwrite, resume.run_folder if resume else None, world)
+    if finished:
+        out.finish(resume.checkpoint, method)
+        out.release()
+        say(f"the run was already at step {steps}: its adapter in {out.path} is the final checkpoint's")
+        return Run(model, tokenizer, cfg, out.path, step=start_step, last_checkpoint=resume.checkpoint)
     out.begin(run_config(cfg, settings, model, model_cfg, out.path, steps), start_step if resume else None)
     say(f"training {steps} steps of {cfg.batch_size} examples ({_recipe(cfg, world)}) -> {out.path}")
 
@@ -86,9 +92,19 @@ def train(
     run = Run(model, tokenizer, cfg, out.path, last_checkpoint=resume.checkpoint if resume else None)
     save = out.saver(model, method, optimizer, steps, cfg.grad_accumulation_steps, cfg.keep_checkpoints)
     loop = LoopConfig.from_options(cfg, steps)
-    train_loop(model, optimizer, loss_fn, train_set, val_set, loop, run, start_step=start_step, save=save,
-               record=out.record, callbacks=list(callbacks), progress=progress, log=say,
-               warmup_loss_fn=warmup_loss_fn)  # fmt: skip
+    try:
+        train_loop(model, optimizer, loss_fn, train_set, val_set, loop, run, start_step=start_step,
+                   save=save, record=out.record, callbacks=list(callbacks), progress=progress, log=say,
+                   warmup_loss_fn=warmup_loss_fn)  # fmt: skip
+    except KeyboardInterrupt:
+        if run.last_checkpoint is None:
+            raise Interrupted(
+                f"interrupted at step {run.step}, before the first checkpoint of {out.path}"
+            ) from None
+        raise Interrupted(
+            f"interrupted at step {run.step}; the last checkpoint is {run.last_checkpoint}: "
+            f"continue with --resume {out.path}"
+        ) from None
 
     if cfg.test and "test" in splits:
         out.record(test_report(model, loss_fn, splits["test"], cfg.batch_size, run, say))

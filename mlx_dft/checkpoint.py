@@ -85,6 +85,11 @@ def find_checkpoint(path: str | Path) -> Path:
     if (p / STATE_FILE).is_file():
         return p
     found = list_checkpoints(p)
+    if not found and (p / CONFIG_FILE).is_file():
+        raise UserError(
+            f"{p} holds a run stopped before its first checkpoint: nothing to resume; run it again with "
+            "the same options and --overwrite"
+        )
     if not found:
         raise UserError(f"{p} holds no checkpoint to resume from (no checkpoints/step-*/{STATE_FILE})")
     return found[-1]
@@ -269,6 +274,14 @@ class OutputFolder:
         elif metrics.exists():
             metrics.unlink()
 
+    def finish(self, checkpoint: Path, method: AdapterMethod) -> None:
+        """Make the top-level adapter weights the final ``checkpoint``'s (a run killed between its
+        final checkpoint and the top-level write is finished by its resume)."""
+        if not self.writer:
+            return
+        for fname, arrays in adapters.read_weights(method, checkpoint).items():
+            atomic_save_safetensors(self.path / fname, arrays)
+
     def record(self, rec: dict) -> None:
         """Append one report to ``metrics.jsonl``."""
         if self.writer:
@@ -358,8 +371,16 @@ class Resume:
         optimizer.init(model.trainable_parameters())
         optimizer.state = load_optimizer_state(self.checkpoint)
         mx.random.seed(key)  # restores the exact key (dropout stream)
-        if step >= total_steps:
-            raise UserError(
-                f"checkpoint {self.checkpoint} is at step {step}, already at or past --iters {total_steps}"
-            )
         return step
+
+    def check_unfinished(self, step: int, total_steps: int, output: Path) -> bool:
+        """Whether the run still has steps to go. A checkpoint at the end is accepted only in its
+        own run folder, which it finishes (:meth:`OutputFolder.finish`: a kill after the final
+        checkpoint may have left the top-level adapter at an earlier one); elsewhere it is refused."""
+        if step < total_steps:
+            return True
+        if _same(self.run_folder, output):
+            return False
+        raise UserError(
+            f"checkpoint {self.checkpoint} is at step {step}, already at or past --iters {total_steps}"
+        )

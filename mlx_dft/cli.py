@@ -18,12 +18,8 @@ import click
 
 from mlx_dft._version import __version__
 from mlx_dft.config import TrainConfig
-from mlx_dft.errors import UserError
+from mlx_dft.errors import Interrupted, UserError
 from mlx_dft.evaluation.options import EvalConfig, SampleConfig
-
-
-class Interrupted(UserError):
-    pass
 
 
 def dataclass_options(cls: type) -> Callable[[Callable], Callable]:
@@ -83,10 +79,8 @@ def train(config, **options):
 
     try:
         api.train(config, **_given(options))
-    except KeyboardInterrupt:
-        raise Interrupted(
-            "interrupted; the last checkpoint is intact: continue with --resume OUTPUT_FOLDER"
-        ) from None
+    except KeyboardInterrupt:  # before the output folder was chosen (api.train names it after)
+        raise Interrupted("interrupted before training started") from None
 
 
 @cli.command()
@@ -167,6 +161,12 @@ def export_cmd(adapter_dir, out, fmt, base_model):
 def import_cmd(src, out, model):
     """Convert a PEFT LoRA/DoRA folder, an exported Aligner, an official Aligner .pth or a Hub repo
     into an mlx_dft adapter folder."""
+    from mlx_dft.interop.convert import import_adapter
+
+    path = import_adapter(src, out, model)
+    click.echo(f"imported {src} -> {path}")
+
+
 @cli.command("convert")
 @click.argument("gguf_file")
 @click.option("--out", required=True, help="Model folder to write (must not exist, or be empty).")
@@ -180,12 +180,6 @@ def convert_cmd(gguf_file, out, dequantize):
 
     path = convert_gguf(gguf_file, out, dequantize)
     click.echo(f"converted {gguf_file} -> {path}")
-
-
-    from mlx_dft.interop.convert import import_adapter
-
-    path = import_adapter(src, out, model)
-    click.echo(f"imported {src} -> {path}")
 
 
 @cli.command("fuse")

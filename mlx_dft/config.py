@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,6 +115,13 @@ class TrainConfig:
     warmup: float = option(
         0.1, "Warmup: a fraction of the steps if < 1, else a number of steps (DFT paper: 10%)."
     )
+    warmup_init: float = option(0.0, "Learning rate the warmup starts from (mlx-lm's warmup_init).")
+    min_learning_rate: float = option(0.0, "Learning rate the cosine or linear decay ends at.")
+    decay_steps: int | None = option(
+        None,
+        "Steps the decay takes after warmup, then the rate stays at --min-learning-rate "
+        "(default: the rest of the run).",
+    )
     max_grad_norm: float = option(1.0, "Clip the gradient's global norm (0: no clipping).")
     # batches and length
     batch_size: int = option(
@@ -182,17 +190,21 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 # mlx-lm's YAML spelling of the same options.
 MLX_LM_ALIASES = {"fine_tune_type": "adapter", "adapter_path": "output"}
-# Keys of mlx-lm configs that have no meaning here: accepted and ignored.
+# Keys of mlx-lm configs that have no meaning here: accepted, with a one-line note saying why.
 MLX_LM_IGNORED = {
-    "train",
-    "config",
-    "report_to",
-    "project_name",
-    "test_batches",
-    "clear_cache_threshold",
-    "trust_remote_code",
-    "hf_dataset",
-    "wandb",
+    "train": "mlx_dft train always trains",
+    "config": "a config file does not name another",
+    "test_batches": "--test evaluates the whole test split",
+    "clear_cache_threshold": "MLX's cache is managed by mlx_dft",
+    "trust_remote_code": "only the built-in mlx-lm architectures are loaded",
+    "report_to": "metrics are written to metrics.jsonl in the output folder (no tracker)",
+    "wandb": "metrics are written to metrics.jsonl in the output folder (no tracker)",
+    "project_name": "metrics are written to metrics.jsonl in the output folder (no tracker)",
+}
+# mlx-lm's lr_schedule names, with the order of their ``arguments``.
+MLX_LM_SCHEDULES = {
+    "cosine_decay": ("cosine", ("learning_rate", "decay_steps", "min_learning_rate")),
+    "linear_schedule": ("linear", ("learning_rate", "min_learning_rate", "decay_steps")),
 }
 LORA_KEYS = {
     "rank": "lora_rank",
@@ -210,9 +222,12 @@ def _snake(key: str) -> str:
 def normalise(raw: dict, source: str) -> dict:
     """Map user keys (kebab/snake, mlx-lm aliases) onto TrainConfig field names; reject unknown ones."""
     out: dict[str, Any] = {}
+    schedule: dict[str, Any] = {}
     for key, value in raw.items():
         k = _snake(str(key))
-        if k in FIELDS:
+        if k == "lr_schedule" and isinstance(value, dict):
+            schedule = _mlx_lm_schedule(value, source)  # applied last: it sets the rate mlx-lm uses
+        elif k in FIELDS:
             out[k] = value
         elif k == "lora_parameters" and isinstance(value, dict):
             for sub, v in value.items():
@@ -228,12 +243,11 @@ def normalise(raw: dict, source: str) -> dict:
                         out["adam_beta1"], out["adam_beta2"] = v
                     else:
                         raise UserError(f"{source}: unsupported optimizer_config key {sub}")
-        elif k == "lr_schedule" and isinstance(value, dict):
-            out["lr_schedule"] = {"cosine_decay": "cosine", "linear_schedule": "linear"}.get(
-                value.get("name"), value.get("name")
+        elif k == "hf_dataset":
+            raise UserError(
+                f"{source}: hf_dataset (a dataset by Hub name) is not supported; save the dataset as "
+                "train.jsonl/valid.jsonl (datasets' to_json) and pass data: FOLDER"
             )
-            if "warmup" in value:
-                out["warmup"] = value["warmup"]
         elif k in MLX_LM_ALIASES:
             out[MLX_LM_ALIASES[k]] = value
         elif k == "resume_adapter_file":
@@ -242,11 +256,34 @@ def normalise(raw: dict, source: str) -> dict:
                 "use resume: with a checkpoint folder"
             )
         elif k in MLX_LM_IGNORED:
-            continue
+            print(f"note: {source}: {key} ignored ({MLX_LM_IGNORED[k]})", file=sys.stderr)
         else:
             close = [f for f in FIELDS if f.startswith(k[:4])][:3]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UserError(f"{source}: unknown option '{key}'{hint}")
+    return {**out, **schedule}
+
+
+def _mlx_lm_schedule(block: dict, source: str) -> dict:
+    """mlx-lm's ``lr_schedule: {name, arguments, warmup, warmup_init}`` as our options."""
+    unknown = set(block) - {"name", "arguments", "warmup", "warmup_init"}
+    if unknown:
+        raise UserError(f"{source}: unknown key lr_schedule.{sorted(unknown)[0]}")
+    name = block.get("name")
+    if name not in MLX_LM_SCHEDULES:
+        known = ", ".join(MLX_LM_SCHEDULES)
+        raise UserError(f"{source}: lr_schedule.name {name!r} is not supported (supported: {known})")
+    schedule, names = MLX_LM_SCHEDULES[name]
+    args = block.get("arguments", [])
+    if not isinstance(args, list) or len(args) > len(names):
+        raise UserError(
+            f"{source}: lr_schedule.arguments of {name} must be a list of at most {len(names)} values "
+            f"({', '.join(names)})"
+        )
+    # mlx-lm warms up only when the block says so, for ``warmup`` steps.
+    out = {"lr_schedule": schedule, **dict(zip(names, args)), "warmup": block.get("warmup", 0)}
+    if "warmup_init" in block:
+        out["warmup_init"] = block["warmup_init"]
     return out
 
 
@@ -407,6 +444,9 @@ def validate(cfg: TrainConfig) -> None:
         check_run_length(cfg, cfg.iters)
     check(cfg.learning_rate is None or cfg.learning_rate > 0, "--learning-rate must be positive")
     check(cfg.warmup >= 0, "--warmup must be >= 0")
+    check(cfg.warmup_init >= 0, "--warmup-init must be >= 0")
+    check(cfg.min_learning_rate >= 0, "--min-learning-rate must be >= 0")
+    check(cfg.decay_steps is None or cfg.decay_steps >= 1, "--decay-steps must be at least 1")
     check(cfg.max_grad_norm >= 0, "--max-grad-norm must be >= 0")
     check(cfg.steps_per_report >= 1, "--steps-per-report must be at least 1")
     check(cfg.steps_per_eval is None or cfg.steps_per_eval >= 1, "--steps-per-eval must be at least 1")

@@ -237,16 +237,22 @@ def build_optimizer(
     total_steps: int,
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
+    warmup_init: float = 0.0,
+    min_lr: float = 0.0,
+    decay_steps: int | None = None,
 ) -> optim.Optimizer:
-    decay_steps = max(1, total_steps - warmup_steps)
+    """``name`` with a rate that warms up linearly from ``warmup_init`` to ``lr`` over ``warmup_steps``,
+    then decays (cosine or linear) to ``min_lr`` over ``decay_steps`` (default: the rest of the run)
+    and stays there; ``constant`` keeps ``lr``. As mlx-lm's ``lr_schedule`` block builds it."""
+    decay_steps = decay_steps or max(1, total_steps - warmup_steps)
     if schedule == "cosine":
-        main = optim.cosine_decay(lr, decay_steps, 0.0)
+        main = optim.cosine_decay(lr, decay_steps, min_lr)
     elif schedule == "linear":
-        main = optim.linear_schedule(lr, 0.0, decay_steps)
+        main = optim.linear_schedule(lr, min_lr, decay_steps)
     else:
         main = optim.linear_schedule(lr, lr, 1)
     sched = (
-        optim.join_schedules([optim.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
+        optim.join_schedules([optim.linear_schedule(warmup_init, lr, warmup_steps), main], [warmup_steps])
         if warmup_steps > 0
         else main
     )
@@ -271,6 +277,9 @@ def optimizer_for(cfg, total_steps: int) -> optim.Optimizer:
         total_steps,
         cfg.resolved_weight_decay(),
         (cfg.adam_beta1, cfg.adam_beta2),
+        cfg.warmup_init,
+        cfg.min_learning_rate,
+        cfg.decay_steps,
     )
 
 
@@ -479,6 +488,10 @@ def train_loop(
     window_time = 0.0
     trained_tokens = 0
     last_norm = None
+    # A checkpoint is good once the loss its weights give (the next step's) is seen finite: until
+    # then it is ``unverified`` (step, path); ``good`` is the newest verified one.
+    good: Path | None = None
+    unverified = (start_step, run.last_checkpoint) if run.last_checkpoint is not None else None
     try:
         if start_step == 0:
             validate(0)
@@ -499,11 +512,9 @@ def train_loop(
 
             obj = window[0].item()
             if not math.isfinite(obj):
-                raise NonFiniteLoss(
-                    f"the loss became {obj} at step {step}; the run stopped and its last good "
-                    f"checkpoint is {run.last_checkpoint or 'none (no checkpoint was saved yet)'}: "
-                    "try a lower --learning-rate or --max-grad-norm"
-                )
+                _stop_non_finite(f"the loss became {obj} at step {step}", run, good, unverified)
+            if unverified is not None:  # its weights gave this finite loss: a checkpoint to go back to
+                good, unverified = unverified[1], None
             if bar is not None:
                 bar.update(1)
 
@@ -547,9 +558,11 @@ def train_loop(
                 validate(step)
 
             if save is not None and (step % loop.save_every == 0 or step == loop.total_steps):
+                if not _finite(model.trainable_parameters()):
+                    _stop_non_finite(f"the weights became non-finite at step {step}", run, good, unverified)
                 path = save(step)
                 if path is not None:
-                    run.last_checkpoint = path
+                    run.last_checkpoint, unverified = path, (step, path)
                     for cb in callbacks:
                         cb.on_checkpoint(path, run)
     finally:
@@ -558,6 +571,27 @@ def train_loop(
     for cb in callbacks:
         cb.on_train_end(run)
     return run
+
+
+def _finite(tree) -> bool:
+    arrays = [v for _, v in tree_flatten(tree)]
+    return bool(mx.all(mx.stack([mx.isfinite(v).all() for v in arrays])).item()) if arrays else True
+
+
+def _stop_non_finite(what: str, run: Run, good: Path | None, unverified: tuple | None) -> None:
+    """Stop the run naming the newest checkpoint whose weights are known to give a finite loss (not
+    the one saved just before the failure: its weights are those that failed)."""
+    run.last_checkpoint = good
+    failed = f" (the one at step {unverified[0]} holds the weights that failed)" if unverified else ""
+    if good is None:
+        raise NonFiniteLoss(
+            f"{what}; the run stopped with no good checkpoint{failed}: start again with a lower "
+            "--learning-rate or --max-grad-norm"
+        )
+    raise NonFiniteLoss(
+        f"{what}; the run stopped. Its last good checkpoint is {good}{failed}: continue with --resume "
+        f"{good} and a lower --learning-rate or --max-grad-norm"
+    )
 
 
 def test_report(

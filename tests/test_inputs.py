@@ -318,3 +318,68 @@ def test_a_long_chat_template_string_is_text_not_a_file_name(tiny_model, arith_d
     long = "{% for m in messages %}" + " " * 300 + "{{ m['content'] }}{% endfor %}"
     p = run_cli(*_train_args(tiny_model, arith_data, tmp_path / "o", "--chat-template", long))
     assert p.returncode == 0, p.stderr
+
+
+# ------------------------------------------------------------------ mlx-lm YAML keys
+
+
+def _schedule_values(cfg, total_steps: int) -> list[float]:
+    from mlx_dft.trainer import optimizer_for
+
+    sched = optimizer_for(cfg, total_steps)._schedulers["learning_rate"]
+    return [float(sched(mx_array(s))) for s in range(total_steps + 2)]
+
+
+def mx_array(x):
+    import mlx.core as mx
+
+    return mx.array(x)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"name": "cosine_decay", "warmup": 5, "warmup_init": 1e-7, "arguments": [1e-4, 40, 1e-6]},
+        {"name": "cosine_decay", "arguments": [3e-4, 30]},
+        {"name": "linear_schedule", "warmup": 3, "arguments": [2e-4, 1e-5, 20]},
+    ],
+)
+def test_an_mlx_lm_lr_schedule_block_gives_mlx_lms_own_schedule(tmp_path, block):
+    """Against mlx-lm's build_schedule: the same rates, except that mlx-lm holds the peak one step
+    longer (its decay starts at step warmup + 1, ours right after the warmup)."""
+    from mlx_lm.tuner.utils import build_schedule
+
+    from mlx_dft.config import resolve
+
+    path = tmp_path / "mlx_lm.yaml"
+    path.write_text(json.dumps({"learning_rate": 5.0, "lr_schedule": block, "iters": 60}))
+    cfg, _, _ = resolve(str(path), {})
+    ours = _schedule_values(cfg, 60)
+    theirs_fn = build_schedule(block)
+    theirs = [float(theirs_fn(mx_array(s))) for s in range(64)]
+    warmup = block.get("warmup", 0)
+    for s in range(60):
+        expected = theirs[s] if s < warmup else theirs[s + 1 if warmup else s]
+        assert ours[s] == pytest.approx(expected, rel=1e-5, abs=1e-12), (s, ours[s], expected)
+
+
+def test_mlx_lm_keys_are_understood_noted_or_refused(tmp_path, capsys):
+    from mlx_dft.config import resolve
+
+    noted = tmp_path / "noted.yaml"
+    noted.write_text("train: true\ntest_batches: 10\nwandb: my-project\nlora_parameters: {rank: 4}\n")
+    cfg, _, _ = resolve(str(noted), {})
+    err = capsys.readouterr().err.splitlines()
+    assert cfg.lora_rank == 4
+    assert [line.split(":")[0] for line in err] == ["note"] * 3, err
+    assert all("ignored" in line for line in err), err
+    for text, needle in [
+        ("hf_dataset: {path: some/dataset}\n", "hf_dataset"),
+        ("report_every: 3\n", "unknown option 'report_every'"),
+        ("lr_schedule: {name: exponential_decay, arguments: [1e-4, 0.9]}\n", "exponential_decay"),
+        ("lr_schedule: {name: cosine_decay, warmup_steps: 3}\n", "lr_schedule.warmup_steps"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(UserError, match=re.escape(needle)):
+            resolve(str(bad), {})
