@@ -93,6 +93,20 @@ def build_model(config: dict, name: str) -> nn.Module:
         raise UserError(f"cannot build model {name}: {e}") from None
 
 
+def check_model_type(value, where: Path) -> None:
+    """Refuse a ``model_type`` that is not one of mlx-lm's architecture modules: mlx-lm imports
+    ``mlx_lm.models.<model_type>``, so a file must not be able to name any other module."""
+    import pkgutil
+
+    import mlx_lm.models
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    name = MODEL_REMAPPING.get(value, value) if isinstance(value, str) else value
+    known = {m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)} - {"base", "cache"}
+    if not isinstance(name, str) or name not in known:
+        raise UserError(f"{where}: model_type {value!r} is not an architecture mlx-lm supports")
+
+
 def load_model(model: str, dtype: str = "auto", chat_template: str | None = None):
     """Load (model, tokenizer, config, path) with mlx-lm; cast floating weights per ``dtype``;
     ``chat_template`` (a template or a file holding one) replaces the tokenizer's.
@@ -107,6 +121,7 @@ def load_model(model: str, dtype: str = "auto", chat_template: str | None = None
     config = model_config(path)
     if "model_type" not in config:
         raise UserError(f"{path / 'config.json'} has no model_type: not a transformers model config")
+    check_model_type(config["model_type"], path / "config.json")
     weights = sorted(path.glob("model*.safetensors"))
     if not weights:
         raise UserError(f"model folder {path} has no model*.safetensors weights")

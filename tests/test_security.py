@@ -93,3 +93,20 @@ def test_the_cli_refuses_a_crafted_checkpoint_in_one_line(tmp_path):
     )
     assert p.returncode == 1 and "reaches element" in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", ["os", "base", "llama.evil", "../../tmp/x", 3, ["llama"]])
+def test_a_config_cannot_choose_the_module_mlx_lm_imports(tiny_model, tmp_path, model_type):
+    """mlx-lm imports ``mlx_lm.models.<model_type>``: only its architecture modules are accepted."""
+    import json
+    import shutil
+
+    from mlx_dft.models import load_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    with pytest.raises(UserError, match="is not an architecture mlx-lm supports"):
+        load_model(str(folder))
+    assert "mlx_lm.models.os" not in sys.modules
