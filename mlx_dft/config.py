@@ -240,6 +240,10 @@ def normalise(raw: dict, source: str) -> dict:
                     if sub == "weight_decay":
                         out["weight_decay"] = v
                     elif sub == "betas":
+                        if not isinstance(v, list) or len(v) != 2:
+                            raise UserError(
+                                f"{source}: optimizer_config betas must be a list of two numbers, not {v!r}"
+                            )
                         out["adam_beta1"], out["adam_beta2"] = v
                     else:
                         raise UserError(f"{source}: unsupported optimizer_config key {sub}")
@@ -398,7 +402,14 @@ def total_steps(cfg: TrainConfig, n_batches: int) -> int:
     if cfg.iters is not None:
         return cfg.iters
     epochs = cfg.epochs if cfg.epochs is not None else 1.0
-    return max(1, math.ceil(epochs * n_batches / cfg.grad_accumulation_steps))
+    micro_batches = epochs * n_batches
+    if micro_batches < cfg.grad_accumulation_steps:
+        raise UserError(
+            f"--epochs {epochs:g} is less than one optimizer step ({n_batches} batches an epoch, "
+            f"{cfg.grad_accumulation_steps} a step): give at least "
+            f"{cfg.grad_accumulation_steps / n_batches:.3g} epochs, or --iters"
+        )
+    return math.ceil(micro_batches / cfg.grad_accumulation_steps)
 
 
 def check_run_length(cfg: TrainConfig, steps: int) -> None:
@@ -421,6 +432,11 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise UserError(msg)
 
+    for f in dataclasses.fields(cfg):  # inf and nan are never meant (--warmup inf, --epochs nan)
+        value = getattr(cfg, f.name)
+        if isinstance(value, float):
+            check(math.isfinite(value), f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
+    check(cfg.seed >= 0, "--seed must be >= 0")
     check(cfg.batch_size >= 1, "--batch-size must be at least 1")
     check(cfg.grad_accumulation_steps >= 1, "--grad-accumulation-steps must be at least 1")
     check(cfg.iters is None or cfg.iters >= 1, "--iters must be at least 1")

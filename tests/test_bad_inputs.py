@@ -65,6 +65,11 @@ def _drop_state_field(ckpt: Path) -> None:
 
 TRAIN = ["train", "--model", "M", "--data", "A", "--iters", "2", "--batch-size", "4", "--output", "D/out"]
 
+def _no_iters() -> list[str]:
+    i = TRAIN.index("--iters")
+    return TRAIN[:i] + TRAIN[i + 2 :]
+
+
 CASES = {
     # ---- train: data
     "data missing": (lambda d: [*TRAIN, "--data", d / "nope"], "data not found"),
@@ -133,6 +138,18 @@ CASES = {
     "negative lr": (lambda d: [*TRAIN, "--learning-rate", "-1"], "--learning-rate must be positive"),
     "zero batch": (lambda d: [*TRAIN, "--batch-size", "0"], "--batch-size must be at least 1"),
     "iters and epochs": (lambda d: [*TRAIN, "--epochs", "1"], "give --iters or --epochs, not both"),
+    "warmup inf": (lambda d: [*TRAIN, "--warmup", "inf"], "--warmup must be a finite number"),
+    "epochs nan": (lambda d: [*_no_iters(), "--epochs", "nan"], "--epochs must be a finite number"),
+    "epochs below one step": (lambda d: [*_no_iters(), "--epochs", "1e-9"], "less than one optimizer step"),
+    "negative seed": (lambda d: [*TRAIN, "--seed", "-1"], "--seed must be >= 0"),
+    "yaml scalar betas": (
+        lambda d: [*TRAIN, "--config", _write(d / "c.yaml", "optimizer_config: {adamw: {betas: 0.9}}\n")],
+        "betas must be a list of two numbers",
+    ),
+    "yaml hf_dataset": (
+        lambda d: [*TRAIN, "--config", _write(d / "c.yaml", "hf_dataset: {path: org/name}\n")],
+        "hf_dataset (a dataset by Hub name) is not supported",
+    ),
     "yaml unknown key": (
         lambda d: [*TRAIN, "--config", _write(d / "c.yaml", "itres: 3\n")],
         "unknown option 'itres'",
