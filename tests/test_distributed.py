@@ -21,8 +21,14 @@ def launcher() -> str | None:
 
 
 @pytest.mark.skipif(launcher() is None, reason="mlx.launch is not installed")
-def test_two_workers_match_one(tiny_model, arith_data, tmp_path):
+@pytest.mark.parametrize(
+    "loss",
+    [{"loss": "dft"}, {"loss": "asft", "sft_warmup_steps": 2}, {"loss": "eaft"}],
+    ids=["dft", "asft-after-sft", "eaft"],
+)
+def test_two_workers_match_one(tiny_model, arith_data, tmp_path, loss):
     opts = dict(
+        **loss,
         model=str(tiny_model),
         data=str(arith_data),
         iters=6,
@@ -75,3 +81,16 @@ def test_two_workers_match_one(tiny_model, arith_data, tmp_path):
     # only rank 0 wrote: one metrics file, each report once
     steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == len(set(map(str, steps))) or sorted(steps) == steps
+    # the reported sums (objective, CE, the loss's parts) are the whole global batch's
+    records = [
+        [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    ]
+    keys = {k for r in records[0] for k in r if k.startswith(("train_", "val_")) and "time" not in k}
+    expected_parts = {"asft": {"train_kl", "val_kl", "train_dft"}, "eaft": {"train_eaft_weight"}}
+    assert expected_parts.get(loss["loss"], set()) <= keys, keys
+    assert len(records[0]) == len(records[1])
+    for r1, r2 in zip(*records):
+        assert r1["step"] == r2["step"]
+        for k in keys & set(r1):
+            assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), (r1["step"], k)
