@@ -149,11 +149,34 @@ def kl_to_reference(logits: mx.array, ref_logits: mx.array) -> mx.array:
     return (mx.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1)
 
 
+def fused_cross_entropy_available() -> bool:
+    """Whether ``mx.fast.cross_entropy`` runs fused here: on a GPU (Metal, CUDA). On the CPU it
+    falls back to an unfused version that reduces in the logits' dtype, so the CPU keeps ours."""
+    return hasattr(mx.fast, "cross_entropy") and mx.default_device().type == mx.DeviceType.gpu
+
+
+def target_ce(logits: mx.array, targets: mx.array, fused: bool | None = None) -> mx.array:
+    """Per-row cross-entropy ``logsumexp(z) - z[y]`` of ``logits`` [N, V], in float32.
+
+    ``fused`` (default: where it is fused, :func:`fused_cross_entropy_available`) uses MLX's fused
+    kernel, which accumulates in float32 without a float32 copy of half-precision logits; otherwise
+    the logits are cast to float32 and reduced."""
+    if fused is None:
+        fused = fused_cross_entropy_available()
+    if fused:
+        return mx.fast.cross_entropy(logits, targets).astype(mx.float32)
+    logits = logits.astype(mx.float32)
+    return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+
+
 def token_terms(
     logits: mx.array, targets: mx.array, cfg: LossConfig, ref_logits: mx.array | None = None
 ) -> tuple[mx.array, mx.array | None]:
     """(CE, extra) per row of ``logits`` [N, V]: ``extra`` is the KL to ``ref_logits`` for asft,
-    the EAFT weight for eaft, None otherwise (see :func:`loss_sums`)."""
+    the EAFT weight for eaft, None otherwise (see :func:`loss_sums`). SFT and DFT need only the
+    cross-entropy: :func:`target_ce`, fused where MLX fuses it."""
+    if cfg.loss in ("sft", "dft"):
+        return target_ce(logits, targets), None
     logits = logits.astype(mx.float32)
     lse = mx.logsumexp(logits, axis=-1)
     ce = lse - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
