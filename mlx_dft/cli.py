@@ -129,6 +129,45 @@ def generate(model, adapter, prompt, max_tokens, temp, top_p, seed, chat, chat_t
     click.echo(text)
 
 
+@cli.command("chat")
+@click.option("--model", default=None, help="Base model (default: the adapter's, else the bundled model).")
+@click.option("--adapter", default=None, help="Adapter folder or any source generate accepts.")
+@click.option("--chat-template", default=None, help="Chat template (text or file); default: the adapter's.")
+@click.option("--system", default=None, help="System prompt of the conversation.")
+@click.option("--max-tokens", "-m", default=512, show_default=True, type=int, help="Tokens per reply.")
+@click.option("--temperature", "--temp", default=0.0, show_default=True, type=float, help="0: greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+def chat_cmd(model, adapter, chat_template, system, max_tokens, temperature, top_p, seed):
+    """Talk with a model and its adapter, turn after turn (the whole conversation goes through the
+    chat template; earlier turns come from the KV cache). Type /reset to start over, /exit or
+    Ctrl-D to leave. Reads standard input, so a file of messages works too."""
+    from mlx_dft.chat import Chat
+
+    session = Chat.load(model, adapter, chat_template, system=system, max_tokens=max_tokens,
+                        temperature=temperature, top_p=top_p, seed=seed)  # fmt: skip
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo("chat: /reset starts over, /exit or Ctrl-D leaves", err=True)
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() == "/reset":
+            session.reset()
+            click.echo("(conversation reset)", err=True)
+            continue
+        for piece in session.send(text):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+
+
 @cli.command("export")
 @click.argument("adapter_dir")
 @click.option("--out", required=True, help="Folder to write (must not exist, or be empty).")

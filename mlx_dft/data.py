@@ -173,6 +173,13 @@ def chat_prompt(tokenizer, text: str, chat: bool | None = None) -> str:
     return _render(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
 
 
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """``messages`` rendered by the tokenizer's chat template (refused without one)."""
+    if not has_chat_template(tokenizer):
+        raise UserError("this model's tokenizer has no chat template")
+    return _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+
+
 def _render(tokenizer, messages, tools=None, add_generation_prompt=False) -> str:
     from jinja2 import TemplateError
 

@@ -119,8 +119,9 @@ def smollm2() -> dict[str, Path]:
     return paths
 
 
-def run_cli(*args, cwd=None, env=None, timeout=300):
-    """Run ``python -m mlx_dft ARGS``; returns the CompletedProcess."""
+def run_cli(*args, cwd=None, env=None, timeout=300, input_text=None):
+    """Run ``python -m mlx_dft ARGS`` (``input_text`` on its standard input); returns the
+    CompletedProcess."""
     import os
     import subprocess
     import sys
@@ -133,4 +134,5 @@ def run_cli(*args, cwd=None, env=None, timeout=300):
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=input_text,
     )
