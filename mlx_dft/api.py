@@ -80,10 +80,13 @@ def train(
     finished = resume is not None and not resume.check_unfinished(start_step, steps, out.path)
     out.check(cfg.overwrite, resume.run_folder if resume else None, world)
     if finished:
+        run = Run(model, tokenizer, cfg, out.path, step=start_step, last_checkpoint=resume.checkpoint)
         out.finish(resume.checkpoint, method)
-        out.release()
         say(f"the run was already at step {steps}: its adapter in {out.path} is the final checkpoint's")
-        return Run(model, tokenizer, cfg, out.path, step=start_step, last_checkpoint=resume.checkpoint)
+        if not out.recorded("test_loss"):  # the kill came before the run's test report
+            _test(cfg, splits, model, loss_fn, run, out, say)
+        out.release()
+        return run
     out.begin(run_config(cfg, settings, model, model_cfg, out.path, steps), start_step if resume else None)
     say(f"training {steps} steps of {cfg.batch_size} examples ({_recipe(cfg, world)}) -> {out.path}")
 
@@ -97,25 +100,36 @@ def train(
                    save=save, record=out.record, callbacks=list(callbacks), progress=progress, log=say,
                    warmup_loss_fn=warmup_loss_fn)  # fmt: skip
     except KeyboardInterrupt:
-        if run.last_checkpoint is None:
-            raise Interrupted(
-                f"interrupted at step {run.step}, before the first checkpoint of {out.path}"
-            ) from None
-        raise Interrupted(
-            f"interrupted at step {run.step}; the last checkpoint is {run.last_checkpoint}: "
-            f"continue with --resume {out.path}"
-        ) from None
-
-    if cfg.test and "test" in splits:
-        out.record(test_report(model, loss_fn, splits["test"], cfg.batch_size, run, say))
-    elif cfg.test:
-        say("note: --test given but the data has no test.jsonl")
+        raise Interrupted(_interrupted(run, out.path)) from None
+    _test(cfg, splits, model, loss_fn, run, out, say)
     out.release()
     say(f"saved {cfg.adapter} adapter to {out.path}")
     return run
 
 
 # ------------------------------------------------------------------ the small print of the stages
+
+
+def _test(cfg: TrainConfig, splits: dict, model, loss_fn, run: Run, out: OutputFolder, say) -> None:
+    """``--test``: the test split's loss, recorded with the run's metrics."""
+    if cfg.test and "test" in splits:
+        out.record(test_report(model, loss_fn, splits["test"], cfg.batch_size, run, say))
+    elif cfg.test:
+        say("note: --test given but the data has no test.jsonl")
+
+
+def _interrupted(run: Run, output: Path) -> str:
+    """What to say after Ctrl-C: the command that continues the run, with real paths."""
+    where = f"interrupted at step {run.step}"
+    if run.last_checkpoint is None:
+        return f"{where}, before the first checkpoint of {output}"
+    ckpt = Path(run.last_checkpoint)
+    if ckpt.resolve().is_relative_to(Path(output).resolve()):
+        return f"{where}; the last checkpoint is {ckpt}: continue with --resume {output}"
+    # resumed from another run's checkpoint and stopped before this folder got one of its own
+    return (
+        f"{where}; the last checkpoint is {ckpt}: continue with --resume {ckpt} --output {output} --overwrite"
+    )
 
 
 def _rank0_print(world: mx.distributed.Group):

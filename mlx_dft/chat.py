@@ -74,10 +74,18 @@ class Chat:
         bos = getattr(self.tokenizer, "bos_token", None)
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
+    def _held(self) -> int | None:
+        """How many tokens the cache holds, or None where its layers do not count them alike
+        (recurrent state of hybrid models): then every turn starts from an empty cache."""
+        offsets = {getattr(c, "offset", None) for c in self.cache}
+        return offsets.pop() if len(offsets) == 1 and None not in offsets else None
+
     def _reuse(self, tokens: list[int]) -> list[int]:
         """Trim the cache to its longest common prefix with ``tokens``; the tokens left to feed."""
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
+        if self._held() != len(self.cached):  # a reply not read to its end, or an uncountable cache
+            self.cache, self.cached = make_prompt_cache(self.model), []
         common = 0
         for a, b in zip(self.cached, tokens):
             if a != b:
@@ -104,17 +112,19 @@ class Chat:
         self.fed = len(todo)
         sampler = make_sampler(temp=self.temperature, top_p=self.top_p)
         reply, generated = [], []
-        for response in stream_generate(
-            self.model,
-            self.tokenizer,
-            mx.array(todo),
-            max_tokens=self.max_tokens,
-            sampler=sampler,
-            prompt_cache=self.cache,
-        ):
-            generated.append(response.token)
-            reply.append(response.text)
-            yield response.text
-        self.messages.append({"role": "assistant", "content": "".join(reply)})
-        held = self.cache[0].offset if self.cache else 0
-        self.cached = (tokens + generated)[:held]
+        try:
+            for response in stream_generate(
+                self.model,
+                self.tokenizer,
+                mx.array(todo),
+                max_tokens=self.max_tokens,
+                sampler=sampler,
+                prompt_cache=self.cache,
+            ):
+                generated.append(response.token)
+                reply.append(response.text)
+                yield response.text
+        finally:  # also when the caller stops reading: the conversation holds what was said
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+            held = self._held()
+            self.cached = (tokens + generated)[:held] if held is not None else []

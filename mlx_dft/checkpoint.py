@@ -52,8 +52,10 @@ def save_checkpoint(
     state: dict,
     adapter_config: dict,
     keep: int = 0,
+    protect: Path | None = None,
 ) -> Path:
-    """Write ``checkpoints/step-N`` atomically; returns its path."""
+    """Write ``checkpoints/step-N`` atomically; returns its path. With ``keep``, older checkpoints
+    beyond the newest ``keep`` are removed, except ``protect`` (the newest one known to be good)."""
     final = Path(output) / CHECKPOINTS / checkpoint_name(step)
     with staged_folder(final, overwrite=True) as tmp:
         for fname, arrays in weight_files.items():
@@ -63,7 +65,8 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
     if keep > 0:
         for old in list_checkpoints(output)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if protect is None or old != Path(protect):
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -282,6 +285,13 @@ class OutputFolder:
         for fname, arrays in adapters.read_weights(method, checkpoint).items():
             atomic_save_safetensors(self.path / fname, arrays)
 
+    def recorded(self, key: str) -> bool:
+        """Whether ``metrics.jsonl`` holds a report with ``key``."""
+        metrics = self.path / "metrics.jsonl"
+        if not metrics.is_file():
+            return False
+        return any(f'"{key}"' in line for line in metrics.read_text().splitlines())
+
     def record(self, rec: dict) -> None:
         """Append one report to ``metrics.jsonl``."""
         if self.writer:
@@ -297,11 +307,13 @@ class OutputFolder:
         grad_accumulation_steps: int,
         keep: int = 0,
     ) -> Callable[[int], Path | None]:
-        """``save(step)``: a checkpoint of everything a resume needs, then the top-level weights."""
+        """``save(step, protect=None)``: a checkpoint of everything a resume needs, then the top-level
+        weights; returns the checkpoint's path on every worker (only the writer writes it).
+        ``protect``: a checkpoint ``keep`` must not remove."""
 
-        def save(step: int) -> Path | None:
+        def save(step: int, protect: Path | None = None) -> Path:
             if not self.writer:
-                return None
+                return self.path / CHECKPOINTS / checkpoint_name(step)
             files = method.weights(model)
             state = {
                 "step": step,
@@ -310,7 +322,9 @@ class OutputFolder:
                 "micro_batches": step * grad_accumulation_steps,
                 "time": time.time(),
             }
-            path = save_checkpoint(self.path, step, files, optimizer.state, state, self.adapter_config, keep)
+            path = save_checkpoint(
+                self.path, step, files, optimizer.state, state, self.adapter_config, keep, protect
+            )
             for fname, arrays in files.items():
                 atomic_save_safetensors(self.path / fname, arrays)
             return path
@@ -374,12 +388,13 @@ class Resume:
         return step
 
     def check_unfinished(self, step: int, total_steps: int, output: Path) -> bool:
-        """Whether the run still has steps to go. A checkpoint at the end is accepted only in its
-        own run folder, which it finishes (:meth:`OutputFolder.finish`: a kill after the final
-        checkpoint may have left the top-level adapter at an earlier one); elsewhere it is refused."""
+        """Whether the run still has steps to go. A checkpoint exactly at the end is accepted only
+        in its own run folder, which it finishes (:meth:`OutputFolder.finish`: a kill after the
+        final checkpoint may have left the top-level adapter at an earlier one); one past the end,
+        or elsewhere, is refused."""
         if step < total_steps:
             return True
-        if _same(self.run_folder, output):
+        if step == total_steps and _same(self.run_folder, output):
             return False
         raise UserError(
             f"checkpoint {self.checkpoint} is at step {step}, already at or past --iters {total_steps}"

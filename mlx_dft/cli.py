@@ -79,8 +79,10 @@ def train(config, **options):
 
     try:
         api.train(config, **_given(options))
-    except KeyboardInterrupt:  # before the output folder was chosen (api.train names it after)
-        raise Interrupted("interrupted before training started") from None
+    except KeyboardInterrupt:  # outside the training loop (api.train names the folder inside it)
+        raise Interrupted(
+            "interrupted outside training steps; what was saved before stays as it was"
+        ) from None
 
 
 @cli.command()

@@ -265,6 +265,11 @@ def normalise(raw: dict, source: str) -> dict:
             close = [f for f in FIELDS if f.startswith(k[:4])][:3]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UserError(f"{source}: unknown option '{key}'{hint}")
+    if schedule and "warmup" not in schedule and "warmup" not in out:
+        schedule["warmup"] = 0  # mlx-lm warms up only when the block says so
+    for key, value in schedule.items():  # mlx-lm uses the block's values: say so where they differ
+        if key in out and out[key] != value:
+            print(f"note: {source}: lr_schedule sets {key} to {value}, not {out[key]}", file=sys.stderr)
     return {**out, **schedule}
 
 
@@ -284,10 +289,10 @@ def _mlx_lm_schedule(block: dict, source: str) -> dict:
             f"{source}: lr_schedule.arguments of {name} must be a list of at most {len(names)} values "
             f"({', '.join(names)})"
         )
-    # mlx-lm warms up only when the block says so, for ``warmup`` steps.
-    out = {"lr_schedule": schedule, **dict(zip(names, args)), "warmup": block.get("warmup", 0)}
-    if "warmup_init" in block:
-        out["warmup_init"] = block["warmup_init"]
+    out = {"lr_schedule": schedule, **dict(zip(names, args))}
+    for key in ("warmup", "warmup_init"):  # warmup: a number of steps, as ours above 1
+        if key in block:
+            out[key] = block[key]
     return out
 
 
@@ -401,15 +406,17 @@ def total_steps(cfg: TrainConfig, n_batches: int) -> int:
     """Optimizer steps of the run: ``iters``, else ``epochs`` (default 1) of ``n_batches``."""
     if cfg.iters is not None:
         return cfg.iters
-    epochs = cfg.epochs if cfg.epochs is not None else 1.0
-    micro_batches = epochs * n_batches
-    if micro_batches < cfg.grad_accumulation_steps:
+    if cfg.epochs is None:  # one epoch, and at least one step
+        return max(1, math.ceil(n_batches / cfg.grad_accumulation_steps))
+    # A little tolerance: 0.57 epochs of 100 batches is 57 batches, not 57.000000000000004.
+    steps = cfg.epochs * n_batches / cfg.grad_accumulation_steps
+    if steps < 1 - 1e-9:
         raise UserError(
-            f"--epochs {epochs:g} is less than one optimizer step ({n_batches} batches an epoch, "
+            f"--epochs {cfg.epochs:g} is less than one optimizer step ({n_batches} batches an epoch, "
             f"{cfg.grad_accumulation_steps} a step): give at least "
-            f"{cfg.grad_accumulation_steps / n_batches:.3g} epochs, or --iters"
+            f"{cfg.grad_accumulation_steps / n_batches:.6g} epochs, or --iters"
         )
-    return math.ceil(micro_batches / cfg.grad_accumulation_steps)
+    return max(1, math.ceil(steps - 1e-9))
 
 
 def check_run_length(cfg: TrainConfig, steps: int) -> None:

@@ -86,6 +86,7 @@ def build_model(config: dict, name: str) -> nn.Module:
     layout without loading anything."""
     from mlx_lm.utils import _get_classes
 
+    check_model_type(config.get("model_type"), name)
     try:
         model_cls, args_cls = _get_classes(config)
         return model_cls(args_cls.from_dict(config))
@@ -93,17 +94,23 @@ def build_model(config: dict, name: str) -> nn.Module:
         raise UserError(f"cannot build model {name}: {e}") from None
 
 
-def check_model_type(value, where: Path) -> None:
-    """Refuse a ``model_type`` that is not one of mlx-lm's architecture modules: mlx-lm imports
-    ``mlx_lm.models.<model_type>``, so a file must not be able to name any other module."""
+def check_model_type(value, where: Path | str) -> None:
+    """Refuse a ``model_type`` that is not one of mlx-lm's architectures: mlx-lm imports
+    ``mlx_lm.models.<model_type>``, so a file may name only a module of that package that defines
+    a ``Model`` and its ``ModelArgs`` (not a helper module, nothing outside it)."""
+    import importlib
     import pkgutil
 
     import mlx_lm.models
     from mlx_lm.utils import MODEL_REMAPPING
 
     name = MODEL_REMAPPING.get(value, value) if isinstance(value, str) else value
-    known = {m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)} - {"base", "cache"}
-    if not isinstance(name, str) or name not in known:
+    known = {m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)}
+    ok = isinstance(name, str) and name in known
+    if ok:
+        module = importlib.import_module(f"mlx_lm.models.{name}")  # one of mlx-lm's own modules
+        ok = hasattr(module, "Model") and hasattr(module, "ModelArgs")
+    if not ok:
         raise UserError(f"{where}: model_type {value!r} is not an architecture mlx-lm supports")
 
 

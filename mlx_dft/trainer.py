@@ -419,7 +419,7 @@ def train_loop(
     loop: LoopConfig,
     run: Run,
     start_step: int = 0,
-    save: Callable[[int], Path | None] | None = None,
+    save: Callable[..., Path | None] | None = None,
     record: Callable[[dict], None] | None = None,
     callbacks: list[Callback] = (),
     progress: bool = True,
@@ -510,7 +510,8 @@ def train_loop(
             window_time += time.perf_counter() - tic
             run.step = step
 
-            obj = window[0].item()
+            # Every worker decides on the loss of the whole step, so that all of them stop together.
+            obj = (mx.distributed.all_sum(window[:1], stream=mx.cpu) if world_size > 1 else window[:1]).item()
             if not math.isfinite(obj):
                 _stop_non_finite(f"the loss became {obj} at step {step}", run, good, unverified)
             if unverified is not None:  # its weights gave this finite loss: a checkpoint to go back to
@@ -560,10 +561,10 @@ def train_loop(
             if save is not None and (step % loop.save_every == 0 or step == loop.total_steps):
                 if not _finite(model.trainable_parameters()):
                     _stop_non_finite(f"the weights became non-finite at step {step}", run, good, unverified)
-                path = save(step)
+                path = save(step, protect=good)
                 if path is not None:
                     run.last_checkpoint, unverified = path, (step, path)
-                    for cb in callbacks:
+                    for cb in callbacks if rank == 0 else ():
                         cb.on_checkpoint(path, run)
     finally:
         if bar is not None:

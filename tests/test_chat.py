@@ -88,3 +88,12 @@ def test_a_model_without_a_chat_template_is_refused_in_one_line(tiny_model):
         Chat.load(model=str(tiny_model))
     p = run_cli("chat", "--model", tiny_model, input_text="hi\n")
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "no chat template" in p.stderr, p.stderr
+
+
+def test_a_reply_not_read_to_its_end_leaves_the_next_turn_exact(trained):
+    chat = Chat.load(adapter=str(trained), max_tokens=12)
+    pieces = chat.send("Question: Lucy has 44 marbles. She loses 13.")
+    next(pieces)
+    pieces.close()  # the caller stopped reading after one piece
+    reply = "".join(chat.send("How many are left?"))
+    assert reply == _reference(chat.model, chat.tokenizer, chat.messages[:-1], 12)

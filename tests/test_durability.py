@@ -176,3 +176,43 @@ def test_non_finite_weights_are_never_saved(tiny_model, arith_data, tmp_path):
     assert f"last good checkpoint is {_checkpoint(out, 2)}" in msg, msg
     assert not _checkpoint(out, 4).exists()
     assert all(np.isfinite(v).all() for v in _weights(out).values())
+
+
+def test_keep_checkpoints_never_removes_the_last_good_one(tiny_model, arith_data, tmp_path):
+    class Poison(Callback):
+        def on_checkpoint(self, path, run):
+            if run.step == 4:
+                run.model.update(_poisoned(run.model))
+
+    out = tmp_path / "r"
+    with pytest.raises(api.UserError) as e:
+        mlx_dft.train(model=str(tiny_model), data=str(arith_data), output=str(out), iters=8, save_every=2,
+                      keep_checkpoints=1, callbacks=[Poison()], **FAST)  # fmt: skip
+    good = _checkpoint(out, 2)
+    assert f"last good checkpoint is {good}" in str(e.value) and (good / "trainer_state.json").is_file()
+
+
+def test_resume_past_the_end_and_the_test_report_of_a_finished_kill(tiny_model, arith_data, tmp_path):
+    out = tmp_path / "r"
+    mlx_dft.train(model=str(tiny_model), data=str(arith_data), output=str(out), iters=4, save_every=2,
+                  test=True, **FAST)  # fmt: skip
+    with pytest.raises(api.UserError, match="already at or past --iters 2"):
+        mlx_dft.train(resume=str(out), iters=2, progress=False)  # fewer steps than it has: refused
+    # killed before its test report: resuming finishes it, test report included, once
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("".join(x + "\n" for x in metrics.read_text().splitlines() if "test_loss" not in x))
+    mlx_dft.train(resume=str(out), progress=False)
+    mlx_dft.train(resume=str(out), progress=False)
+    assert metrics.read_text().count("test_loss") == 1
+
+
+def test_the_ctrl_c_message_for_a_run_resumed_into_another_folder():
+    from mlx_dft.api import _interrupted
+    from mlx_dft.trainer import Run
+
+    out, elsewhere = Path("/runs/b"), Path("/runs/a/checkpoints/step-0000002")
+    msg = _interrupted(Run(None, None, None, out, step=3, last_checkpoint=elsewhere), out)
+    assert msg.endswith(f"continue with --resume {elsewhere} --output /runs/b --overwrite")
+    own = Path("/runs/b/checkpoints/step-0000004")
+    msg = _interrupted(Run(None, None, None, out, step=5, last_checkpoint=own), out)
+    assert msg.endswith("continue with --resume /runs/b")

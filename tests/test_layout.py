@@ -19,7 +19,7 @@ spec.loader.exec_module(import_graph)
 # The only modules allowed to import mlx_dft.api: the package façade, the CLI, and the recipes
 # that run training and evaluation end to end.
 ABOVE_API = {"mlx_dft", "mlx_dft.cli", "mlx_dft.evaluation.compare", "mlx_dft.evaluation.run"}
-ABOVE_API |= {"mlx_dft.evaluation.sample"}
+ABOVE_API |= {"mlx_dft.evaluation.sample", "mlx_dft.chat"}
 
 
 def test_the_import_graph_has_no_cycle():

@@ -95,7 +95,9 @@ def test_the_cli_refuses_a_crafted_checkpoint_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model_type", ["os", "base", "llama.evil", "../../tmp/x", 3, ["llama"]])
+@pytest.mark.parametrize(
+    "model_type", ["os", "base", "rope_utils", "switch_layers", "llama.evil", "../../tmp/x", 3, ["llama"]]
+)
 def test_a_config_cannot_choose_the_module_mlx_lm_imports(tiny_model, tmp_path, model_type):
     """mlx-lm imports ``mlx_lm.models.<model_type>``: only its architecture modules are accepted."""
     import json
@@ -110,3 +112,24 @@ def test_a_config_cannot_choose_the_module_mlx_lm_imports(tiny_model, tmp_path, 
     with pytest.raises(UserError, match="is not an architecture mlx-lm supports"):
         load_model(str(folder))
     assert "mlx_lm.models.os" not in sys.modules
+
+
+def test_a_peft_folder_cannot_choose_the_module_either(tiny_model, tmp_path):
+    """Importing a PEFT adapter builds its base model's layout: the same check applies."""
+    import json
+    import shutil
+
+    from mlx_dft.interop.convert import read_source
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "rope_utils"}))
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(base), "r": 4, "lora_alpha": 8,
+                    "target_modules": ["q_proj"]})  # fmt: skip
+    )
+    with pytest.raises(UserError, match="is not an architecture mlx-lm supports"):
+        read_source(str(peft), None)
