@@ -139,19 +139,26 @@ def _poisoned(model):
     return tree_unflatten([(k, v * float("nan")) for k, v in tree_flatten(model.trainable_parameters())])
 
 
-def test_a_nan_names_a_checkpoint_whose_weights_did_not_fail(tiny_model, arith_data, tmp_path):
-    """The loss at step 5 comes from the weights saved at step 4: that checkpoint is not good."""
+def _nan_after_checkpoint_4(model, data, out: Path, **options) -> str:
+    """The message of a run (checkpoints every 2 steps) whose weights turn NaN right after the
+    checkpoint of step 4, so that step 5's loss is NaN."""
 
     class Poison(Callback):
         def on_checkpoint(self, path, run):
             if run.step == 4:
                 run.model.update(_poisoned(run.model))
 
-    out = tmp_path / "r"
     with pytest.raises(api.UserError) as e:
-        mlx_dft.train(model=str(tiny_model), data=str(arith_data), output=str(out), iters=8, save_every=2,
-                      callbacks=[Poison()], **FAST)  # fmt: skip
-    msg = str(e.value)
+        mlx_dft.train(model=str(model), data=str(data), output=str(out), iters=8, save_every=2,
+                      callbacks=[Poison()], **FAST, **options)  # fmt: skip
+    return str(e.value)
+
+
+def test_a_nan_names_a_checkpoint_whose_weights_did_not_fail(tiny_model, arith_data, tmp_path):
+    """The loss at step 5 comes from the weights saved at step 4: that checkpoint is not good."""
+
+    out = tmp_path / "r"
+    msg = _nan_after_checkpoint_4(tiny_model, arith_data, out)
     good = _checkpoint(out, 2)
     assert "loss became nan at step 5" in msg and f"last good checkpoint is {good}" in msg, msg
     assert "the one at step 4 holds the weights that failed" in msg, msg
@@ -179,17 +186,10 @@ def test_non_finite_weights_are_never_saved(tiny_model, arith_data, tmp_path):
 
 
 def test_keep_checkpoints_never_removes_the_last_good_one(tiny_model, arith_data, tmp_path):
-    class Poison(Callback):
-        def on_checkpoint(self, path, run):
-            if run.step == 4:
-                run.model.update(_poisoned(run.model))
-
     out = tmp_path / "r"
-    with pytest.raises(api.UserError) as e:
-        mlx_dft.train(model=str(tiny_model), data=str(arith_data), output=str(out), iters=8, save_every=2,
-                      keep_checkpoints=1, callbacks=[Poison()], **FAST)  # fmt: skip
+    msg = _nan_after_checkpoint_4(tiny_model, arith_data, out, keep_checkpoints=1)
     good = _checkpoint(out, 2)
-    assert f"last good checkpoint is {good}" in str(e.value) and (good / "trainer_state.json").is_file()
+    assert f"last good checkpoint is {good}" in msg and (good / "trainer_state.json").is_file()
 
 
 def test_resume_past_the_end_and_the_test_report_of_a_finished_kill(tiny_model, arith_data, tmp_path):
