@@ -190,8 +190,11 @@ def export_cmd(adapter_dir, out, fmt, base_model):
     """Write an adapter as a Hugging Face folder (PEFT LoRA/DoRA, or the HF Aligner format), or a
     LoRA as a llama.cpp GGUF adapter."""
     from mlx_dft.interop.convert import export_adapter
+    from mlx_dft.interop.hub import write_card
 
     path = export_adapter(adapter_dir, out, fmt, base_model)
+    if fmt != "gguf":  # a Hugging Face folder gets its model card (a GGUF adapter is one file for llama.cpp)
+        write_card(path)
     click.echo(f"exported {adapter_dir} -> {path}")
 
 

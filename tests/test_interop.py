@@ -479,3 +479,19 @@ def test_fuse_dequantize_of_a_4bit_qlora(tiny_model_4bit, arith_data, tmp_path):
     out = fuse(run.output, tmp_path / "fused", dequantize=True)
     assert "quantization" not in json.loads((out / "config.json").read_text())
     np.testing.assert_allclose(torch_logits(hf(out)), mlx_logits(tiny_model_4bit, run.output), atol=1e-4)
+
+
+@pytest.mark.parametrize("adapter,library", [("lora", "library_name: peft"), ("aligner", "aligner")])
+def test_export_writes_the_model_card_push_would(models, arith_data, tmp_path, adapter, library):
+    run = mlx_dft.train(model=str(models["llama"]), data=str(arith_data), output=str(tmp_path / "run"),
+                        adapter=adapter, aligner_start_layer=0, **FAST)  # fmt: skip
+    out = tmp_path / "exported"
+    p = run_cli("export", run.output, "--out", out, "--base-model", "meta-llama/Llama-2-7b-hf")
+    assert p.returncode == 0, p.stderr
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "base_model: meta-llama/Llama-2-7b-hf" in front and "- mlx_dft" in front and "- dft" in front
+    assert library in card and "# exported" in card and "## Training" in card
+    # push sends the same card, with the repo's name where the folder's stands
+    pushed = hub.plan_push(out, "me/my-adapter").card
+    assert pushed.replace("me/my-adapter", "exported").replace("# my-adapter", "# exported") == card

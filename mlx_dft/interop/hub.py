@@ -15,7 +15,7 @@ from mlx_dft import adapters
 from mlx_dft._version import __version__
 from mlx_dft.adapters import Card
 from mlx_dft.errors import UserError
-from mlx_dft.files import read_json
+from mlx_dft.files import atomic_write_text, read_json
 from mlx_dft.interop.convert import RUN_FILE
 
 MODEL_CARD = "README.md"
@@ -91,6 +91,15 @@ def model_card(folder: Path, repo_id: str) -> str:
         lines += [f"| {k} | {v:.6g} |" for k, v in metrics.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def write_card(folder: str | Path) -> Path:
+    """Write ``folder``'s model card (README.md, titled by the folder's name; ``push`` writes it
+    again with the repo's name) and return its path."""
+    folder = Path(folder)
+    path = folder / MODEL_CARD
+    atomic_write_text(path, model_card(folder, folder.name))
+    return path
 
 
 def plan_push(folder: str | Path, repo_id: str, private: bool = False) -> PushPlan:
