@@ -467,6 +467,20 @@ def validate(cfg: TrainConfig) -> None:
         check_run_length(cfg, cfg.iters)
     check(cfg.learning_rate is None or cfg.learning_rate > 0, "--learning-rate must be positive")
     check(cfg.warmup >= 0, "--warmup must be >= 0")
+    # Options of one loss or schedule are refused with another, not ignored.
+    check(
+        cfg.loss == "asft" or (cfg.asft_alpha == 0.1 and not cfg.asft_reference_copy),
+        "--asft-alpha and --asft-reference-copy apply to --loss asft only",
+    )
+    check(
+        cfg.loss == "eaft" or (cfg.eaft_alpha == 1.0 and cfg.eaft_top_k == 20),
+        "--eaft-alpha and --eaft-top-k apply to --loss eaft only",
+    )
+    check(
+        cfg.lr_schedule != "constant" or (cfg.min_learning_rate == 0 and cfg.decay_steps is None),
+        "--min-learning-rate and --decay-steps shape a cosine or linear decay, not --lr-schedule constant",
+    )
+    check(cfg.warmup_init == 0 or cfg.warmup > 0, "--warmup-init needs a warmup (--warmup > 0)")
     check(cfg.warmup_init >= 0, "--warmup-init must be >= 0")
     check(cfg.min_learning_rate >= 0, "--min-learning-rate must be >= 0")
     check(cfg.decay_steps is None or cfg.decay_steps >= 1, "--decay-steps must be at least 1")

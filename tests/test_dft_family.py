@@ -390,10 +390,9 @@ def test_sft_warmup_switches_and_resume_crosses_the_switch(tiny_model, arith_dat
         lora_dropout=0.1,
         grad_accumulation_steps=2,
         steps_per_eval=3,
-        eaft_top_k=5,
         **FAST,
     )
-    mlx_dft.train(output=str(tmp_path / "straight"), loss="eaft", sft_warmup_steps=3, **common)
+    mlx_dft.train(output=str(tmp_path / "straight"), loss="eaft", eaft_top_k=5, sft_warmup_steps=3, **common)
     ck = tmp_path / "straight" / "checkpoints"
     for at in ("step-0000002", "step-0000004"):  # before and after the switch at step 3
         resumed = mlx_dft.train(resume=str(ck / at), output=str(tmp_path / f"from-{at}"), progress=False)
@@ -424,6 +423,7 @@ def test_sft_warmup_switches_and_resume_crosses_the_switch(tiny_model, arith_dat
         resume=str(tmp_path / "sft4" / "checkpoints" / "step-0000003"),
         output=str(tmp_path / "cont"),
         loss="eaft",
+        eaft_top_k=5,
         progress=False,
     )
     assert cont.step == 6
