@@ -18,9 +18,12 @@ from mlx_dft import _blas, adapters, data, models
 from mlx_dft.checkpoint import OutputFolder, run_config
 from mlx_dft.config import TrainConfig, check_run_length, resolve, total_steps
 from mlx_dft.errors import Interrupted, UserError
+from mlx_dft.evaluation import heldout
 from mlx_dft.interop.convert import read_source
 from mlx_dft.losses import LossConfig
+from mlx_dft.progress import Progress
 from mlx_dft.tasks import ARITH_DIR
+from mlx_dft.trackers import open_trackers
 from mlx_dft.trainer import Callback, LoopConfig, Run, optimizer_for, run_loss_fns, test_report, train_loop
 
 __all__ = ["Callback", "Run", "TrainConfig", "UserError", "generate", "load", "train"]
@@ -36,9 +39,21 @@ def train(
     """Fine-tune a model; the keyword options are ``mlx_dft train``'s long options in snake case.
     ``config`` is a YAML file (as ``--config``), a dict of options or a :class:`TrainConfig`;
     keyword options override it. Returns the finished :class:`Run` (history, output folder)."""
+    bar = Progress.for_terminal(progress and mx.distributed.init().rank() == 0)
+    closing: list = [bar.close]  # what to close however the run ends (the status line, trackers)
+    try:
+        return _train(config, list(callbacks), bar, closing, options)
+    finally:
+        for close in reversed(closing):
+            close()
+
+
+def _train(config, callbacks: list[Callback], bar: Progress, closing: list, options: dict) -> Run:
+    started = time.perf_counter()
+    bar.phase("loading")
     cfg, explicit, resume = resolve(config, options)
     world = mx.distributed.init()
-    say = _rank0_print(world)
+    say = _rank0_print(world, bar)
     if mx.default_device() == mx.cpu:
         say(_blas.info().describe())
 
@@ -51,7 +66,9 @@ def train(
     mx.random.seed(cfg.seed)
     model, tokenizer, model_cfg, _ = models.load_model(cfg.model, cfg.dtype, cfg.chat_template)
 
-    splits = data.load_datasets(cfg.data, tokenizer, data.DataConfig.from_options(cfg))
+    splits = data.load_datasets(
+        cfg.data, tokenizer, data.DataConfig.from_options(cfg), cfg.hf_config, cfg.hf_splits
+    )
     for line in data.describe(splits, cfg.max_seq_length):
         say(line)
     train_set, val_set, n_batches = data.training_splits(splits, cfg.batch_size)
@@ -88,22 +105,38 @@ def train(
         out.release()
         return run
     out.begin(run_config(cfg, settings, model, model_cfg, out.path, steps), start_step if resume else None)
+    out.save_tokenizer(tokenizer)
     say(f"training {steps} steps of {cfg.batch_size} examples ({_recipe(cfg, world)}) -> {out.path}")
+    if world.rank() == 0 and cfg.report_to:
+        trackers = open_trackers(cfg.report_to, out.path, cfg.to_dict(), cfg.project_name)
+        out.listeners.extend(t.log for t in trackers)
+        closing.extend(t.close for t in trackers)
 
     if cfg.grad_checkpoint:
         models.grad_checkpoint(model)
     run = Run(model, tokenizer, cfg, out.path, last_checkpoint=resume.checkpoint if resume else None)
+    held = heldout.heldout_problems(cfg, tokenizer) if world.rank() == 0 else None
+    bar.phase("evaluating")
+    before = _accuracy(model, tokenizer, cfg, held, run, out, 0, say) if start_step == 0 else None
     save = out.saver(model, method, optimizer, steps, cfg.grad_accumulation_steps, cfg.keep_checkpoints)
     loop = LoopConfig.from_options(cfg, steps)
     try:
         train_loop(model, optimizer, loss_fn, train_set, val_set, loop, run, start_step=start_step,
-                   save=save, record=out.record, callbacks=list(callbacks), progress=progress, log=say,
+                   save=save, record=out.record, callbacks=callbacks, progress=bar, log=say,
                    warmup_loss_fn=warmup_loss_fn)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(run, out.path)) from None
     _test(cfg, splits, model, loss_fn, run, out, say)
+    bar.phase("evaluating")
+    after = _accuracy(model, tokenizer, cfg, held, run, out, steps, say)
+    bar.close()
     out.release()
     say(f"saved {cfg.adapter} adapter to {out.path}")
+    before_accuracy = before.accuracy if before is not None else out.recorded_value("accuracy", step=0)
+    recipe = f"{_recipe(cfg, world)}, {cfg.adapter} on {cfg.model}, {steps} steps"
+    took = time.perf_counter() - started
+    for line in heldout.summary(out.path, recipe, before_accuracy, after, held, took, cfg.data):
+        say(line)
     return run
 
 
@@ -116,6 +149,26 @@ def _test(cfg: TrainConfig, splits: dict, model, loss_fn, run: Run, out: OutputF
         out.record(test_report(model, loss_fn, splits["test"], cfg.batch_size, run, say))
     elif cfg.test:
         say("note: --test given but the data has no test.jsonl")
+
+
+def _accuracy(model, tokenizer, cfg, held, run: Run, out: OutputFolder, step: int, say):
+    """Held-out answer accuracy at ``step``, recorded with the run's metrics (rank 0; None without
+    answerable problems)."""
+    if held is None:
+        return None
+    tic = time.perf_counter()
+    report = heldout.accuracy(model, tokenizer, held, cfg.use_chat_template)
+    rec = {
+        "step": step,
+        "accuracy": report.accuracy,
+        "accuracy_problems": report.n_problems,
+        "accuracy_split": held.split,
+        "accuracy_time": time.perf_counter() - tic,
+    }
+    run.history.append(rec)
+    out.record(rec)
+    say(f"step {step} | accuracy {report.accuracy:.1%} on {report.n_problems} {held.split} problems")
+    return report
 
 
 def _interrupted(run: Run, output: Path) -> str:
@@ -132,9 +185,9 @@ def _interrupted(run: Run, output: Path) -> str:
     )
 
 
-def _rank0_print(world: mx.distributed.Group):
+def _rank0_print(world: mx.distributed.Group, bar: Progress | None = None):
     def say(msg: str) -> None:
-        if world.rank() == 0:
+        if world.rank() == 0 and not (bar is not None and bar.write(msg)):
             print(msg, flush=True)
 
     return say
@@ -167,6 +220,9 @@ def load(
         model = source.get("base_model")
     if chat_template is None and source is not None:
         chat_template = (source.get("training") or {}).get("chat_template")
+        saved = Path(str(adapter)) / "chat_template.jinja"
+        if saved.is_file():  # the template the run trained with, as saved beside its adapter
+            chat_template = str(saved)
     net, tokenizer, _, _ = models.load_model(model or str(models.default_model_path()), dtype, chat_template)
     if source is not None:
         adapters.apply_saved(net, source, source["weights"], str(adapter))

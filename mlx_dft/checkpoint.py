@@ -16,7 +16,9 @@ moment leaves the previous checkpoint intact and loadable.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -228,6 +230,7 @@ class OutputFolder:
     def __init__(self, path: str | Path, writer: bool = True):
         self.path = Path(path)
         self.writer = writer
+        self.listeners: list = []  # called with every record (experiment trackers)
 
     def check(
         self, overwrite: bool, resuming: Path | None = None, world: mx.distributed.Group | None = None
@@ -277,6 +280,23 @@ class OutputFolder:
         elif metrics.exists():
             metrics.unlink()
 
+    def save_tokenizer(self, tokenizer) -> None:
+        """The tokenizer files and chat template beside the adapter (as PEFT folders on the Hub have
+        them), each file replaced in one rename: the folder is self-contained for generate/eval/chat."""
+        if not self.writer:
+            return
+        hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".tokenizer."))
+        try:
+            hf.save_pretrained(str(tmp))
+            for f in sorted(tmp.iterdir()):
+                if f.is_file():
+                    os.replace(f, self.path / f.name)
+        except Exception as e:  # a tokenizer transformers cannot save: the run goes on without the copy
+            print(f"note: the tokenizer was not saved beside the adapter ({type(e).__name__}: {e})")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def finish(self, checkpoint: Path, method: AdapterMethod) -> None:
         """Make the top-level adapter weights the final ``checkpoint``'s (a run killed between its
         final checkpoint and the top-level write is finished by its resume)."""
@@ -292,11 +312,26 @@ class OutputFolder:
             return False
         return any(f'"{key}"' in line for line in metrics.read_text().splitlines())
 
+    def recorded_value(self, key: str, step: int | None = None):
+        """The newest value of ``key`` in ``metrics.jsonl`` (at ``step`` if given), else None."""
+        metrics = self.path / "metrics.jsonl"
+        found = None
+        for line in metrics.read_text().splitlines() if metrics.is_file() else ():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if key in rec and (step is None or rec.get("step") == step):
+                found = rec[key]
+        return found
+
     def record(self, rec: dict) -> None:
         """Append one report to ``metrics.jsonl``."""
         if self.writer:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            for listen in self.listeners:
+                listen(rec)
 
     def saver(
         self,

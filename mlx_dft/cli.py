@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import click
+import rich_click
 
 from mlx_dft._version import __version__
 from mlx_dft.config import TrainConfig
@@ -22,42 +23,117 @@ from mlx_dft.errors import Interrupted, UserError
 from mlx_dft.evaluation.options import EvalConfig, SampleConfig
 
 
+def _note_deprecated(old: str, new: str, why: str = "") -> Callable:
+    def note(ctx: click.Context, param: click.Parameter, value):
+        if value not in (None, ()):
+            click.echo(f"note: {old} is deprecated{why}; use {new}", err=True)
+        return value
+
+    return note
+
+
+def deprecated_option(old: str, new: str, dest: str, why: str = "", **kw) -> Callable[[Callable], Callable]:
+    """A hidden option ``old`` that still works as ``new`` (with a note on stderr): its value arrives
+    as ``__old__<dest>`` and :func:`_given` moves it to ``dest``."""
+    kw.setdefault("default", None)
+    return click.option(old, f"__old__{dest}", hidden=True, callback=_note_deprecated(old, new, why), **kw)
+
+
+def _show_default(f: dataclasses.Field) -> str:
+    if str(f.type).startswith("bool"):
+        if f.default is None:
+            return ""
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        return f"  [default: {flag if f.default else '--no-' + flag[2:]}]"
+    if f.default in (None, ()) or f.default is dataclasses.MISSING:
+        return ""
+    shown = ",".join(f.default) if isinstance(f.default, (list, tuple)) else f.default
+    return f"  [default: {shown}]"
+
+
 def dataclass_options(cls: type) -> Callable[[Callable], Callable]:
     """Click options for the fields of the dataclass ``cls``: ``--field-name`` (or the field's
-    ``flag`` metadata), typed by its annotation, ``--x/--no-x`` for booleans, ``choices`` from the
-    metadata; a list is comma-separated text, or a repeated flag when the metadata says ``multiple``.
-    Options not given arrive as None (``()`` if repeatable) and fields without default are required,
-    so the dataclass's defaults, shown in the help, are the only ones."""
+    ``flag`` metadata, plus its ``aliases``), typed by its annotation, ``--x/--no-x`` for booleans,
+    ``choices`` from the metadata; a list is comma-separated text, or a repeated flag when the metadata
+    says ``multiple``; ``deprecated`` old spellings work hidden, with a note. Options not given arrive
+    as None (``()`` if repeatable) and fields without default are required, so the dataclass's
+    defaults, shown in the help, are the only ones."""
 
     def decorate(fn: Callable) -> Callable:
         for f in reversed(dataclasses.fields(cls)):
             flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            aliases = list(f.metadata.get("aliases", ()))
             kind = str(f.type)
-            help_ = f.metadata.get("help", "")
+            help_ = f.metadata.get("help", "") + _show_default(f)
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if not required and f.default not in (None, ()) and not kind.startswith("bool"):
-                shown = ",".join(f.default) if isinstance(f.default, (list, tuple)) else f.default
-                help_ += f"  [default: {shown}]"
             kw: dict = {"help": help_, **({"required": True} if required else {"default": None})}
             if kind.startswith("bool"):
-                flag = f"{flag}/--no-{flag[2:]}"
-            elif f.metadata.get("multiple"):
-                kw["multiple"] = True
-            elif "choices" in f.metadata:
-                kw["type"] = click.Choice(f.metadata["choices"])
+                flags = [f"{flag}/--no-{flag[2:]}"]
             else:
-                kw["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
-            fn = click.option(flag, f.name, **kw)(fn)
+                flags = [flag, *aliases]
+                if f.metadata.get("multiple"):
+                    kw["multiple"] = True
+                elif "choices" in f.metadata:
+                    kw["type"] = click.Choice(f.metadata["choices"])
+                else:
+                    kw["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            for old, why in f.metadata.get("deprecated", {}).items():
+                extra = {k: kw[k] for k in ("type", "multiple") if k in kw}
+                fn = deprecated_option(old, flag, f.name, why, **extra)(fn)
+            fn = click.option(*flags, f.name, **kw)(fn)
         return fn
 
     return decorate
 
 
 def _given(options: dict) -> dict:
-    return {k: v for k, v in options.items() if v is not None}
+    """The options given: None (and an empty repeat) left out, deprecated spellings moved to theirs."""
+    out = {k: v for k, v in options.items() if v not in (None, ()) and not k.startswith("__old__")}
+    for k, v in options.items():
+        if k.startswith("__old__") and v not in (None, ()):
+            name = k[len("__old__") :]
+            if name in out:
+                raise UserError(f"--{name.replace('_', '-')} is given twice (once by a deprecated spelling)")
+            out[name] = v
+    return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def _flags(cls: type, names: tuple[str, ...]) -> list[str]:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return [fields[n].metadata.get("flag", "--" + n.replace("_", "-")) for n in names if n in fields]
+
+
+def _help_panels() -> None:
+    """rich-click's option panels: train's by :data:`mlx_dft.config.HELP_GROUPS`, eval's and sample's
+    by theirs; options of no panel (--config, --help) come last."""
+    from mlx_dft.config import HELP_GROUPS
+    from mlx_dft.evaluation.options import EVAL_HELP_GROUPS, SAMPLE_HELP_GROUPS
+
+    panels = {}
+    for command, cls, groups in (
+        ("train", TrainConfig, HELP_GROUPS),
+        ("eval", EvalConfig, EVAL_HELP_GROUPS),
+        ("sample", SampleConfig, SAMPLE_HELP_GROUPS),
+    ):
+        panels[f"mlx_dft {command}"] = [
+            *({"name": name, "options": _flags(cls, fields)} for name, fields in groups.items()),
+            {"name": "Other", "options": ["--config", "--help"]},
+        ]
+    rich_click.rich_click.OPTION_GROUPS = panels
+    rich_click.rich_click.MAX_WIDTH = 100
+    rich_click.rich_click.SHOW_ARGUMENTS = True
+    # Types go after the help text, so that the option names have the room they need at 80 columns.
+    rich_click.rich_click.OPTIONS_TABLE_COLUMN_TYPES = ["required", "opt_long", "opt_short", "help"]
+    rich_click.rich_click.APPEND_METAVARS_HELP = True
+
+
+_help_panels()
+
+
+@click.group(
+    cls=rich_click.RichGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
 @click.version_option(__version__, prog_name="mlx_dft")
 def cli():
     """Fine-tune language models on your own machine with DFT, SFT, LoRA, DoRA or full fine-tuning."""
@@ -72,8 +148,9 @@ def cli():
     default=None,
     help="YAML file of options (keys spelled like the long options); flags override it.",
 )
+@click.option("--train", "mlx_lm_train", is_flag=True, hidden=True, help="mlx-lm's flag (always so).")
 @dataclass_options(TrainConfig)
-def train(config, **options):
+def train(config, mlx_lm_train, **options):
     """Fine-tune a model (default: DFT + LoRA on the bundled tiny model and task)."""
     from mlx_dft import api
 
@@ -92,11 +169,22 @@ def train(config, **options):
     help="Base model folder or repo id (default: the adapter's base model, else the bundled model).",
 )
 @click.option(
-    "--adapter", default=None, help="Adapter folder written by mlx_dft train (or a checkpoint folder)."
+    "--adapter-path",
+    "adapter",
+    default=None,
+    help="Adapter folder written by mlx_dft train (or a checkpoint folder, or a Hub id).",
 )
+@deprecated_option("--adapter", "--adapter-path", "adapter")
 @click.option("--prompt", "-p", required=True, help="Prompt text; '-' reads standard input.")
 @click.option("--max-tokens", "-m", default=256, show_default=True, type=int)
-@click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature (0: greedy).")
+@click.option(
+    "--temperature",
+    "--temp",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Sampling temperature (0: greedy).",
+)
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
@@ -109,45 +197,41 @@ def train(config, **options):
     default=None,
     help="Chat template (a .jinja file or a template string; default: the adapter's, else the model's).",
 )
-def generate(model, adapter, prompt, max_tokens, temp, top_p, seed, chat, chat_template):
+def generate(**options):
     """Generate text from a model, with or without a trained adapter."""
     from mlx_dft import api
 
+    options = _given(options)
+    prompt = options.pop("prompt")
     if prompt == "-":
         prompt = sys.stdin.read()
-    if max_tokens < 1:
+    if options["max_tokens"] < 1:
         raise UserError("--max-tokens must be at least 1")
-    text = api.generate(
-        prompt,
-        model=model,
-        adapter=adapter,
-        max_tokens=max_tokens,
-        temperature=temp,
-        top_p=top_p,
-        chat=chat,
-        seed=seed,
-        chat_template=chat_template,
-    )
-    click.echo(text)
+    click.echo(api.generate(prompt, **options))
 
 
 @cli.command("chat")
 @click.option("--model", default=None, help="Base model (default: the adapter's, else the bundled model).")
-@click.option("--adapter", default=None, help="Adapter folder or any source generate accepts.")
+@click.option(
+    "--adapter-path", "adapter", default=None, help="Adapter folder or any source generate accepts."
+)
+@deprecated_option("--adapter", "--adapter-path", "adapter")
 @click.option("--chat-template", default=None, help="Chat template (text or file); default: the adapter's.")
 @click.option("--system", default=None, help="System prompt of the conversation.")
 @click.option("--max-tokens", "-m", default=512, show_default=True, type=int, help="Tokens per reply.")
 @click.option("--temperature", "--temp", default=0.0, show_default=True, type=float, help="0: greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
-def chat_cmd(model, adapter, chat_template, system, max_tokens, temperature, top_p, seed):
+def chat_cmd(**options):
     """Talk with a model and its adapter, turn after turn (the whole conversation goes through the
     chat template; earlier turns come from the KV cache). Type /reset to start over, /exit or
     Ctrl-D to leave. Reads standard input, so a file of messages works too."""
     from mlx_dft.chat import Chat
 
-    session = Chat.load(model, adapter, chat_template, system=system, max_tokens=max_tokens,
-                        temperature=temperature, top_p=top_p, seed=seed)  # fmt: skip
+    o = _given(options)
+    session = Chat.load(o.get("model"), o.get("adapter"), o.get("chat_template"), system=o.get("system"),
+                        max_tokens=o["max_tokens"], temperature=o["temperature"], top_p=o["top_p"],
+                        seed=o["seed"])  # fmt: skip
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo("chat: /reset starts over, /exit or Ctrl-D leaves", err=True)
@@ -280,7 +364,13 @@ def eval_cmd(**options):
 @cli.command("sample")
 @dataclass_options(SampleConfig)
 def sample_cmd(**options):
-    """Offline-RL data: sample K responses per prompt, verify, keep the good ones for training."""
+    """Offline-RL data: sample K responses per prompt, verify, keep the good ones for training.
+
+    \b
+    --verifier math checks the extracted final answer against the record's --answer-field;
+    --verifier module:function imports your own, called once per response:
+      def reward(prompt: str, completion: str, record: dict) -> float
+    (record: the prompt's whole jsonl record). Rewards >= --min-reward are accepted."""
     from mlx_dft.evaluation.sample import run_sample
 
     result = run_sample(**_given(options))
@@ -300,7 +390,22 @@ def sample_cmd(**options):
     help="Folder for the runs and report.md (default: the config's, else ./compare).",
 )
 def compare_cmd(config, output):
-    """Train and evaluate several recipes side by side (YAML plan); writes report.md and plots."""
+    """Train and evaluate several recipes side by side (YAML plan); writes report.md and plots.
+
+    \b
+    The plan (paths relative to it):
+      common: {model: M, data: D, iters: 200, batch_size: 8}   # train options of every run
+      runs:                                                    # name -> that run's options
+        sft-lora: {loss: sft, fine_tune_type: lora}
+        dft-lora: {loss: dft, fine_tune_type: lora}
+      seeds: [0, 1, 2]                                         # every run once per seed
+      eval:                                                    # accuracy after training
+        problems:                                              # name -> jsonl and its fields
+          in-distribution: {file: test.jsonl, question_field: prompt, answer_field: answer}
+        max_tokens: 128                                        # and other `mlx_dft eval` options
+      output: compare                                          # or --output
+
+    Finished runs are reused and unfinished ones resumed while their settings are unchanged."""
     from mlx_dft.evaluation.compare import run_compare
 
     run_compare(config, output, progress=True)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 ADAPTERS = ("lora", "dora", "full", "aligner")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
+REPORTERS = ("wandb", "tensorboard")
 DEFAULT_LR = {"lora": 1e-4, "dora": 1e-4, "full": 1e-5, "aligner": 9e-3}
 # Aligner's paper: AdamW, lr 9e-3, weight decay 0.02; the DFT paper: weight decay 0.01.
 DEFAULT_WEIGHT_DECAY = {"aligner": 0.02}
@@ -48,10 +49,21 @@ class TrainConfig:
         None, "Model folder or Hugging Face repo id (default: the bundled tiny LLaMA)."
     )
     data: str | None = option(
-        None, "Folder with train/valid[/test].jsonl, or one .jsonl file (default: the bundled task)."
+        None,
+        "Folder with train/valid[/test].jsonl, one .jsonl file, or a Hugging Face dataset ORG/NAME "
+        "(default: the bundled task).",
+    )
+    hf_config: str | None = option(None, "Configuration (subset) of a Hugging Face --data dataset.")
+    hf_splits: list[str] | None = option(
+        None,
+        "Splits of a Hugging Face --data dataset for train,valid[,test], e.g. train[:90%],train[90%:] "
+        "(default: train, validation and test where they exist).",
+        is_list=True,
     )
     output: str | None = option(
-        None, "Output folder for adapter, checkpoints and metrics (default: runs/<time>-<loss>-<adapter>)."
+        None,
+        "Output folder for adapter, checkpoints and metrics (default: runs/<time>-<loss>-<type>).",
+        aliases=("--adapter-path",),
     )
     # loss
     loss: str = option(
@@ -74,14 +86,20 @@ class TrainConfig:
     )
     asft_reference_copy: bool = option(
         False,
-        "ASFT with --adapter full: keep a frozen copy of the trained blocks' initial weights as the "
+        "ASFT with --fine-tune-type full: keep a frozen copy of the trained blocks' initial weights as the "
         "reference (doubles the memory of those blocks).",
     )
     eaft_alpha: float = option(1.0, "EAFT: weight = (H_k / ln k)^alpha.")
     eaft_top_k: int = option(20, "EAFT: k, the number of largest logits whose softmax entropy H_k is used.")
     sft_warmup_steps: int = option(0, "Plain SFT for the first N optimizer steps, then --loss.")
     # adapter
-    adapter: str = option("lora", "What to train: lora, dora, full or aligner.", ADAPTERS)
+    adapter: str = option(
+        "lora",
+        "What to train: lora, dora, full or aligner (YAML: fine_tune_type).",
+        ADAPTERS,
+        flag="--fine-tune-type",
+        deprecated={"--adapter": " in train (everywhere else it names an adapter folder)"},
+    )
     num_layers: int = option(16, "Adapt the last N transformer blocks; -1 for all (lora, dora, full).")
     lora_rank: int = option(8, "LoRA/DoRA rank.")
     lora_scale: float = option(
@@ -150,10 +168,26 @@ class TrainConfig:
     # reporting, evaluation and saving
     steps_per_report: int = option(10, "Steps between training reports.")
     steps_per_eval: int | None = option(None, "Steps between validations (default: a tenth of the run).")
-    val_batches: int = option(25, "Validation batches per validation; -1 for the whole split.")
+    val_batches: int | None = option(
+        None,
+        "Validation batches per validation; -1 for the whole split (default: scaled with the run, "
+        "all validations together a quarter of the training batches, 2 to 25 each).",
+    )
     save_every: int = option(100, "Steps between checkpoints.")
     keep_checkpoints: int = option(0, "Keep only the newest N checkpoints (0: keep all).")
     test: bool = option(False, "Evaluate on the test split after training.")
+    accuracy_problems: int = option(
+        50,
+        "Greedy answer accuracy before and after training on the first N test (else valid) records "
+        "that have an 'answer' field (prompt/completion data; 0: off).",
+    )
+    report_to: list[str] | None = option(
+        None,
+        "Also log every metric and the run's configuration to wandb and/or tensorboard "
+        "(comma-separated; tensorboard writes OUTPUT/tensorboard).",
+        is_list=True,
+    )
+    project_name: str | None = option(None, "wandb project (default: mlx_dft).")
     adapter_from: str | None = option(
         None,
         "Start from an existing adapter (its settings and weights): an mlx_dft/mlx-lm or PEFT folder, an "
@@ -188,6 +222,34 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# The panels of `mlx_dft train --help`, in order; every field is in one (tests/test_cli.py checks).
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "Data": (
+        "data", "hf_config", "hf_splits", "max_seq_length", "mask_prompt", "use_chat_template",
+        "chat_template", "prompt_feature", "completion_feature", "text_feature", "chat_feature",
+    ),
+    "Model and adapter": (
+        "model", "adapter", "num_layers", "lora_rank", "lora_scale", "lora_alpha", "lora_dropout",
+        "lora_keys", "aligner_tokens", "aligner_start_layer", "aligner_gate", "adapter_from", "dtype",
+        "grad_checkpoint",
+    ),
+    "Loss": (
+        "loss", "dft_floor", "dft_power", "asft_alpha", "asft_reference_copy", "eaft_alpha", "eaft_top_k",
+        "sft_warmup_steps", "loss_chunk_tokens",
+    ),
+    "Optimisation": (
+        "optimizer", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "lr_schedule", "warmup",
+        "warmup_init", "min_learning_rate", "decay_steps", "max_grad_norm", "batch_size",
+        "grad_accumulation_steps", "seed",
+    ),
+    "Run length and reporting": (
+        "iters", "epochs", "steps_per_report", "steps_per_eval", "val_batches", "test",
+        "accuracy_problems", "report_to",
+        "project_name",
+    ),
+    "Output": ("output", "save_every", "keep_checkpoints", "resume", "overwrite"),
+}  # fmt: skip
+
 # mlx-lm's YAML spelling of the same options.
 MLX_LM_ALIASES = {"fine_tune_type": "adapter", "adapter_path": "output"}
 # Keys of mlx-lm configs that have no meaning here: accepted, with a one-line note saying why.
@@ -197,9 +259,6 @@ MLX_LM_IGNORED = {
     "test_batches": "--test evaluates the whole test split",
     "clear_cache_threshold": "MLX's cache is managed by mlx_dft",
     "trust_remote_code": "only the built-in mlx-lm architectures are loaded",
-    "report_to": "metrics are written to metrics.jsonl in the output folder (no tracker)",
-    "wandb": "metrics are written to metrics.jsonl in the output folder (no tracker)",
-    "project_name": "metrics are written to metrics.jsonl in the output folder (no tracker)",
 }
 # mlx-lm's lr_schedule names, with the order of their ``arguments``.
 MLX_LM_SCHEDULES = {
@@ -225,7 +284,11 @@ def normalise(raw: dict, source: str) -> dict:
     schedule: dict[str, Any] = {}
     for key, value in raw.items():
         k = _snake(str(key))
-        if k == "lr_schedule" and isinstance(value, dict):
+        if k == "adapter" and source != "option":  # YAML and plans; the Python API's field name
+            print(f"note: {source}: 'adapter' is deprecated for the adapter type; use fine_tune_type",
+                  file=sys.stderr)  # fmt: skip
+            out["adapter"] = value
+        elif k == "lr_schedule" and isinstance(value, dict):
             schedule = _mlx_lm_schedule(value, source)  # applied last: it sets the rate mlx-lm uses
         elif k in FIELDS:
             out[k] = value
@@ -248,10 +311,13 @@ def normalise(raw: dict, source: str) -> dict:
                     else:
                         raise UserError(f"{source}: unsupported optimizer_config key {sub}")
         elif k == "hf_dataset":
-            raise UserError(
-                f"{source}: hf_dataset (a dataset by Hub name) is not supported; save the dataset as "
-                "train.jsonl/valid.jsonl (datasets' to_json) and pass data: FOLDER"
-            )
+            out.update(_mlx_lm_hf_dataset(value, source))
+        elif k == "wandb":  # mlx-lm's older spelling: wandb: PROJECT
+            out["report_to"], out["project_name"] = ["wandb"], value
+        elif k == "lora_layers":
+            print(f"note: {source}: lora_layers is mlx-lm's old name for num_layers", file=sys.stderr)
+            out["num_layers"] = value
+
         elif k in MLX_LM_ALIASES:
             out[MLX_LM_ALIASES[k]] = value
         elif k == "resume_adapter_file":
@@ -271,6 +337,42 @@ def normalise(raw: dict, source: str) -> dict:
         if key in out and out[key] != value:
             print(f"note: {source}: lr_schedule sets {key} to {value}, not {out[key]}", file=sys.stderr)
     return {**out, **schedule}
+
+
+# mlx-lm's hf_dataset keys and ours; train/valid splits default to mlx-lm's.
+HF_DATASET_KEYS = ("path", "train_split", "valid_split", "test_split", "config", "name", "prompt_feature",
+                   "completion_feature", "text_feature", "chat_feature", "mask_prompt")  # fmt: skip
+
+
+def _mlx_lm_hf_dataset(block: Any, source: str) -> dict:
+    """mlx-lm's ``hf_dataset: {path, train_split, valid_split, test_split, config, *_feature}``."""
+    if isinstance(block, list):
+        if len(block) != 1:
+            raise UserError(
+                f"{source}: hf_dataset lists {len(block)} datasets; mlx_dft trains on one (concatenate "
+                "them into one dataset first)"
+            )
+        block = block[0]
+    if not isinstance(block, dict) or "path" not in block:
+        raise UserError(f"{source}: hf_dataset must be a mapping with a path: ORG/NAME")
+    unknown = sorted(set(block) - set(HF_DATASET_KEYS))
+    if unknown:
+        raise UserError(f"{source}: unknown key hf_dataset.{unknown[0]}")
+    extra = block.get("config") or {}
+    if not isinstance(extra, dict) or set(extra) - {"name"}:
+        raise UserError(f"{source}: hf_dataset.config supports only name (the dataset configuration)")
+    out: dict[str, Any] = {"data": block["path"]}
+    name = block.get("name") or extra.get("name")
+    if name:
+        out["hf_config"] = name
+    splits = [block.get("train_split", "train[:80%]"), block.get("valid_split", "train[-10%:]")]
+    if block.get("test_split"):
+        splits.append(block["test_split"])
+    out["hf_splits"] = splits
+    for key in ("prompt_feature", "completion_feature", "text_feature", "chat_feature", "mask_prompt"):
+        if key in block:
+            out[key] = block[key]
+    return out
 
 
 def _mlx_lm_schedule(block: dict, source: str) -> dict:
@@ -488,9 +590,15 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.steps_per_report >= 1, "--steps-per-report must be at least 1")
     check(cfg.steps_per_eval is None or cfg.steps_per_eval >= 1, "--steps-per-eval must be at least 1")
     check(cfg.save_every >= 1, "--save-every must be at least 1")
-    check(cfg.val_batches == -1 or cfg.val_batches >= 1, "--val-batches must be -1 (all) or at least 1")
+    check(
+        cfg.val_batches is None or cfg.val_batches == -1 or cfg.val_batches >= 1,
+        "--val-batches must be -1 (all) or at least 1",
+    )
     check(cfg.loss_chunk_tokens >= 0, "--loss-chunk-tokens must be >= 0")
     check(cfg.aligner_tokens >= 1, "--aligner-tokens must be at least 1")
     check(cfg.aligner_start_layer >= 0, "--aligner-start-layer must be >= 0")
     check(cfg.weight_decay is None or cfg.weight_decay >= 0, "--weight-decay must be >= 0")
     check(cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0")
+    check(cfg.accuracy_problems >= 0, "--accuracy-problems must be >= 0")
+    for name in cfg.report_to or ():
+        check(name in REPORTERS, f"--report-to: unknown tracker {name!r}; choose from {', '.join(REPORTERS)}")

@@ -18,6 +18,7 @@ Batches group examples of similar length (fewer pad tokens), and are a pure func
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,7 +317,11 @@ def _encode_chat(messages, tools, tokenizer, cfg: DataConfig, warn: list):
 
 
 def load_split(path: Path, name: str, tokenizer, cfg: DataConfig) -> Dataset:
-    records = read_jsonl(path)
+    return encode_split(read_jsonl(path), path, name, tokenizer, cfg)
+
+
+def encode_split(records: list, path: Path | str, name: str, tokenizer, cfg: DataConfig) -> Dataset:
+    """Tokenise ``records``, (line number, record) pairs read from ``path`` (a name in messages)."""
     fmt = detect_format(records, path, cfg)
     warn: list[str] = []
     tokens, supervised = [], []
@@ -350,8 +355,77 @@ def load_split(path: Path, name: str, tokenizer, cfg: DataConfig) -> Dataset:
     return Dataset(name, tokens, supervised, fmt, n_trunc, longest, dropped, messages)
 
 
-def load_datasets(data: str | Path, tokenizer, cfg: DataConfig) -> dict[str, Dataset]:
+def load_datasets(
+    data: str | Path, tokenizer, cfg: DataConfig, hf_config: str | None = None, hf_splits: list | None = None
+) -> dict[str, Dataset]:
+    """The splits of ``data``: a folder of {train,valid,test}.jsonl, one .jsonl, or, when no such path
+    exists and it reads ORG/NAME, a Hugging Face dataset (``hf_config``, ``hf_splits``)."""
+    if is_hub_dataset(data):
+        return load_hf_datasets(str(data), tokenizer, cfg, hf_config, hf_splits)
+    if hf_config or hf_splits:
+        raise UserError("--hf-config and --hf-splits apply to a Hugging Face dataset (--data ORG/NAME)")
     return {name: load_split(path, name, tokenizer, cfg) for name, path in find_splits(data).items()}
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_dataset(data: str | Path) -> bool:
+    """``data`` names a Hub dataset: ORG/NAME, and no file or folder of that name exists here."""
+    text = str(data)
+    return bool(_HUB_ID.match(text)) and not Path(text).expanduser().exists() and not text.endswith(".jsonl")
+
+
+# Split names datasets use for our "valid".
+VALID_NAMES = ("validation", "valid", "val", "dev")
+
+
+def load_hf_datasets(
+    name: str, tokenizer, cfg: DataConfig, config: str | None = None, splits: list | None = None
+) -> dict[str, Dataset]:
+    """A Hugging Face dataset through the ``datasets`` library (its cache, and ``HF_DATASETS_OFFLINE``
+    as it sets them), with the same format detection and masking as jsonl. ``splits``: split
+    expressions for train, valid[, test] (``train[:90%]``...); default: train, the validation split
+    (validation, valid, val or dev) and test where they exist."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"--data {name} is a Hugging Face dataset: install the datasets library (pip install datasets)"
+        ) from None
+    wanted: dict[str, str] = {}
+    try:
+        if splits:
+            if not 1 <= len(splits) <= 3:
+                raise UserError(f"--hf-splits takes train,valid[,test] split names, not {','.join(splits)}")
+            wanted = dict(zip(SPLITS, splits))
+        else:
+            available = datasets.get_dataset_split_names(name, config)
+            wanted["train"] = "train"
+            if "train" not in available:
+                raise UserError(
+                    f"dataset {name} has no train split (splits: {', '.join(available)}); "
+                    "name them with --hf-splits TRAIN,VALID"
+                )
+            valid = next((v for v in VALID_NAMES if v in available), None)
+            if valid:
+                wanted["valid"] = valid
+            if "test" in available:
+                wanted["test"] = "test"
+        out = {}
+        for ours, expr in wanted.items():
+            rows = datasets.load_dataset(name, config, split=expr)
+            records = [(i + 1, dict(r)) for i, r in enumerate(rows)]
+            where = f"{name}[{expr}]"
+            if not records:
+                raise UserError(f"{where}: the split is empty")
+            out[ours] = encode_split(records, where, ours, tokenizer, cfg)
+    except UserError:
+        raise
+    except Exception as e:  # datasets' errors: not found offline, unknown config or split...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load Hugging Face dataset {name}: {first}") from None
+    return out
 
 
 def describe(splits: dict[str, Dataset], max_seq_length: int) -> list[str]:
@@ -371,7 +445,7 @@ def describe(splits: dict[str, Dataset], max_seq_length: int) -> list[str]:
             lines.append(f"note: {ds.n_dropped} {ds.name} examples had no token to train on and were skipped")
         lines.extend(f"note: {w}" for w in ds.warnings)
     if "valid" not in splits:
-        lines.append("note: no valid.jsonl: training without validation")
+        lines.append("note: no validation split (valid.jsonl): training without validation")
     return lines
 
 

@@ -9,7 +9,6 @@ update of one big batch (the official DFT code divides per micro-batch instead).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
 from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, loss_sums
 from mlx_dft.models import split_model, vocab_size
+from mlx_dft.progress import Progress
 
 if TYPE_CHECKING:
     from mlx_dft.adapters.base import AdapterOff
@@ -69,18 +69,29 @@ class LoopConfig:
     def from_options(cls, cfg, total_steps: int) -> LoopConfig:
         """The loop settings of a :class:`~mlx_dft.config.TrainConfig` for a run of ``total_steps``
         (validation every tenth of the run unless ``steps_per_eval`` says otherwise)."""
+        every = cfg.steps_per_eval or max(1, total_steps // 10)
         return cls(
             total_steps=total_steps,
             batch_size=cfg.batch_size,
             grad_accumulation_steps=cfg.grad_accumulation_steps,
             steps_per_report=cfg.steps_per_report,
-            steps_per_eval=cfg.steps_per_eval or max(1, total_steps // 10),
-            val_batches=cfg.val_batches,
+            steps_per_eval=every,
+            val_batches=cfg.val_batches or auto_val_batches(total_steps, every, cfg.grad_accumulation_steps),
             save_every=cfg.save_every,
             max_grad_norm=cfg.max_grad_norm,
             seed=cfg.seed,
             sft_warmup_steps=cfg.sft_warmup_steps,
         )
+
+
+def auto_val_batches(
+    total_steps: int, steps_per_eval: int, accumulation: int = 1, share: float = 0.25
+) -> int:
+    """Batches per validation when not given: all validations of the run (at step 0, every
+    ``steps_per_eval`` and at the end) together ``share`` of its training batches, 2 to 25 each, so
+    validation never dominates a short run and long runs validate on 25 batches as mlx-lm does."""
+    validations = 2 + total_steps // steps_per_eval
+    return min(25, max(2, round(share * total_steps * accumulation / validations)))
 
 
 @dataclass
@@ -385,29 +396,46 @@ def optimizer_step(step_fn, state, batches: list[Batch]):
     return total, norm
 
 
-def _fmt(rec: dict) -> str:
-    parts = [f"step {rec['step']}"]
-    for key, label, f in (
-        ("train_loss", "loss", ".4f"),
-        ("train_ce", "ce", ".4f"),
-        ("train_prob", "p", ".3f"),
-        ("train_dft", "dft", ".4f"),
-        ("train_kl", "kl", ".4f"),
-        ("train_eaft_weight", "w", ".3f"),
-        ("val_loss", "val_loss", ".4f"),
-        ("val_ce", "val_ce", ".4f"),
-        ("val_prob", "val_p", ".3f"),
-        ("val_dft", "val_dft", ".4f"),
-        ("val_kl", "val_kl", ".4f"),
-        ("val_eaft_weight", "val_w", ".3f"),
-        ("learning_rate", "lr", ".2e"),
-        ("grad_norm", "|g|", ".3f"),
-        ("tokens_per_sec", "tok/s", ",.0f"),
-        ("peak_memory_gb", "peak GB", ".3f"),
-    ):
+def _validates(step: int, loop: LoopConfig) -> bool:
+    return step % loop.steps_per_eval == 0 or step == loop.total_steps
+
+
+# Report-line fields: (key, label, format, priority); the lowest priorities go first when a line
+# would pass 80 columns (every value stays in metrics.jsonl).
+_FIELDS = (
+    ("train_loss", "loss", ".4f", 9),
+    ("train_ce", "ce", ".3f", 8),
+    ("train_prob", "p", ".3f", 8),
+    ("train_dft", "dft", ".4f", 5),
+    ("train_kl", "kl", ".4f", 6),
+    ("train_eaft_weight", "w", ".3f", 5),
+    ("val_loss", "val loss", ".4f", 9),
+    ("val_ce", "ce", ".3f", 8),
+    ("val_prob", "p", ".3f", 8),
+    ("val_dft", "dft", ".4f", 5),
+    ("val_kl", "kl", ".4f", 6),
+    ("val_eaft_weight", "w", ".3f", 5),
+    ("learning_rate", "lr", ".1e", 3),
+    ("grad_norm", "|g|", ".2f", 2),
+    ("tokens_per_sec", "tok/s", ",.0f", 7),
+    ("peak_memory_gb", "GB", ".2f", 4),
+)
+
+
+def _fmt(rec: dict, width: int = 80) -> str:
+    """One report line of at most ``width`` columns: step, then the values by importance."""
+    items = []
+    for key, label, f, prio in _FIELDS:
         if key in rec:
-            parts.append(f"{label} {rec[key]:{f}}")
-    return " | ".join(parts)
+            value = f"{rec[key]:{f}}"
+            items.append((prio, f"{value} {label}" if label in ("tok/s", "GB") else f"{label} {value}"))
+    head = f"step {rec['step']}"
+    while items:
+        line = " | ".join([head, *(text for _, text in items)])
+        if len(line) <= width:
+            return line
+        items.remove(min(items, key=lambda it: it[0]))
+    return head
 
 
 def train_loop(
@@ -422,7 +450,7 @@ def train_loop(
     save: Callable[..., Path | None] | None = None,
     record: Callable[[dict], None] | None = None,
     callbacks: list[Callback] = (),
-    progress: bool = True,
+    progress: bool | Progress = True,
     log: Callable[[str], None] = print,
     warmup_loss_fn: Callable | None = None,
 ) -> Run:
@@ -449,8 +477,11 @@ def train_loop(
     def validate(step: int):
         if val_set is None:
             return
+        bar.phase("validating")
         tic = time.perf_counter()
         m = evaluate(model, loss_fn, val_set, loop.batch_size, loop.val_batches, world)
+        due = [k for k in range(step + 1, loop.total_steps + 1) if _validates(k, loop)]
+        bar.validated(time.perf_counter() - tic, len(due))
         rec = {
             "step": step,
             "val_loss": m["loss"],
@@ -470,13 +501,13 @@ def train_loop(
         if rank == 0:
             if record:
                 record(rec)
-            bar.write(_fmt(rec)) if bar is not None else log(_fmt(rec))
+            bar.write(_fmt(rec)) or log(_fmt(rec))
 
-    bar = None
-    if progress and rank == 0 and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=loop.total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+    if isinstance(progress, Progress):
+        bar = progress if rank == 0 else Progress(False)
+    else:
+        bar = Progress.for_terminal(bool(progress) and rank == 0)
+    bar.start(loop.total_steps, start_step)
 
     model.train()
     mx.reset_peak_memory()
@@ -495,7 +526,10 @@ def train_loop(
     try:
         if start_step == 0:
             validate(0)
+        compiled: set[str] = set()  # the step functions that have run (and so compiled)
         for step in range(start_step + 1, loop.total_steps + 1):
+            which = "warmup" if step <= loop.sft_warmup_steps else "main"
+            bar.phase("training" if which in compiled else "compiling")
             tic = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
             if step <= loop.sft_warmup_steps:
@@ -507,7 +541,8 @@ def train_loop(
             window = window + sums
             window_tokens += sum(b.n_tokens for b in micro)
             window_steps += 1
-            window_time += time.perf_counter() - tic
+            took = time.perf_counter() - tic
+            window_time += took
             run.step = step
 
             # Every worker decides on the loss of the whole step, so that all of them stop together.
@@ -516,8 +551,8 @@ def train_loop(
                 _stop_non_finite(f"the loss became {obj} at step {step}", run, good, unverified)
             if unverified is not None:  # its weights gave this finite loss: a checkpoint to go back to
                 good, unverified = unverified[1], None
-            if bar is not None:
-                bar.update(1)
+            bar.step(took, timed=which in compiled)
+            compiled.add(which)
 
             if step % loop.steps_per_report == 0 or step == loop.total_steps:
                 sums = window
@@ -546,28 +581,25 @@ def train_loop(
                 for cb in callbacks:
                     rec.update(cb.on_train_report(rec, run) or {})
                 emit(rec)
-                if bar is not None:
-                    bar.set_postfix_str(
-                        f"loss {rec['train_loss']:.4f} ce {rec['train_ce']:.3f} "
-                        f"{rec['tokens_per_sec']:,.0f} tok/s {rec['peak_memory_gb']:.2f} GB"
-                    )
+                bar.metrics(rec["train_loss"], rec["tokens_per_sec"], rec["peak_memory_gb"])
                 window = mx.zeros((5 + len(parts),))
                 window_tokens = window_steps = 0
                 window_time = 0.0
 
-            if step % loop.steps_per_eval == 0 or step == loop.total_steps:
+            if _validates(step, loop):
                 validate(step)
 
             if save is not None and (step % loop.save_every == 0 or step == loop.total_steps):
                 if not _finite(model.trainable_parameters()):
                     _stop_non_finite(f"the weights became non-finite at step {step}", run, good, unverified)
+                bar.phase("saving")
                 path = save(step, protect=good)
                 if path is not None:
                     run.last_checkpoint, unverified = path, (step, path)
                     for cb in callbacks if rank == 0 else ():
                         cb.on_checkpoint(path, run)
     finally:
-        if bar is not None:
+        if not isinstance(progress, Progress):  # a caller's status line stays the caller's
             bar.close()
     for cb in callbacks:
         cb.on_train_end(run)

@@ -52,7 +52,7 @@ LOSSES = {
     "eaft": {"loss": "eaft"},
     "sft2dft": {"loss": "dft"},  # plus --sft-warmup-steps, set from --iters below
 }
-ADAPTERS = {"lora": {"adapter": "lora"}, "aligner": {"adapter": "aligner", "aligner_tokens": 1}}
+ADAPTERS = {"lora": {"fine_tune_type": "lora"}, "aligner": {"fine_tune_type": "aligner", "aligner_tokens": 1}}
 # Two-sided 95% critical values of Student's t by degrees of freedom (n - 1 seeds).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 

@@ -351,7 +351,7 @@ def test_cli_trains_and_generates_with_an_aligner(tiny_model, arith_data, tmp_pa
         tiny_model,
         "--data",
         arith_data,
-        "--adapter",
+        "--fine-tune-type",
         "aligner",
         "--aligner-tokens",
         2,
@@ -366,7 +366,7 @@ def test_cli_trains_and_generates_with_an_aligner(tiny_model, arith_data, tmp_pa
     )
     assert p.returncode == 0, p.stderr
     assert "aligner trains 136 = 2 tokens x 64 + 2 layers x 4 gates" in p.stdout
-    g = run_cli("generate", "--adapter", out, "--prompt", "Question: Mia has", "--max-tokens", 4)
+    g = run_cli("generate", "--adapter-path", out, "--prompt", "Question: Mia has", "--max-tokens", 4)
     assert g.returncode == 0, g.stderr
     bad = run_cli(
         "train",
@@ -374,7 +374,7 @@ def test_cli_trains_and_generates_with_an_aligner(tiny_model, arith_data, tmp_pa
         tiny_model,
         "--data",
         arith_data,
-        "--adapter",
+        "--fine-tune-type",
         "aligner",
         "--aligner-start-layer",
         5,

@@ -157,8 +157,8 @@ CASES = {
         "betas must be a list of two numbers",
     ),
     "yaml hf_dataset": (
-        lambda d: [*TRAIN, "--config", _write(d / "c.yaml", "hf_dataset: {path: org/name}\n")],
-        "hf_dataset (a dataset by Hub name) is not supported",
+        lambda d: [*TRAIN, "--config", _write(d / "c.yaml", "hf_dataset: [{path: a/b}, {path: c/d}]\n")],
+        "hf_dataset lists 2 datasets",
     ),
     "yaml unknown key": (
         lambda d: [*TRAIN, "--config", _write(d / "c.yaml", "itres: 3\n")],
@@ -172,7 +172,7 @@ CASES = {
     "yaml missing": (lambda d: [*TRAIN, "--config", d / "none.yaml"], "config file not found"),
     "lora keys": (lambda d: [*TRAIN, "--lora-keys", "nothing_proj"], "no linear module 'nothing_proj'"),
     "aligner start layer": (
-        lambda d: [*TRAIN, "--adapter", "aligner", "--aligner-start-layer", "9"],
+        lambda d: [*TRAIN, "--fine-tune-type", "aligner", "--aligner-start-layer", "9"],
         "--aligner-start-layer 9 must be below",
     ),
     # ---- train: model, output, resume
@@ -218,7 +218,7 @@ CASES = {
     "adapter-from missing": (lambda d: [*TRAIN, "--adapter-from", d / "none"], "adapter not found"),
     # ---- generate
     "generate adapter missing": (
-        lambda d: ["generate", "--model", "M", "--adapter", d / "x", "-p", "hi"],
+        lambda d: ["generate", "--model", "M", "--adapter-path", d / "x", "-p", "hi"],
         "not found",
     ),
     "generate max tokens": (

@@ -73,7 +73,7 @@ def test_a_real_chat_template_on_smollm2(smollm2):
 
 def test_the_cli_chats_over_standard_input(trained):
     turns = "Hello\n/reset\nHello again\n/exit\n"
-    p = run_cli("chat", "--adapter", trained, "--max-tokens", 6, input_text=turns)
+    p = run_cli("chat", "--adapter-path", trained, "--max-tokens", 6, input_text=turns)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("\n") == 2 and "(conversation reset)" in p.stderr
     first, second = p.stdout.splitlines()

@@ -39,7 +39,7 @@ def test_train_and_generate(tiny_model, arith_data, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "saved lora adapter" in p.stdout and "BLAS:" in p.stdout
     assert json.loads((out / "adapter_config.json").read_text())["training"]["loss"] == "sft"
-    g = run_cli("generate", "--adapter", out, "--prompt", "Question: Mia has 3 apples.", "--max-tokens", 5)
+    g = run_cli("generate", "--adapter-path", out, "--prompt", "Question: Mia has 3 apples.", "-m", 5)
     assert g.returncode == 0, g.stderr
 
 
@@ -50,7 +50,7 @@ def test_help_lists_every_option():
         "--loss",
         "--dft-floor",
         "--dft-power",
-        "--adapter",
+        "--fine-tune-type",
         "--num-layers",
         "--batch-size",
         "--iters",
@@ -136,7 +136,7 @@ def test_full_fine_tuning_of_a_quantized_model_is_refused(tiny_model_4bit, arith
         tiny_model_4bit,
         "--data",
         arith_data,
-        "--adapter",
+        "--fine-tune-type",
         "full",
         "--iters",
         2,
@@ -176,5 +176,5 @@ def test_resume_with_another_model_is_refused(tiny_model, arith_data, tmp_path):
 
 
 def test_generate_with_a_missing_adapter(tmp_path):
-    p = run_cli("generate", "--adapter", tmp_path / "none", "--prompt", "hi")
+    p = run_cli("generate", "--adapter-path", tmp_path / "none", "--prompt", "hi")
     assert_one_line_error(p, "adapter not found")

@@ -465,7 +465,7 @@ ARGS = ["--iters", 3, "--batch-size", 4]
         (["--sft-warmup-steps", "-1"], ["--sft-warmup-steps must be >= 0"]),
         (["--sft-warmup-steps", "3"], ["--sft-warmup-steps 3 must be below the run's 3 steps"]),
         (["--loss", "sft", "--sft-warmup-steps", "1"], ["--sft-warmup-steps", "--loss sft"]),
-        (["--loss", "asft", "--adapter", "full"], ["--asft-reference-copy", "doubles their memory"]),
+        (["--loss", "asft", "--fine-tune-type", "full"], ["--asft-reference-copy", "doubles their memory"]),
     ],
     ids=[
         "asft-alpha",

@@ -305,9 +305,10 @@ def test_a_chat_template_given_to_train_travels_with_the_adapter(tiny_model, tmp
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert saved["training"]["chat_template"] == CHAT
     template.unlink()
-    gen = run_cli("generate", "--adapter", tmp_path / "out", "-p", "Add 2 and 1.", "--chat", "-m", 2)
+    gen = run_cli("generate", "--adapter-path", tmp_path / "out", "-p", "Add 2 and 1.", "--chat", "-m", 2)
     assert gen.returncode == 0, gen.stderr
-    ev = run_cli("eval", "--adapter", tmp_path / "out", "--problems", data / "q.jsonl", "--max-tokens", 2,
+    ev = run_cli("eval", "--adapter-path", tmp_path / "out", "--problems", data / "q.jsonl",
+                 "--max-tokens", 2,
                  "--chat", "--output", tmp_path / "ev")  # fmt: skip
     assert ev.returncode == 0, ev.stderr
     row = json.loads((tmp_path / "ev" / "q.generations.jsonl").read_text())
@@ -371,10 +372,12 @@ def test_mlx_lm_keys_are_understood_noted_or_refused(tmp_path, capsys):
     cfg, _, _ = resolve(str(noted), {})
     err = capsys.readouterr().err.splitlines()
     assert cfg.lora_rank == 4
-    assert [line.split(":")[0] for line in err] == ["note"] * 3, err
+    assert cfg.report_to == ["wandb"] and cfg.project_name == "my-project"  # mlx-lm's older wandb: key
+    assert [line.split(":")[0] for line in err] == ["note"] * 2, err
     assert all("ignored" in line for line in err), err
     for text, needle in [
-        ("hf_dataset: {path: some/dataset}\n", "hf_dataset"),
+        ("hf_dataset: [{path: a/b}, {path: c/d}]\n", "hf_dataset lists 2 datasets"),
+        ("hf_dataset: {path: a/b, revision: main}\n", "unknown key hf_dataset.revision"),
         ("report_every: 3\n", "unknown option 'report_every'"),
         ("lr_schedule: {name: exponential_decay, arguments: [1e-4, 0.9]}\n", "exponential_decay"),
         ("lr_schedule: {name: cosine_decay, warmup_steps: 3}\n", "lr_schedule.warmup_steps"),

@@ -337,7 +337,7 @@ def test_hub_repo_ids_resolve_offline(models, arith_data, tmp_path):
     p = run_cli("import", "someone/dft-lora", "--out", tmp_path / "imported", env=env)
     assert p.returncode == 0, p.stderr
     g = run_cli(
-        "generate", "--adapter", "someone/dft-lora", "--prompt", "Question:", "--max-tokens", 3, env=env
+        "generate", "--adapter-path", "someone/dft-lora", "--prompt", "Question:", "--max-tokens", 3, env=env
     )
     assert g.returncode == 0, g.stderr
     t = run_cli(
@@ -420,7 +420,7 @@ def test_peft_adapter_for_another_base_model(models, tmp_path):
     other = write_model(
         tmp_path / "other", llama_config(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
     )
-    p = run_cli("generate", "--adapter", src, "--model", other, "--prompt", "hi")
+    p = run_cli("generate", "--adapter-path", src, "--model", other, "--prompt", "hi")
     assert p.returncode == 1 and "has shape" in p.stderr and "another model" in p.stderr
     assert "Traceback" not in p.stderr
 

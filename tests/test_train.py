@@ -48,7 +48,7 @@ def test_train_writes_adapter_checkpoints_and_metrics(tiny_model, arith_data, tm
     for key in ("train_loss", "train_ce", "train_prob", "tokens_per_sec", "peak_memory_gb", "learning_rate"):
         assert all(np.isfinite(r[key]) for r in train), key
     assert all({"val_loss", "val_ce", "val_prob"} <= set(r) for r in val)
-    assert "test_loss" in recs[-1]
+    assert any("test_loss" in r for r in recs)
     final = weights(out)
     last = weights(out / "checkpoints" / "step-0000006")
     assert all(mx.array_equal(final[k], last[k]) for k in final)

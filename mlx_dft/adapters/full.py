@@ -30,8 +30,8 @@ class Full(AdapterMethod):
     def apply(self, model: nn.Module, settings: dict) -> None:
         if is_quantized(model):
             raise UserError(
-                "--adapter full cannot train a quantized model (its weights are packed integers); "
-                "use --adapter lora or dora (QLoRA), or a non-quantized model"
+                "--fine-tune-type full cannot train a quantized model (its weights are packed integers); "
+                "use --fine-tune-type lora or dora (QLoRA), or a non-quantized model"
             )
         model.freeze()
         for i in last_layers(len(model.layers), settings["num_layers"]):
@@ -43,8 +43,8 @@ class Full(AdapterMethod):
         into them, so holding the current ones is the copy, and it doubles the blocks' memory."""
         if not copy_weights:
             raise UserError(
-                "--loss asft with --adapter full needs --asft-reference-copy: the reference is a frozen "
-                "copy of the trained blocks' initial weights, which doubles their memory"
+                "--loss asft with --fine-tune-type full needs --asft-reference-copy: the reference is a "
+                "frozen copy of the trained blocks' initial weights, which doubles their memory"
             )
         trained = [i for i, b in enumerate(model.layers) if tree_flatten(b.trainable_parameters())]
         blocks = [model.layers[i] for i in trained]

@@ -4,8 +4,8 @@ A YAML file describes the comparison::
 
     common: {model: ..., data: ..., iters: 200, batch_size: 8}   # mlx_dft train options for every run
     runs:                                                         # name -> options of that run
-      sft-lora: {loss: sft, adapter: lora}
-      dft-lora: {loss: dft, adapter: lora}
+      sft-lora: {loss: sft, fine_tune_type: lora}
+      dft-lora: {loss: dft, fine_tune_type: lora}
     seeds: [0, 1, 2]                                              # every run once per seed
     eval:                                                         # generation accuracy after training
       problems:                                                   # name -> a jsonl and its fields

@@ -30,7 +30,12 @@ class GenerationConfig:
     """What ``eval`` and ``sample`` share: the model, the prompts and the decoding."""
 
     model: str | None = option(None, "Base model (default: the adapter's, else the bundled model).")
-    adapter: str | None = option(None, "Adapter (any source `generate` accepts).")
+    adapter: str | None = option(
+        None,
+        "Adapter folder or Hub id (any source `generate` accepts).",
+        flag="--adapter-path",
+        deprecated={"--adapter": ""},
+    )
     question_field: str = option("question", "Question key of --problems/--data records.")
     answer_field: str = option("answer", "Reference-answer key.")
     prompt_template: str | None = option(
@@ -46,6 +51,7 @@ class GenerationConfig:
     temperature: float | None = option(
         None,
         "Sampling temperature (0: greedy; default: 1 in `sample` and with `eval --samples` > 1, else 0).",
+        aliases=("--temp",),
     )
     top_p: float = option(
         1.0, "Nucleus sampling: only the likeliest tokens of this total probability (1: off)."
@@ -155,3 +161,22 @@ class SampleConfig(GenerationConfig):
         super().validate()
         if self.samples < 1:
             raise UserError("--samples must be at least 1")
+
+
+# The panels of `mlx_dft eval --help` and `mlx_dft sample --help` (every field in one).
+_MODEL = ("model", "adapter", "chat", "chat_template")
+_DECODING = ("temperature", "top_p", "max_tokens", "batch_size", "seed")
+EVAL_HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "What to evaluate": ("data", "benchmarks", "benchmark_dir", "problems", "limit"),
+    "Model and adapter": _MODEL,
+    "Prompts and answers": ("question_field", "answer_field", "prompt_template", "extract"),
+    "Decoding": (*_DECODING, "samples"),
+    "Output": ("output",),
+}
+SAMPLE_HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "Prompts": ("data", "question_field", "answer_field", "prompt_template", "limit"),
+    "Model and adapter": _MODEL,
+    "Decoding": (*_DECODING, "samples"),
+    "Verifying and keeping": ("verifier", "keep", "min_reward"),
+    "Output": ("output",),
+}

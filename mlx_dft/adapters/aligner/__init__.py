@@ -129,7 +129,7 @@ class Aligner(AdapterMethod):
                 f'attach_aligner(model, "{repo_id}")',
                 "```",
                 "",
-                "With MLX: `mlx_dft generate --adapter " + repo_id + " --prompt ...`.",
+                "With MLX: `mlx_dft generate --adapter-path " + repo_id + " --prompt ...`.",
             ]
             return Card("aligner", "An Aligner adapter", "mlx_dft", ["aligner"], base, usage)
         if (folder / PEFT_CONFIG).is_file():

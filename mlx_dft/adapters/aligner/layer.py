@@ -141,7 +141,7 @@ def switched_off():
 
 def check_supported(model: nn.Module) -> str:
     """The mlx-lm module whose attention this model uses; refuses other architectures."""
-    return architecture(model_type(model), "--adapter aligner").mlx_module
+    return architecture(model_type(model), "--fine-tune-type aligner").mlx_module
 
 
 def shape_of(model: nn.Module) -> dict:
