@@ -167,3 +167,7 @@ def test_output_folder_is_self_contained(tiny_model, arith_data, tmp_path):
                                    tokenize=False) == "<user>hi<assistant>"  # fmt: skip
     p = run_cli("generate", "--adapter-path", out, "--chat", "-p", "hi", "-m", 2)
     assert p.returncode == 0, p.stderr
+    exported = run_cli("export", out, "--out", tmp_path / "peft")
+    assert exported.returncode == 0, exported.stderr
+    for name in ("adapter_config.json", "tokenizer.json", "chat_template.jinja", "README.md"):
+        assert (tmp_path / "peft" / name).is_file(), name

@@ -1,6 +1,6 @@
 """`mlx_dft export` / `import`, and reading any adapter source.
 
-Sources ``import``, ``--adapter-from``, ``generate --adapter`` and ``fuse`` accept: an mlx_dft or
+Sources ``import``, ``--adapter-from``, ``generate --adapter-path`` and ``fuse`` accept: an mlx_dft or
 mlx-lm folder (or one of its checkpoints), or anything an adapter method reads from another tool
 (``AdapterMethod.read_foreign``: a PEFT LoRA/DoRA folder, our Hugging Face Aligner folder, an
 official Aligner ``.pth``), or a Hub repo id holding one of the folders (resolved through
@@ -10,6 +10,8 @@ huggingface_hub's cache, so ``HF_HUB_OFFLINE=1`` works).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -69,6 +71,12 @@ def run_summary(adapter_dir: Path, config: dict) -> dict:
     }
 
 
+# What `mlx_dft train` saves of the tokenizer beside an adapter (transformers' file names).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
+                   "added_tokens.json")  # fmt: skip
+
+
 def export_adapter(
     adapter_dir: str | Path, out: str | Path, fmt: str = "auto", base_model: str | None = None
 ) -> Path:
@@ -85,6 +93,11 @@ def export_adapter(
         fmt = m.export_formats[0]
     m.export(adapter_dir, config, out, fmt, base_model)
     (out / RUN_FILE).write_text(json.dumps(run_summary(adapter_dir, config), indent=2) + "\n")
+    for name in TOKENIZER_FILES:  # the run's tokenizer and chat template travel with the adapter
+        if (adapter_dir / name).is_file():
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(adapter_dir / name, tmp)
+            os.replace(tmp, out / name)
     return out
 
 
