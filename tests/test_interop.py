@@ -167,6 +167,8 @@ def test_exported_aligner_runs_in_pytorch_with_our_logits(models, arith_data, tm
         "aligner_config.json",
         "aligner_model.safetensors",
         "mlx_dft_run.json",
+        "tokenizer.json",  # the run's tokenizer travels with the adapter
+        "tokenizer_config.json",
     ]
     model = attach_aligner(hf(models[arch]), exported)
     ours = mlx_logits(models[arch], out)
@@ -305,7 +307,8 @@ def test_push_builds_card_and_commit_offline(models, arith_data, tmp_path, monke
         {"repo_id": "me/my-dft-lora", "private": True, "repo_type": "model", "exist_ok": True},
     )
     ops = {op.path_in_repo: op for op in calls[1][1]["operations"]}
-    assert set(ops) == {"adapter_config.json", "adapter_model.safetensors", "mlx_dft_run.json", "README.md"}
+    assert set(ops) == {"adapter_config.json", "adapter_model.safetensors", "mlx_dft_run.json", "README.md",
+                        "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
     card = hub.plan_push(exported, "me/my-dft-lora").card
     front = card.split("---")[1]
     assert "base_model: Qwen/Qwen2-0.5B" in front and "library_name: peft" in front

@@ -93,7 +93,7 @@ def export_adapter(
         fmt = m.export_formats[0]
     m.export(adapter_dir, config, out, fmt, base_model)
     (out / RUN_FILE).write_text(json.dumps(run_summary(adapter_dir, config), indent=2) + "\n")
-    for name in TOKENIZER_FILES:  # the run's tokenizer and chat template travel with the adapter
+    for name in TOKENIZER_FILES if fmt != "gguf" else ():  # the run's tokenizer travels with it
         if (adapter_dir / name).is_file():
             tmp = out / f".{name}.tmp"
             shutil.copyfile(adapter_dir / name, tmp)
