@@ -296,11 +296,13 @@ def run_compare(
     for name, opts in plan["runs"].items():
         for seed in seeds:
             run_dir = out / "runs" / f"{name}-seed{seed}"
-            settings = run_settings({**common, **(opts or {})}, seed, evals)
+            # compare evaluates every run itself: no held-out accuracy in training unless asked
+            options = {"accuracy_problems": 0, **common, **(opts or {})}
+            settings = run_settings(options, seed, evals)
             fresh = (run_dir / "results.json").is_file() and _same_settings(run_dir / SETTINGS_FILE, settings)
             status = "cached" if fresh else "training"
             log(f"[{len(results) + 1}/{total}] {name} seed {seed}: {status}")
-            r = run_one(name, seed, {**common, **(opts or {})}, evals, run_dir, progress)
+            r = run_one(name, seed, options, evals, run_dir, progress)
             acc = ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items())
             log(f"    val ce {r['final_val_ce']:.4f}{' | ' + acc if acc else ''}")
             results.append(r)
