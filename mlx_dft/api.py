@@ -135,7 +135,7 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
     before_accuracy = before.accuracy if before is not None else out.recorded_value("accuracy", step=0)
     recipe = f"{_recipe(cfg, world)}, {cfg.adapter} on {cfg.model}, {steps} steps"
     took = time.perf_counter() - started
-    for line in heldout.summary(out.path, recipe, before_accuracy, after, held, took, cfg.data):
+    for line in heldout.summary(out.path, recipe, before_accuracy, after, held, took, cfg.data, cfg.loss):
         say(line)
     return run
 

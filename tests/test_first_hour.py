@@ -36,7 +36,7 @@ def test_a_run_ends_with_accuracy_before_and_after_and_what_to_do_next(tiny_mode
     for command in (
         "mlx_dft chat --adapter-path",
         "mlx_dft eval --adapter-path",
-        "--loss sft",
+        "--loss dft",  # the run was SFT: the summary suggests DFT to compare
         "mlx_dft export",
     ):
         assert command in summary, command

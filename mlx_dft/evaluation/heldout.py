@@ -85,6 +85,7 @@ def summary(
     held: HeldOut | None,
     seconds: float,
     data: str,
+    loss: str = "dft",
 ) -> list[str]:
     """The lines a finished run prints: what changed, one example, where the adapter is, what next.
     ``before``: the accuracy before training; ``after``: the report after it."""
@@ -114,7 +115,8 @@ def summary(
     if held is not None:
         problems = find_splits(data)[held.split]
         lines.append(f"  mlx_dft eval --adapter-path {output} --problems {problems} --question-field prompt")
-    lines.append(f"  mlx_dft train --loss sft --data {data}    (plain SFT, to compare)")
+    other, name = ("dft", "DFT") if loss == "sft" else ("sft", "plain SFT")
+    lines.append(f"  mlx_dft train --loss {other} --data {data}    ({name}, to compare)")
     lines.append(
         f"  mlx_dft export {output} --out my-adapter    (then mlx_dft push my-adapter --repo USER/NAME)"
     )
