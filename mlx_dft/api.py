@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dft import _blas, adapters, data, models
+from mlx_dft import _blas, adapters, data, models, trackers
 from mlx_dft.checkpoint import OutputFolder, run_config
 from mlx_dft.config import TrainConfig, check_run_length, resolve, total_steps
 from mlx_dft.errors import Interrupted, UserError
@@ -52,6 +52,7 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
     started = time.perf_counter()
     bar.phase("loading")
     cfg, explicit, resume = resolve(config, options)
+    trackers.require(cfg.report_to)
     world = mx.distributed.init()
     say = _rank0_print(world, bar)
     if mx.default_device() == mx.cpu:
@@ -108,9 +109,9 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
     out.save_tokenizer(tokenizer)
     say(f"training {steps} steps of {cfg.batch_size} examples ({_recipe(cfg, world)}) -> {out.path}")
     if world.rank() == 0 and cfg.report_to:
-        trackers = open_trackers(cfg.report_to, out.path, cfg.to_dict(), cfg.project_name)
-        out.listeners.extend(t.log for t in trackers)
-        closing.extend(t.close for t in trackers)
+        opened = open_trackers(cfg.report_to, out.path, cfg.to_dict(), cfg.project_name)
+        out.listeners.extend(t.log for t in opened)
+        closing.extend(t.close for t in opened)
 
     if cfg.grad_checkpoint:
         models.grad_checkpoint(model)

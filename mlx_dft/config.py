@@ -600,5 +600,9 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.weight_decay is None or cfg.weight_decay >= 0, "--weight-decay must be >= 0")
     check(cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0")
     check(cfg.accuracy_problems >= 0, "--accuracy-problems must be >= 0")
+    check(
+        cfg.project_name is None or "wandb" in (cfg.report_to or ()),
+        "--project-name names a wandb project: give it with --report-to wandb",
+    )
     for name in cfg.report_to or ():
         check(name in REPORTERS, f"--report-to: unknown tracker {name!r}; choose from {', '.join(REPORTERS)}")

@@ -92,6 +92,24 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
+def require(names: list[str] | None) -> None:
+    """Refuse, before anything is loaded or written, trackers whose library is not installed."""
+    for name in names or ():
+        if name == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise UserError("--report-to wandb: install wandb (pip install wandb)") from None
+        elif name == "tensorboard":
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                try:
+                    import torch.utils.tensorboard  # noqa: F401
+                except ImportError:
+                    raise UserError("--report-to tensorboard: pip install tensorboardX") from None
+
+
 def open_trackers(names: list[str] | None, output: Path, config: dict, project: str | None) -> list[Tracker]:
     """The trackers ``names`` ask for, started; an unknown name is refused."""
     trackers: list[Tracker] = []

@@ -98,3 +98,30 @@ def test_unknown_tracker_is_refused_in_one_line(tmp_path):
         "mlx_dft: error: --report-to: unknown tracker 'mlflow'; choose from wandb, tensorboard"
     ]
     assert not (tmp_path / "x").exists()
+
+
+def test_project_name_without_wandb_is_refused(tmp_path):
+    p = run_cli("train", "--iters", 1, "--project-name", "x", "--output", tmp_path / "x")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        "mlx_dft: error: --project-name names a wandb project: give it with --report-to wandb"
+    ]
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_missing_tracker_library_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import builtins
+
+    from mlx_dft.errors import UserError
+
+    real = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(UserError, match="install wandb"):
+        mlx_dft.train(output=str(tmp_path / "x"), iters=1, report_to="wandb", progress=False)
+    assert not (tmp_path / "x").exists()
