@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_dft import _blas, adapters, data, models, trackers
+from mlx_dft import _blas, adapters, data, models, packing, trackers
 from mlx_dft.checkpoint import OutputFolder, run_config
 from mlx_dft.config import TrainConfig, check_run_length, resolve, total_steps
 from mlx_dft.errors import Interrupted, UserError
@@ -53,6 +53,9 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
     bar.phase("loading")
     cfg, explicit, resume = resolve(config, options)
     trackers.require(cfg.report_to)
+    if resume is not None and bool(resume.config.get("training", {}).get("pack", False)) != cfg.pack:
+        how = "with --pack" if cfg.pack is False else "without --pack"
+        raise UserError(f"checkpoint {resume.checkpoint} was trained {how}: resume it the same way")
     world = mx.distributed.init()
     say = _rank0_print(world, bar)
     if mx.default_device() == mx.cpu:
@@ -65,13 +68,22 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
     cfg.model, cfg.data = cfg.model or str(models.default_model_path()), cfg.data or str(ARITH_DIR)
 
     mx.random.seed(cfg.seed)
-    model, tokenizer, model_cfg, _ = models.load_model(cfg.model, cfg.dtype, cfg.chat_template)
+    # Full fine-tuning refuses a quantized base (as loaded): its float32 copy is not its weights.
+    keep_quantized = cfg.keep_quantized or cfg.adapter == "full"
+    model, tokenizer, model_cfg, _ = models.load_model(
+        cfg.model, cfg.dtype, cfg.chat_template, keep_quantized
+    )
 
     splits = data.load_datasets(
         cfg.data, tokenizer, data.DataConfig.from_options(cfg), cfg.hf_config, cfg.hf_splits
     )
     for line in data.describe(splits, cfg.max_seq_length):
         say(line)
+    if cfg.pack:
+        packing.prepare(model)
+        splits = {name: data.pack_dataset(ds, cfg.max_seq_length) for name, ds in splits.items()}
+        for ds in splits.values():
+            say(data.describe_packing(ds, cfg.max_seq_length))
     train_set, val_set, n_batches = data.training_splits(splits, cfg.batch_size)
 
     method = adapters.method(cfg.adapter)
@@ -107,7 +119,8 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
         return run
     out.begin(run_config(cfg, settings, model, model_cfg, out.path, steps), start_step if resume else None)
     out.save_tokenizer(tokenizer)
-    say(f"training {steps} steps of {cfg.batch_size} examples ({_recipe(cfg, world)}) -> {out.path}")
+    rows = "packed rows" if cfg.pack else "examples"
+    say(f"training {steps} steps of {cfg.batch_size} {rows} ({_recipe(cfg, world)}) -> {out.path}")
     if world.rank() == 0 and cfg.report_to:
         opened = open_trackers(cfg.report_to, out.path, cfg.to_dict(), cfg.project_name)
         out.listeners.extend(t.log for t in opened)
@@ -211,11 +224,14 @@ def load(
     adapter: str | Path | None = None,
     dtype: str = "auto",
     chat_template: str | None = None,
+    keep_quantized: bool = False,
 ):
     """(model, tokenizer) with an adapter applied, ready for generation. ``adapter`` is an
     mlx_dft/mlx-lm folder, a PEFT LoRA/DoRA folder, our HF Aligner folder, an official Aligner
     ``.pth`` or a Hub repo id holding one (converted on the fly). The chat template is
-    ``chat_template`` (text or a file), else the one the adapter was trained with, else the model's."""
+    ``chat_template`` (text or a file), else the one the adapter was trained with, else the model's.
+    A quantized model on a CPU computes in float32 unless ``keep_quantized``
+    (:func:`mlx_dft.models.dequantize_for_cpu`)."""
     source = read_source(adapter, model) if adapter is not None else None
     if model is None and source is not None:
         model = source.get("base_model")
@@ -224,7 +240,9 @@ def load(
         saved = Path(str(adapter)) / "chat_template.jinja"
         if saved.is_file():  # the template the run trained with, as saved beside its adapter
             chat_template = str(saved)
-    net, tokenizer, _, _ = models.load_model(model or str(models.default_model_path()), dtype, chat_template)
+    net, tokenizer, _, _ = models.load_model(
+        model or str(models.default_model_path()), dtype, chat_template, keep_quantized
+    )
     if source is not None:
         adapters.apply_saved(net, source, source["weights"], str(adapter))
     net.eval()
@@ -242,13 +260,16 @@ def generate(
     seed: int = 0,
     loaded: tuple | None = None,
     chat_template: str | None = None,
+    keep_quantized: bool = False,
 ) -> str:
     """Generate a completion of ``prompt``; ``chat`` wraps it in the chat template (default:
     when the tokenizer has one; ``chat_template`` as for :func:`load`)."""
     from mlx_lm import generate as mlx_generate
     from mlx_lm.sample_utils import make_sampler
 
-    net, tokenizer = loaded or load(model, adapter, chat_template=chat_template)
+    net, tokenizer = loaded or load(
+        model, adapter, chat_template=chat_template, keep_quantized=keep_quantized
+    )
     prompt = data.chat_prompt(tokenizer, prompt, chat)
     mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=top_p)

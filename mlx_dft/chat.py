@@ -53,12 +53,14 @@ class Chat:
         model: str | None = None,
         adapter: str | None = None,
         chat_template: str | None = None,
+        keep_quantized: bool = False,
         **options,
     ) -> Chat:
         """A chat with ``model`` and ``adapter`` as :func:`mlx_dft.load` gives them."""
         from mlx_dft.api import load
 
-        return cls(*load(model, adapter, chat_template=chat_template), **options)
+        loaded = load(model, adapter, chat_template=chat_template, keep_quantized=keep_quantized)
+        return cls(*loaded, **options)
 
     def reset(self) -> None:
         """Forget the conversation (and the cache)."""

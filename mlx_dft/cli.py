@@ -112,6 +112,7 @@ def _help_panels() -> None:
     panels = {}
     for command, cls, groups in (
         ("train", TrainConfig, HELP_GROUPS),
+        ("plan", TrainConfig, HELP_GROUPS),
         ("eval", EvalConfig, EVAL_HELP_GROUPS),
         ("sample", SampleConfig, SAMPLE_HELP_GROUPS),
     ):
@@ -129,6 +130,15 @@ def _help_panels() -> None:
 
 _help_panels()
 
+config_option = click.option(
+    "-c",
+    "--config",
+    "config",
+    type=str,
+    default=None,
+    help="YAML file of options (keys spelled like the long options); flags override it.",
+)
+
 
 @click.group(
     cls=rich_click.RichGroup,
@@ -140,14 +150,7 @@ def cli():
 
 
 @cli.command()
-@click.option(
-    "-c",
-    "--config",
-    "config",
-    type=str,
-    default=None,
-    help="YAML file of options (keys spelled like the long options); flags override it.",
-)
+@config_option
 @click.option("--train", "mlx_lm_train", is_flag=True, hidden=True, help="mlx-lm's flag (always so).")
 @dataclass_options(TrainConfig)
 def train(config, mlx_lm_train, **options):
@@ -160,6 +163,20 @@ def train(config, mlx_lm_train, **options):
         raise Interrupted(
             "interrupted outside training steps; what was saved before stays as it was"
         ) from None
+
+
+@cli.command("plan")
+@config_option
+@dataclass_options(TrainConfig)
+def plan_cmd(config, **options):
+    """Estimate a run's peak memory and step time before loading anything (the model's config.json
+    only), say whether it fits this machine, and what to change if not. Takes train's options."""
+    from mlx_dft import plan
+    from mlx_dft.config import resolve
+
+    cfg, _, _ = resolve(config, _given(options))
+    for line in plan.report(cfg)[1]:
+        click.echo(line)
 
 
 @cli.command()
@@ -197,6 +214,11 @@ def train(config, mlx_lm_train, **options):
     default=None,
     help="Chat template (a .jinja file or a template string; default: the adapter's, else the model's).",
 )
+@click.option(
+    "--keep-quantized",
+    is_flag=True,
+    help="Keep a quantized base quantized on a CPU (default: float32 there when it fits).",
+)
 def generate(**options):
     """Generate text from a model, with or without a trained adapter."""
     from mlx_dft import api
@@ -222,6 +244,11 @@ def generate(**options):
 @click.option("--temperature", "--temp", default=0.0, show_default=True, type=float, help="0: greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--keep-quantized",
+    is_flag=True,
+    help="Keep a quantized base quantized on a CPU (default: float32 there when it fits).",
+)
 def chat_cmd(**options):
     """Talk with a model and its adapter, turn after turn (the whole conversation goes through the
     chat template; earlier turns come from the KV cache). Type /reset to start over, /exit or
@@ -230,6 +257,7 @@ def chat_cmd(**options):
 
     o = _given(options)
     session = Chat.load(o.get("model"), o.get("adapter"), o.get("chat_template"), system=o.get("system"),
+                        keep_quantized=o.get("keep_quantized", False),
                         max_tokens=o["max_tokens"], temperature=o["temperature"], top_p=o["top_p"],
                         seed=o["seed"])  # fmt: skip
     interactive = sys.stdin.isatty()

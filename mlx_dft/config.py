@@ -149,6 +149,11 @@ class TrainConfig:
     iters: int | None = option(None, "Optimizer steps to run (default: one epoch).")
     epochs: float | None = option(None, "Epochs to run instead of --iters.")
     max_seq_length: int = option(2048, "Longer examples are truncated (and counted).")
+    pack: bool = option(
+        False,
+        "Pack several examples into each row of up to --max-seq-length tokens (attention kept "
+        "within each example); --batch-size then counts rows.",
+    )
     mask_prompt: bool = option(
         True,
         "Train on responses only (completions; every assistant turn of chats). "
@@ -203,6 +208,11 @@ class TrainConfig:
         "Compute dtype: auto (float32 on CPU, as stored on GPU), float32, bfloat16, float16.",
         ("auto", "float32", "bfloat16", "float16"),
     )
+    keep_quantized: bool = option(
+        False,
+        "Keep a quantized base quantized on a CPU (by default it computes in float32 there when that "
+        "fits in memory: MLX's CPU has no fast quantized matmul).",
+    )
     grad_checkpoint: bool = option(False, "Recompute block activations in the backward pass to save memory.")
     loss_chunk_tokens: int = option(
         0, "Supervised tokens per logits chunk in the loss (0: auto, ~32 MiB of float32 logits a chunk)."
@@ -225,13 +235,13 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # The panels of `mlx_dft train --help`, in order; every field is in one (tests/test_cli.py checks).
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "Data": (
-        "data", "hf_config", "hf_splits", "max_seq_length", "mask_prompt", "use_chat_template",
+        "data", "hf_config", "hf_splits", "max_seq_length", "pack", "mask_prompt", "use_chat_template",
         "chat_template", "prompt_feature", "completion_feature", "text_feature", "chat_feature",
     ),
     "Model and adapter": (
         "model", "adapter", "num_layers", "lora_rank", "lora_scale", "lora_alpha", "lora_dropout",
         "lora_keys", "aligner_tokens", "aligner_start_layer", "aligner_gate", "adapter_from", "dtype",
-        "grad_checkpoint",
+        "keep_quantized", "grad_checkpoint",
     ),
     "Loss": (
         "loss", "dft_floor", "dft_power", "asft_alpha", "asft_reference_copy", "eaft_alpha", "eaft_top_k",

@@ -14,6 +14,11 @@ end-of-turn token) so the model learns to stop.
 
 Batches group examples of similar length (fewer pad tokens), and are a pure function of
 (seed, position), so a resumed run sees exactly the batches the uninterrupted run would.
+
+Packing (:func:`pack_dataset`, ``--pack``) puts several examples in one row of up to
+``max_seq_length`` tokens instead; each position carries its example's segment number, and the
+loss turns segments into a block-diagonal causal attention mask
+(:func:`mlx_dft.trainer.packed_attention`), so no example sees another.
 """
 
 from __future__ import annotations
@@ -62,6 +67,10 @@ class Dataset:
     longest: int = 0
     n_dropped: int = 0
     warnings: list[str] = field(default_factory=list)
+    # Packed rows (see :func:`pack_dataset`): each position's example within its row, from 1,
+    # and the original examples of each row.
+    segments: list[np.ndarray] | None = None
+    rows: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -462,6 +471,68 @@ def training_splits(splits: dict[str, Dataset], batch_size: int) -> tuple[Datase
     return train_set, val_set, n_batches
 
 
+# ---------------------------------------------------------------- packing
+
+
+def pack_rows(lengths: list[int] | np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Best-fit decreasing: the longest example first, each into the fullest row it fits in
+    (a new row when none has room). Deterministic; every example once; no row over ``capacity``."""
+    import bisect
+
+    lengths = np.asarray(lengths)
+    if len(lengths) and int(lengths.max()) > capacity:
+        raise ValueError(f"an example of {int(lengths.max())} tokens exceeds the row capacity {capacity}")
+    order = np.argsort(-lengths, kind="stable")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in order:
+        n = int(lengths[i])
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(int(i))
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return [np.array(sorted(r), dtype=np.int64) for r in rows]
+
+
+def pack_dataset(ds: Dataset, max_seq_length: int) -> Dataset:
+    """The split with its examples packed into rows of at most ``max_seq_length`` tokens.
+
+    A row is its examples' tokens one after another (each keeps its BOS and EOS). A row's first
+    position is never a target, and each later example's first token is not one either, so every
+    target is a target of its own example, predicted from its own example's positions (the mask
+    keeps the rest out). Positions run on across the row: RoPE makes attention scores depend on
+    the distance between positions only, so within an example they are unchanged
+    (tests/test_packing.py compares packed and unpacked losses and gradients)."""
+    groups = pack_rows([len(t) for t in ds.tokens], max_seq_length)
+    tokens, supervised, segments = [], [], []
+    for idx in groups:
+        sup = [ds.supervised[i].copy() for i in idx]
+        for s in sup[1:]:
+            s[0] = 0
+        tokens.append(np.concatenate([ds.tokens[i] for i in idx]))
+        supervised.append(np.concatenate(sup))
+        lengths = [len(ds.tokens[i]) for i in idx]
+        segments.append(np.repeat(np.arange(1, len(idx) + 1, dtype=np.int32), lengths))
+    return Dataset(
+        ds.name, tokens, supervised, ds.format, ds.n_truncated, ds.longest, ds.n_dropped, ds.warnings,
+        segments=segments, rows=groups,
+    )  # fmt: skip
+
+
+def describe_packing(ds: Dataset, max_seq_length: int) -> str:
+    n_examples = sum(len(r) for r in ds.rows)
+    fill = ds.n_tokens / (len(ds) * max_seq_length)
+    return (
+        f"packed {ds.name}: {n_examples} examples into {len(ds)} rows of up to {max_seq_length} tokens "
+        f"({fill:.0%} filled, {n_examples / len(ds):.1f} examples a row)"
+    )
+
+
 # ---------------------------------------------------------------- batching
 
 
@@ -475,24 +546,32 @@ class Batch:
     valid: mx.array  # [N] float32, 0 on padding entries
     n_supervised: int
     n_tokens: int  # non-padding tokens processed
+    segments: mx.array | None = None  # [B, T] int32 of packed rows: the example of each input, 0 on padding
 
     def arrays(self) -> tuple[mx.array, ...]:
-        return self.inputs, self.positions, self.targets, self.valid
+        if self.segments is None:
+            return self.inputs, self.positions, self.targets, self.valid
+        return self.inputs, self.positions, self.targets, self.valid, self.segments
 
 
 def _round_up(n: int, k: int) -> int:
     return max(k, (n + k - 1) // k * k)
 
 
-def collate(tokens: list[np.ndarray], supervised: list[np.ndarray]) -> Batch:
+def collate(
+    tokens: list[np.ndarray], supervised: list[np.ndarray], segments: list[np.ndarray] | None = None
+) -> Batch:
     b = len(tokens)
     t = _round_up(max(len(x) for x in tokens) - 1, PAD_INPUTS_TO)
     inputs = np.zeros((b, t), np.int32)
+    seg = np.zeros((b, t), np.int32) if segments is not None else None
     pos, tgt = [], []
     n_tokens = 0
     for i, (ids, sup) in enumerate(zip(tokens, supervised)):
         n = len(ids) - 1
         inputs[i, :n] = ids[:-1]
+        if seg is not None:
+            seg[i, :n] = segments[i][:-1]
         n_tokens += len(ids)
         where = np.nonzero(sup[1:])[0]
         pos.append(i * t + where)
@@ -504,7 +583,13 @@ def collate(tokens: list[np.ndarray], supervised: list[np.ndarray]) -> Batch:
     valid[:n] = 1.0
     pos = np.pad(pos, (0, size - n))
     tgt = np.pad(tgt, (0, size - n))
-    return Batch(mx.array(inputs), mx.array(pos), mx.array(tgt), mx.array(valid), n, n_tokens)
+    packed = mx.array(seg) if seg is not None else None
+    return Batch(mx.array(inputs), mx.array(pos), mx.array(tgt), mx.array(valid), n, n_tokens, packed)
+
+
+def _collate(dataset: Dataset, idx) -> Batch:
+    segments = [dataset.segments[i] for i in idx] if dataset.segments is not None else None
+    return collate([dataset.tokens[i] for i in idx], [dataset.supervised[i] for i in idx], segments)
 
 
 def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -556,8 +641,7 @@ def iterate_batches(
     while True:
         batches = epoch_batches(dataset, batch_size, seed, epoch)
         for idx in batches[k:]:
-            mine = idx[rank::world_size]
-            yield collate([dataset.tokens[i] for i in mine], [dataset.supervised[i] for i in mine])
+            yield _collate(dataset, idx[rank::world_size])
         k = 0
         epoch += 1
         if not loop:
@@ -575,4 +659,4 @@ def eval_batches(dataset: Dataset, batch_size: int, rank: int = 0, world_size: i
         mine = idx[rank::world_size]
         if len(mine) == 0:
             continue
-        yield collate([dataset.tokens[i] for i in mine], [dataset.supervised[i] for i in mine])
+        yield _collate(dataset, mine)

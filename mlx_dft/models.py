@@ -9,6 +9,8 @@ takes the full logits from ``model(inputs)``: correct, but without the memory sa
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,12 +116,16 @@ def check_model_type(value, where: Path | str) -> None:
         raise UserError(f"{where}: model_type {value!r} is not an architecture mlx-lm supports")
 
 
-def load_model(model: str, dtype: str = "auto", chat_template: str | None = None):
+def load_model(
+    model: str, dtype: str = "auto", chat_template: str | None = None, keep_quantized: bool = False
+):
     """Load (model, tokenizer, config, path) with mlx-lm; cast floating weights per ``dtype``;
     ``chat_template`` (a template or a file holding one) replaces the tokenizer's.
 
     ``auto`` computes in float32 on a CPU device (MLX's CPU half-precision matmuls skip BLAS
-    and are ~30x slower) and keeps the checkpoint's dtype on a GPU.
+    and are ~30x slower) and keeps the checkpoint's dtype on a GPU. A quantized model on a CPU
+    device is dequantized to float32 when that copy fits in memory (:func:`dequantize_for_cpu`),
+    unless ``keep_quantized``.
     """
     from mlx_lm.utils import load_model as _load_model
     from mlx_lm.utils import load_tokenizer
@@ -144,8 +150,65 @@ def load_model(model: str, dtype: str = "auto", chat_template: str | None = None
         from mlx_dft.data import set_chat_template
 
         set_chat_template(tokenizer, chat_template)
+    if not keep_quantized:
+        net = dequantize_for_cpu(net, str(model))
     cast_model(net, dtype)
     return net, tokenizer, config, path
+
+
+def float32_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights in float32 (quantized weights at their logical size)."""
+    from mlx_dft.adapters import count_parameters
+
+    return 4 * count_parameters(model)[1]
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 when the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+# A float32 copy of the weights may take this share of memory: training adds the activations,
+# the adapter's optimizer state and the logits of a batch.
+DEQUANTIZE_MEMORY_SHARE = 0.5
+
+
+def dequantize_for_cpu(model: nn.Module, name: str) -> nn.Module:
+    """On a CPU device, where MLX has no fast quantized matmul (SmolLM2-135M 4-bit generates
+    ~4 tokens/s there against ~58 in float32), a quantized model's weights become float32
+    when that copy fits in :data:`DEQUANTIZE_MEMORY_SHARE` of memory; the values are those the
+    quantized products compute with, so an adapter trained either way is the same adapter.
+    Says what it did (or why not) once on standard error. GPU devices keep it quantized."""
+    if mx.default_device() != mx.cpu or not is_quantized(model):
+        return model
+    from mlx_lm.utils import dequantize_model
+
+    need, have = float32_bytes(model), physical_memory()
+    gb = f"{need / 1e9:.2f} GB" if need >= 1e8 else f"{need / 1e6:.1f} MB"
+    if have and need > DEQUANTIZE_MEMORY_SHARE * have:
+        print(
+            f"note: {name} is quantized and its float32 copy ({gb}) would not fit in this machine's "
+            f"{have / 1e9:.0f} GB; it stays quantized (slow on the CPU)",
+            file=sys.stderr,
+        )
+        return model
+    print(
+        f"note: {name} is quantized; computing in float32 on the CPU ({gb}), where MLX has no fast "
+        "quantized matmul (--keep-quantized keeps it)",
+        file=sys.stderr,
+    )
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32, lambda t: mx.issubdtype(t, mx.floating))
+    model._mlx_dft_dequantized = True  # a plain attribute (see :func:`was_quantized`)
+    return model
+
+
+def was_quantized(model: nn.Module) -> bool:
+    """The model is quantized, or is the float32 copy of a quantized one (:func:`dequantize_for_cpu`)."""
+    return is_quantized(model) or bool(getattr(model, "_mlx_dft_dequantized", False))
 
 
 def cast_model(model: nn.Module, dtype: str) -> None:

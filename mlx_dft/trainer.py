@@ -26,6 +26,7 @@ from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
 from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, loss_sums
 from mlx_dft.models import split_model, vocab_size
+from mlx_dft.packing import _StandIn, packed_attention
 from mlx_dft.progress import Progress
 
 if TYPE_CHECKING:
@@ -123,7 +124,8 @@ def make_loss_fn(
     chunk_tokens: int,
     adapter_off: AdapterOff | None = None,
 ):
-    """loss(model, inputs, positions, targets, valid) -> (objective, ce, prob, ntoks, *parts) sums.
+    """loss(model, inputs, positions, targets, valid[, segments]) -> (objective, ce, prob, ntoks,
+    *parts) sums; ``segments`` (packed rows) makes attention block-diagonal (:func:`packed_attention`).
     The function's ``parts`` attribute names the parts (``loss_cfg.parts``); its ``state`` lists the
     arrays it reads besides the model's (a compiled function takes them as inputs).
 
@@ -139,13 +141,14 @@ def make_loss_fn(
     def at_positions(out: mx.array, positions: mx.array) -> mx.array:
         return mx.take(out.reshape(-1, out.shape[-1]), positions, axis=0)
 
-    def loss_fn(model, inputs, positions, targets, valid):
-        if loss_cfg.needs_reference:
-            first = adapter_off.first_layer if fast else 0
-            out, ref = _policy_and_reference(body, inputs, adapter_off, first)
-            ref_h = mx.stop_gradient(at_positions(ref, positions))
-        else:
-            out, ref_h = body(inputs), None
+    def loss_fn(model, inputs, positions, targets, valid, segments=None):
+        with packed_attention(body, segments):
+            if loss_cfg.needs_reference:
+                first = adapter_off.first_layer if fast else 0
+                out, ref = _policy_and_reference(body, inputs, adapter_off, first)
+                ref_h = mx.stop_gradient(at_positions(ref, positions))
+            else:
+                out, ref_h = body(inputs), None
         h = at_positions(out, positions)
         ce, extra = chunked_terms(head, h, targets, chunk_tokens if fast else 0, loss_cfg, ref_h)
         return loss_sums(ce, valid, loss_cfg, extra)
@@ -153,20 +156,6 @@ def make_loss_fn(
     loss_fn.parts = loss_cfg.parts
     loss_fn.state = adapter_off.state if loss_cfg.needs_reference else []
     return loss_fn
-
-
-class _StandIn:
-    """Takes a block's place in the body's list of blocks: calls ``fn`` instead, and reads as the
-    block otherwise (mlx-lm's models read attributes such as ``use_sliding`` off their blocks)."""
-
-    def __init__(self, block: nn.Module, fn: Callable):
-        self.block, self.fn = block, fn
-
-    def __call__(self, x, *args, **kwargs):
-        return self.fn(x, *args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self.block, name)
 
 
 def _policy_and_reference(
@@ -349,7 +338,7 @@ def evaluate(
 def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, max_grad_norm: float = 1.0):
     """A compiled micro-step and the state it updates.
 
-    ``step_fn(inputs, positions, targets, valid, acc, acc_n, do_update)`` adds this
+    ``step_fn(arrays, acc, acc_n, do_update)``, ``arrays`` a :meth:`Batch.arrays` tuple, adds this
     micro-batch's gradient of the loss *sum* to ``acc`` (``None`` for the first), and with
     ``do_update`` divides the total by the supervised-token count of every micro-batch on
     every worker, clips, and applies the optimizer. Returns (metric sums [objective, ce,
@@ -372,8 +361,8 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
         return norm
 
     @partial(mx.compile, inputs=[*state, getattr(loss_fn, "state", [])], outputs=state)
-    def step_fn(inputs, positions, targets, valid, acc, acc_n, do_update):
-        sums, grads = loss_vg(model, inputs, positions, targets, valid)
+    def step_fn(arrays, acc, acc_n, do_update):
+        sums, grads = loss_vg(model, *arrays)
         n = n_total = sums[3]
         if acc is not None:
             grads = tree_map(mx.add, grads, acc)
@@ -390,7 +379,7 @@ def optimizer_step(step_fn, state, batches: list[Batch]):
     """One optimizer step over ``batches`` (micro-batches); returns (metric sums, grad norm)."""
     acc = acc_n = total = None
     for k, batch in enumerate(batches):
-        metrics, acc, acc_n, norm = step_fn(*batch.arrays(), acc, acc_n, k == len(batches) - 1)
+        metrics, acc, acc_n, norm = step_fn(batch.arrays(), acc, acc_n, k == len(batches) - 1)
         total = metrics if total is None else total + metrics
         mx.eval(state, total, acc, acc_n, norm)
     return total, norm

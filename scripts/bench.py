@@ -11,6 +11,16 @@ Runs, each in its own process (so each gets the BLAS it would get for a user):
   stock/openblas   `mlx_lm lora` with OpenBLAS preloaded (LD_PRELOAD): the same BLAS as ours
   ours/sft, ours/dft  `mlx_dft train`, out of the box
 
+With --alpaca-shaped the data is generated with lengths spread like an instruction dataset
+(Alpaca: many short examples, a long tail), and with --pack a further run, ours/dft --pack,
+trains on the same examples packed into rows of --max-seq-length tokens (--pack-batch-size rows
+a step, by default about the tokens of a stock batch).
+
+The machine's limit: the best float32 matrix-multiply rate measured here (through MLX, on the
+BLAS ours uses) at the model's shapes, divided by the model's training FLOPs per token (about
+4 per parameter the matmuls touch: the forward pass, and the backward pass to the activations;
+LoRA's own products and attention add a little). Each run's share of that limit is reported.
+
 Both tools train LoRA (same rank, scale, modules and layers), AdamW at the same constant
 learning rate, the same batch size and maximum length, on the same prompt/completion data
 with the prompt masked, for the same number of iterations; validation is reduced to one
@@ -97,23 +107,96 @@ def make_random_model(shape: str, tokenizer_src: Path, dst: Path) -> None:
         shutil.copy(tokenizer_src / f, dst / f)
 
 
+WORDS = (
+    "the a of to and in is it you that he was for on are with as his they be at one have this from "
+    "or had by word but what some we can out other were all there when up use your how said an each "
+    "she which do their time if will way about many then them write would like so these her long make "
+    "thing see him two has look more day could go come did number sound no most people my over know "
+    "water than call first who may down side been now find any new work part take get place made live"
+).split()
+
+
+def make_alpaca_shaped(dst: Path, n: int = 2000, seed: int = 0) -> None:
+    """prompt/completion records with word counts drawn like Alpaca's (log-normal: instructions
+    median ~20 words, responses median ~60 with a long tail to ~800), deterministic."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    dst.mkdir(parents=True)
+
+    def text(words: int) -> str:
+        return " ".join(rng.choice(WORDS, size=max(1, words)))
+
+    for split, count in (("train", n), ("valid", max(8, n // 20))):
+        with open(dst / f"{split}.jsonl", "w") as f:
+            for _ in range(count):
+                p = int(rng.lognormal(np.log(20), 0.6))
+                c = min(int(rng.lognormal(np.log(60), 0.9)), 800)
+                f.write(json.dumps({"prompt": text(p) + "\n", "completion": text(c)}) + "\n")
+
+
 def prepare_data(args, work: Path) -> tuple[Path, float]:
-    src = Path(args.data) if args.data else ROOT / "mlx_dft" / "tasks" / "arith"
     dst = work / "data"
+    if getattr(args, "alpaca_shaped", False):
+        make_alpaca_shaped(dst)
+        return dst
+    src = Path(args.data) if args.data else ROOT / "mlx_dft" / "tasks" / "arith"
     dst.mkdir()
     for split in ("train", "valid"):
         shutil.copy(src / f"{split}.jsonl", dst / f"{split}.jsonl")
     return dst
 
 
-def avg_tokens(model: Path, data: Path) -> float:
+def avg_tokens(model: Path, data: Path, max_seq_length: int = 2048, pack: bool = False) -> float:
+    """Mean non-padding tokens of an example (of a packed row with ``pack``), as training reads them."""
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_dft.data import DataConfig, load_split
+    from mlx_dft.data import DataConfig, load_split, pack_dataset
 
     tok = load_tokenizer(model)
-    ds = load_split(data / "train.jsonl", "train", tok, DataConfig())
+    ds = load_split(data / "train.jsonl", "train", tok, DataConfig(max_seq_length=max_seq_length))
+    if pack:
+        ds = pack_dataset(ds, max_seq_length)
     return ds.n_tokens / len(ds)
+
+
+def train_flops_per_token(model: Path) -> tuple[float, int]:
+    """(FLOPs per trained token, parameters the matmuls touch): 4 per parameter of every linear
+    layer and of the output projection (forward, and backward to the activations)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_dft.models import build_model, model_config
+
+    cfg = model_config(model)
+    net = build_model(cfg, str(model))  # lazy: nothing is materialised
+    n = sum(m.weight.size for _, m in net.named_modules() if isinstance(m, nn.Linear))
+    if cfg.get("tie_word_embeddings", False):
+        n += dict(tree_flatten(net.parameters()))["model.embed_tokens.weight"].size
+    return 4.0 * n, n
+
+
+def sgemm_gflops(model: Path, tokens: int) -> float:
+    """The best float32 matmul rate (GFLOP/s) through MLX at this model's layer shapes for a
+    batch of ``tokens`` rows: the ceiling the training step's products can reach here."""
+    import time
+
+    import mlx.core as mx
+
+    from mlx_dft.models import model_config
+
+    cfg = model_config(model)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    best = 0.0
+    for k, n in ((h, h), (h, inter), (inter, h)):
+        a, b = mx.random.normal((tokens, k)), mx.random.normal((k, n))
+        mx.eval(a, b, a @ b)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 1.0:
+            mx.eval(a @ b)
+            reps += 1
+        best = max(best, 2.0 * tokens * k * n * reps / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def run(cmd: list[str], env: dict, log: Path) -> str:
@@ -179,7 +262,8 @@ def stock(args, model: Path, data: Path, work: Path, blas: str | None, name: str
 def flags(**options) -> list[str]:
     out = []
     for k, v in options.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
+        flag = f"--{k.replace('_', '-')}"
+        out += [flag] if v is True else [flag, str(v)]
     return out
 
 
@@ -248,6 +332,11 @@ def main():
     ap.add_argument(
         "--skip-reference", action="store_true", help="skip stock mlx-lm on the reference BLAS (slow)"
     )
+    ap.add_argument(
+        "--alpaca-shaped", action="store_true", help="generate instruction-shaped data"
+    )
+    ap.add_argument("--pack", action="store_true", help="add a run of ours with --pack")
+    ap.add_argument("--pack-batch-size", type=int, help="packed rows a step (default: about a stock batch)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -255,13 +344,27 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="mlx_dft_bench_"))
     model = prepare_model(args, work)
     data = prepare_data(args, work)
-    tokens_per_step = avg_tokens(model, data) * args.batch_size
+    tokens_per_step = avg_tokens(model, data, args.max_seq_length) * args.batch_size
     print(
         f"model {args.shape or args.model or 'bundled tiny-llama'}, batch {args.batch_size}, "
         f"{args.iters} iters, "
         f"{tokens_per_step:.0f} tokens/step; logs in {work}",
         flush=True,
     )
+    flops_per_token, n_params = train_flops_per_token(model)
+    gflops = sgemm_gflops(model, max(64, int(tokens_per_step)))
+    limit = gflops * 1e9 / flops_per_token
+    print(
+        f"limit: float32 matmul {gflops:.0f} GFLOP/s here / {flops_per_token / 1e9:.2f} GFLOP per token "
+        f"({n_params / 1e6:.0f}M parameters in matmuls) = {limit:,.0f} tokens/s",
+        flush=True,
+    )
+    tokens_of = {}  # run name -> non-padding tokens a step, when not tokens_per_step
+    if args.pack:
+        row_tokens = avg_tokens(model, data, args.max_seq_length, pack=True)
+        pack_batch = args.pack_batch_size or max(1, round(tokens_per_step / row_tokens))
+        tokens_of["mlx_dft dft --pack"] = row_tokens * pack_batch
+        print(f"packed: {row_tokens:.0f} tokens a row, {pack_batch} rows a step", flush=True)
 
     results = {}
     if not args.skip_reference:
@@ -279,6 +382,11 @@ def main():
     runs["mlx_dft dft"] = lambda i: ours(
         args, model, data, work, f"ours-dft-{i}", **lora_options(args, loss="dft")
     )
+    if args.pack:
+        runs["mlx_dft dft --pack"] = lambda i: ours(
+            args, model, data, work, f"ours-dft-pack-{i}", **lora_options(args, loss="dft"),
+            pack=True, batch_size=pack_batch,
+        )  # fmt: skip
     for i in range(args.repeats):
         for name, fn in runs.items():
             r = fn(i)
@@ -286,13 +394,20 @@ def main():
             if best is None or r["steps_per_sec"] > best["steps_per_sec"]:
                 r["peak_gb"] = max(r["peak_gb"], best["peak_gb"]) if best else r["peak_gb"]
                 results[name] = r
-    for r in results.values():
-        r["tokens_per_sec"] = r["steps_per_sec"] * tokens_per_step
+    for name, r in results.items():
+        r["tokens_per_sec"] = r["steps_per_sec"] * tokens_of.get(name, tokens_per_step)
+        r["share_of_limit"] = r["tokens_per_sec"] / limit
 
     ref = results.get("stock mlx_lm lora, OpenBLAS")
-    print("\n| run | tokens/s | peak memory (GB) | final train CE |\n|---|---:|---:|---:|")
+    print(
+        "\n| run | real tokens/s | share of the matmul limit | peak memory (GB) | final train CE |"
+        "\n|---|---:|---:|---:|---:|"
+    )
     for name, r in results.items():
-        print(f"| {name} | {r['tokens_per_sec']:,.0f} | {r['peak_gb']:.3f} | {r['final_train_ce']:.3f} |")
+        print(
+            f"| {name} | {r['tokens_per_sec']:,.0f} | {r['share_of_limit']:.0%} | {r['peak_gb']:.3f} "
+            f"| {r['final_train_ce']:.3f} |"
+        )
     dft, sft = results["mlx_dft dft"], results["mlx_dft sft"]
     ratios = {}
     if ref:
@@ -302,6 +417,11 @@ def main():
         ratios["dft tokens/s vs stock as installed"] = (
             dft["tokens_per_sec"] / results["stock mlx_lm lora, as installed"]["tokens_per_sec"]
         )
+    if ref and "mlx_dft dft --pack" in results:
+        packed = results["mlx_dft dft --pack"]
+        speedup = packed["tokens_per_sec"] / ref["tokens_per_sec"]
+        ratios["dft --pack real tokens/s vs stock (same BLAS)"] = speedup
+        ratios["dft --pack peak memory vs stock (same BLAS)"] = packed["peak_gb"] / ref["peak_gb"]
     ratios["dft cost over sft (time per step)"] = sft["tokens_per_sec"] / dft["tokens_per_sec"] - 1.0
     print()
     for k, v in ratios.items():
@@ -312,7 +432,15 @@ def main():
     )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"results": results, "ratios": ratios, "args": vars(args)}, indent=2)
+            json.dumps(
+                {
+                    "results": results,
+                    "ratios": ratios,
+                    "limit": {"sgemm_gflops": gflops, "flops_per_token": flops_per_token, "tokens_s": limit},
+                    "args": vars(args),
+                },
+                indent=2,
+            )
         )
 
 

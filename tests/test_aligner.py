@@ -279,6 +279,7 @@ def test_aligner_on_a_4bit_model(tiny_model_4bit, arith_data, tmp_path):
         iters=3,
         batch_size=4,
         aligner_start_layer=0,
+        keep_quantized=True,
         progress=False,
     )
     assert all(np.isfinite(r["train_loss"]) for r in run.history if "train_loss" in r)

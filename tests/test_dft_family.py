@@ -208,7 +208,7 @@ def _adapted(path, adapter, first=0):
     """A model with ``adapter`` applied through its method from block ``first`` of the fixture's two
     blocks on, and the method's switch."""
     mx.random.seed(0)
-    model, *_ = load_model(str(path))
+    model, *_ = load_model(str(path), keep_quantized=True)
     method = adapters.method(adapter)
     cfg = TrainConfig(adapter=adapter, num_layers=2 - first, aligner_start_layer=first)
     method.apply(model, method.settings(cfg, model))
@@ -276,7 +276,7 @@ def test_adapter_off_is_the_base_model_after_training(
     batches = _batches(arith_data, path, [[0, 1], [2, 3], [4, 5], [6, 7]])
     for b in batches[:3]:
         optimizer_step(step, state, [b])
-    base, *_ = load_model(str(path))
+    base, *_ = load_model(str(path), keep_quantized=True)
     inputs = batches[3].inputs
     want = _logits(base, inputs)
     with off():

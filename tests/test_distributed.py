@@ -23,8 +23,13 @@ def launcher() -> str | None:
 @pytest.mark.skipif(launcher() is None, reason="mlx.launch is not installed")
 @pytest.mark.parametrize(
     "loss",
-    [{"loss": "dft"}, {"loss": "asft", "sft_warmup_steps": 2}, {"loss": "eaft"}],
-    ids=["dft", "asft-after-sft", "eaft"],
+    [
+        {"loss": "dft"},
+        {"loss": "asft", "sft_warmup_steps": 2},
+        {"loss": "eaft"},
+        {"loss": "dft", "pack": True, "max_seq_length": 256},
+    ],
+    ids=["dft", "asft-after-sft", "eaft", "dft-packed"],
 )
 def test_two_workers_match_one(tiny_model, arith_data, tmp_path, loss):
     opts = dict(

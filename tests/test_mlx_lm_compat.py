@@ -89,11 +89,16 @@ def test_generate_matches_stock_mlx_lm(tiny_model, trained):
 
 def test_qlora_on_a_4bit_model(tiny_model_4bit, arith_data, tmp_path):
     run = mlx_dft.train(
-        model=str(tiny_model_4bit), data=str(arith_data), output=str(tmp_path / "q"), iters=4, **FAST
+        model=str(tiny_model_4bit),
+        data=str(arith_data),
+        output=str(tmp_path / "q"),
+        iters=4,
+        keep_quantized=True,
+        **FAST,
     )
     losses = [r["train_loss"] for r in run.history if "train_loss" in r]
     assert all(np.isfinite(losses))
-    ours, _ = api.load(str(tiny_model_4bit), run.output)
+    ours, _ = api.load(str(tiny_model_4bit), run.output, keep_quantized=True)
     stock, _ = mlx_lm_load(str(tiny_model_4bit), adapter_path=str(run.output))
     np.testing.assert_allclose(np.array(ours(IDS)), np.array(stock(IDS)), atol=1e-5)
     assert any(isinstance(m, nn.QuantizedLinear) for m in ours.modules())

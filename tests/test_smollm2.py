@@ -129,7 +129,7 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 
 def test_qlora_on_the_4bit_folder_keeps_it_quantized_and_learns(smollm2, short_data, tmp_path):
-    opts = {**LORA, "batch_size": 2, "use_chat_template": False}
+    opts = {**LORA, "batch_size": 2, "use_chat_template": False, "keep_quantized": True}
     run = train(smollm2["4bit"], short_data, tmp_path / "qlora", adapter="lora", **opts)
     before, after = ce_before_after(run)
     print(f"QLoRA val CE {before:.4f} -> {after:.4f}")

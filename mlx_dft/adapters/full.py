@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dft.adapters.base import AdapterMethod, AdapterOff
 from mlx_dft.errors import UserError
-from mlx_dft.models import is_quantized, last_layers
+from mlx_dft.models import last_layers, was_quantized
 
 
 class Full(AdapterMethod):
@@ -28,9 +28,10 @@ class Full(AdapterMethod):
         return {"fine_tune_type": self.name, "num_layers": int(config.get("num_layers", -1))}
 
     def apply(self, model: nn.Module, settings: dict) -> None:
-        if is_quantized(model):
+        if was_quantized(model):
             raise UserError(
-                "--fine-tune-type full cannot train a quantized model (its weights are packed integers); "
+                "--fine-tune-type full cannot train a quantized model (its weights are packed integers, "
+                "and weights trained on its float32 copy would not load on it); "
                 "use --fine-tune-type lora or dora (QLoRA), or a non-quantized model"
             )
         model.freeze()

@@ -239,7 +239,8 @@ def run_one(
     ckpts = list_checkpoints(run_dir)
     state = read_state(ckpts[-1]) if ckpts else {}
     if ckpts and state.get("step", 0) >= state.get("total_steps", float("inf")):
-        loaded = api.load(None, run_dir)  # trained before; only its evaluation is missing
+        # trained before; only its evaluation is missing
+        loaded = api.load(None, run_dir, keep_quantized=bool(options.get("keep_quantized")))
     else:
         run = (
             api.train(resume=str(run_dir), progress=progress)
@@ -337,7 +338,10 @@ def evaluate_base(plan: dict, evals: dict[str, EvalConfig], out: Path, progress:
     atomic_write_json(folder / SETTINGS_FILE, settings)
     from mlx_dft import api
 
-    loaded = api.load(model, None, chat_template=common.get("chat_template"))
+    loaded = api.load(
+        model, None, chat_template=common.get("chat_template"),
+        keep_quantized=bool(common.get("keep_quantized")),
+    )
     accuracy = {}
     for set_name, cfg in evals.items():
         report = run_eval(cfg, output=str(folder / set_name), progress=progress, loaded=loaded)

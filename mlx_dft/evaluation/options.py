@@ -48,6 +48,9 @@ class GenerationConfig:
         None,
         "Chat template (a .jinja file or a template string; default: the adapter's, else the model's).",
     )
+    keep_quantized: bool = option(
+        False, "Keep a quantized base quantized on a CPU (default: float32 there when it fits)."
+    )
     temperature: float | None = option(
         None,
         "Sampling temperature (0: greedy; default: 1 in `sample` and with `eval --samples` > 1, else 0).",
@@ -164,7 +167,7 @@ class SampleConfig(GenerationConfig):
 
 
 # The panels of `mlx_dft eval --help` and `mlx_dft sample --help` (every field in one).
-_MODEL = ("model", "adapter", "chat", "chat_template")
+_MODEL = ("model", "adapter", "chat", "chat_template", "keep_quantized")
 _DECODING = ("temperature", "top_p", "max_tokens", "batch_size", "seed")
 EVAL_HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "What to evaluate": ("data", "benchmarks", "benchmark_dir", "problems", "limit"),

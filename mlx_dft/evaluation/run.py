@@ -71,7 +71,9 @@ def run_eval(
                 cfg.resolved_prompt_template(),
             )
         )
-    model_obj, tokenizer = loaded or api.load(cfg.model, cfg.adapter, chat_template=cfg.chat_template)
+    model_obj, tokenizer = loaded or api.load(
+        cfg.model, cfg.adapter, chat_template=cfg.chat_template, keep_quantized=cfg.keep_quantized
+    )
     report: dict = {
         "model": cfg.model,
         "adapter": str(cfg.adapter) if cfg.adapter else None,

@@ -154,7 +154,9 @@ def run_sample(
     if generate is None:
         from mlx_dft import api
 
-        net, tokenizer = loaded or api.load(cfg.model, cfg.adapter, chat_template=cfg.chat_template)
+        net, tokenizer = loaded or api.load(
+        cfg.model, cfg.adapter, chat_template=cfg.chat_template, keep_quantized=cfg.keep_quantized
+    )
         generate = model_generator(net, tokenizer, cfg.max_tokens, temperature, cfg.top_p, cfg.seed)
     prompts = [
         render_prompt(r[cfg.question_field], template, tokenizer, cfg.chat if tokenizer else False)

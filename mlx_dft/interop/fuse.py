@@ -34,7 +34,9 @@ def fuse(
     source = read_source(adapter, model)
     method = adapters.method_of(source)
     method.check_fusable()  # before the base model loads
-    net, tokenizer, model_cfg, _ = load_model(model or source.get("base_model"), dtype="float32")
+    net, tokenizer, model_cfg, _ = load_model(
+        model or source.get("base_model"), dtype="float32", keep_quantized=True
+    )
     if gguf_file and is_quantized(net) and not dequantize:
         print(
             "note: --gguf needs float weights: the quantized base is dequantized (as --dequantize), "

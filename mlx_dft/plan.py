@@ -1,0 +1,319 @@
+"""``mlx_dft plan``: the peak memory and step time of a training run, before loading anything.
+
+Everything comes from the model's ``config.json`` (a local folder, or a Hub id read from the
+cache): the model is built with lazy arrays, which are never materialised, the run's adapter is
+applied to it, and the sizes that decide memory are read off it. The peak is
+
+    weights + trainable x (gradient, optimizer state) + activations kept for the backward pass
+    + logits of one loss chunk + a constant,
+
+with the activations of the blocks the backward pass runs through (from the first trained block
+on) ``4 B L (a h + b i) + 4 B heads L^2 c`` bytes per block (the attention probabilities of MLX's
+unfused attention), or, with gradient checkpointing, each block's input plus one block's worth.
+The constants ``a, b, c, d`` and the constant term are fitted to the peaks measured by
+``scripts/plan_grid.py`` on this kind of machine (tests/data/plan_measurements.json;
+tests/test_plan.py checks every estimate against its measurement, within 15%).
+
+The step time is the step's matrix-multiply FLOPs (4 per parameter and token through the blocks
+the backward pass runs through, 6 for fully trained blocks, 2 for blocks before them, the output
+projection, and attention) over this machine's float32 matmul rate, measured in about a second,
+times a fitted efficiency.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_dft.config import TrainConfig
+from mlx_dft.errors import UserError
+
+# Fitted by scripts/plan_grid.py --fit to tests/data/plan_measurements.json (see the module doc).
+ACT_HIDDEN = 10.0  # floats kept per token and block, per hidden unit
+ACT_INTERMEDIATE = 4.0  # ... per MLP unit
+ACT_SCORES = 2.0  # ... per head and key position (attention probabilities)
+LOSS_CHUNKS = 3.0  # float32 logit chunks alive at once in the loss
+CONSTANT_BYTES = 30e6
+MATMUL_EFFICIENCY = 0.5  # share of the measured matmul rate a training step reaches
+STEP_OVERHEAD_S = 0.01
+
+MEMORY_SHARE = 0.8  # of physical memory a run may take (the OS and the rest keep the remainder)
+
+
+@dataclass
+class Plan:
+    model: str
+    model_type: str
+    parameters: int
+    trainable: int
+    batch: int
+    length: int
+    device: str
+    dtype: str
+    weights: float  # bytes
+    optimizer: float
+    activations: float
+    loss: float
+    memory: float  # this machine's usable memory, bytes (0: unknown)
+    flops: float  # per step
+    gflops: float  # measured float32 matmul rate
+    notes: list[str] = field(default_factory=list)
+    terms: dict = field(default_factory=dict)  # activation and loss sizes before their constants
+    known: float = 0.0  # the bytes that need no constant: weights, optimizer, checkpoints
+
+    @property
+    def peak(self) -> float:
+        return self.weights + self.optimizer + self.activations + self.loss + CONSTANT_BYTES
+
+    @property
+    def fits(self) -> bool:
+        return not self.memory or self.peak <= self.memory
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.length
+
+    @property
+    def step_seconds(self) -> float:
+        return self.flops / (self.gflops * 1e9 * MATMUL_EFFICIENCY) + STEP_OVERHEAD_S
+
+
+def _bytes(dtype: str) -> int:
+    return 2 if dtype in ("bfloat16", "float16") else 4
+
+
+def _compute_dtype(cfg: TrainConfig, config: dict) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if mx.default_device() == mx.cpu:
+        return "float32"
+    stored = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    return stored if stored in ("bfloat16", "float16") else "float32"
+
+
+def model_config_only(model: str) -> tuple[Path, dict]:
+    """The model's folder (only its config.json fetched for a Hub id) and its config."""
+    from mlx_dft.files import local_or_hub
+    from mlx_dft.models import model_config
+
+    if str(model).lower().endswith(".gguf"):
+        raise UserError(f"{model}: plan reads a config.json; convert the GGUF file first (mlx_dft convert)")
+    path = local_or_hub(model, ["config.json"], "model")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model folder {path} has no config.json")
+    return path, model_config(path)
+
+
+def matmul_gflops(hidden: int, intermediate: int, tokens: int, seconds: float = 0.3) -> float:
+    """The best float32 matmul rate (GFLOP/s) on the default device at a block's shapes."""
+    best = 0.0
+    tokens = max(64, min(tokens, 4096))
+    for k, n in ((hidden, hidden), (hidden, intermediate), (intermediate, hidden)):
+        a, b = mx.random.normal((tokens, k)), mx.random.normal((k, n))
+        mx.eval(a, b, a @ b)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            mx.eval(a @ b)
+            reps += 1
+        best = max(best, 2.0 * tokens * k * n * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def usable_memory() -> float:
+    """Bytes a run may use here: Metal's recommended working set on a Mac, else a share of RAM."""
+    from mlx_dft.models import physical_memory
+
+    if mx.default_device() != mx.cpu:
+        try:
+            info = mx.device_info()
+            limit = info.get("max_recommended_working_set_size") or info.get("memory_size")
+            if limit:
+                return float(limit)
+        except (AttributeError, RuntimeError):
+            pass
+    return MEMORY_SHARE * physical_memory()
+
+
+def _span(cfg: TrainConfig, n_layers: int) -> list[int]:
+    """The blocks the backward pass runs through: from the first trained one to the last."""
+    from mlx_dft.models import last_layers
+
+    if cfg.adapter == "aligner":
+        return list(range(min(cfg.aligner_start_layer, n_layers - 1), n_layers))
+    return last_layers(n_layers, cfg.num_layers)
+
+
+def _linear_params(module: nn.Module) -> int:
+    return sum(
+        m.weight.size for _, m in module.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+    )
+
+
+def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None = None) -> Plan:
+    """The plan of a run of ``cfg`` (``cfg.model``; rows of ``length`` tokens, default
+    --max-seq-length); ``gflops`` given skips measuring the matmul rate."""
+    from mlx_dft import adapters
+    from mlx_dft.models import build_model, default_model_path, model_type, vocab_size
+
+    name = cfg.model or str(default_model_path())
+    path, config = model_config_only(name)
+    model = build_model(config, str(path))  # lazy arrays: nothing is computed or loaded
+    kind = model_type(model)
+    method = adapters.method(cfg.adapter)
+    method.apply(model, method.settings(cfg, model))
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    notes: list[str] = []
+
+    dtype = _compute_dtype(cfg, config)
+    width = _bytes(dtype)
+    quant = config.get("quantization") or config.get("quantization_config")
+    on_cpu = mx.default_device() == mx.cpu
+    kept = bool(quant) and (cfg.keep_quantized or not on_cpu or cfg.adapter == "full")
+    if quant and not kept:
+        notes.append("the quantized base computes in float32 on the CPU (--keep-quantized keeps it)")
+    if kept and isinstance(quant, dict) and "bits" in quant:
+        per = quant["bits"] / 8 + 4 / quant.get("group_size", 64)  # packed weight + fp16 scale, bias
+        quantized = _linear_params(model) + model.model.embed_tokens.weight.size
+        weights = quantized * per + (total - trainable - quantized) * 2 + trainable * width
+    else:
+        weights = total * width
+
+    slots = {"adamw": 2, "adam": 2, "sgd": 0}.get(cfg.optimizer, 2) + 1  # + the gradient
+    slots += 1 if cfg.grad_accumulation_steps > 1 else 0
+    optimizer = trainable * 4 * slots
+
+    n_layers = len(model.layers)
+    span = _span(cfg, n_layers)
+    h, inter = config["hidden_size"], config.get("intermediate_size", 4 * config["hidden_size"])
+    heads = config.get("num_attention_heads", 1)
+    length = length or cfg.max_seq_length
+    length = int(math.ceil(max(length - 1, 1) / 16) * 16)  # inputs, padded as batches are
+    b = cfg.batch_size
+    # Activation sizes without their constants (the fit's features, kept on the plan).
+    kept_blocks = 1 if cfg.grad_checkpoint else len(span)
+    vocab = vocab_size(model)
+    from mlx_dft.losses import auto_chunk_tokens
+
+    chunk = min(cfg.loss_chunk_tokens or auto_chunk_tokens(vocab), b * length)
+    terms = {
+        "hidden": kept_blocks * width * b * length * h,
+        "intermediate": kept_blocks * width * b * length * inter,
+        "scores": kept_blocks * width * b * heads * length**2,
+        "loss": 4.0 * chunk * vocab,
+    }
+    checkpoints = len(span) * width * b * length * h if cfg.grad_checkpoint else 0
+    activations = (
+        ACT_HIDDEN * terms["hidden"] + ACT_INTERMEDIATE * terms["intermediate"] + ACT_SCORES * terms["scores"]
+    ) + checkpoints
+    loss = LOSS_CHUNKS * terms["loss"]
+
+    # FLOPs of one step: matmuls through the blocks (x4 in the backward span, x6 fully trained,
+    # x2 before it), the output projection (x4), and attention (QK^T and PV: 4 L^2 d per head).
+    tokens = b * length
+    per_layer = [_linear_params(blk) for blk in model.layers]
+    head_dim = config.get("head_dim") or h // heads
+    factor = 6 if cfg.adapter == "full" else 4
+    flops = sum((factor if i in span else 2) * p * tokens for i, p in enumerate(per_layer))
+    flops += 4 * vocab * h * tokens
+    flops += sum((3 if i in span else 1) * 4 * b * length**2 * head_dim * heads for i in range(n_layers))
+    if gflops is None:
+        gflops = matmul_gflops(h, inter, tokens)
+    return Plan(name, kind, total, trainable, b, length, "cpu" if on_cpu else "gpu", dtype, weights,
+                optimizer, activations, loss, usable_memory(), flops, gflops, notes, terms,
+                weights + optimizer + checkpoints)  # fmt: skip
+
+
+def _largest(cfg: TrainConfig, field_name: str, lo: int, hi: int, gflops: float, length: int | None) -> int:
+    """The largest value of ``field_name`` in [lo, hi] whose plan fits (0 if none)."""
+    import dataclasses
+
+    def fits(v: int) -> bool:
+        c = dataclasses.replace(cfg, **{field_name: v})
+        return estimate(c, v if field_name == "max_seq_length" else length, gflops).fits
+
+    if not fits(lo):
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+TOKENIZER_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def data_length(cfg: TrainConfig) -> int | None:
+    """The longest example of the run's data (``--data``, else the bundled task, as train reads
+    it; capped at --max-seq-length): the padded length of its longest batch. None with --pack
+    (rows are --max-seq-length long)."""
+    if cfg.pack:
+        return None
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_dft import data
+    from mlx_dft.files import local_or_hub
+    from mlx_dft.models import default_model_path
+    from mlx_dft.tasks import ARITH_DIR
+
+    path = local_or_hub(cfg.model or str(default_model_path()), TOKENIZER_FILES, "model")
+    tokenizer = load_tokenizer(path)
+    options = data.DataConfig.from_options(cfg)
+    splits = data.load_datasets(cfg.data or str(ARITH_DIR), tokenizer, options, cfg.hf_config, cfg.hf_splits)
+    return min(cfg.max_seq_length, max(len(t) for t in splits["train"].tokens))
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def report(cfg: TrainConfig) -> tuple[Plan, list[str]]:
+    """The plan of ``cfg`` and the lines ``mlx_dft plan`` prints."""
+    length = data_length(cfg)
+    p = estimate(cfg, length)
+    where = "this machine" if p.memory else "this machine (memory unknown)"
+    lines = [
+        f"plan: {p.model} ({p.model_type}, {p.parameters / 1e6:,.1f}M parameters), {cfg.adapter} trains "
+        f"{p.trainable:,}; batch {p.batch} x {p.length} tokens{' (packed rows)' if cfg.pack else ''}, "
+        f"{p.dtype} on the {p.device}",
+        f"  weights           {_gb(p.weights)}",
+        f"  gradients + {cfg.optimizer:<5} {_gb(p.optimizer)}",
+        f"  activations       {_gb(p.activations)}"
+        + ("  (gradient checkpointing)" if cfg.grad_checkpoint else ""),
+        f"  loss (logits)     {_gb(p.loss)}",
+        f"  peak (estimate)   {_gb(p.peak)} of {_gb(p.memory)} usable on {where}: "
+        + ("fits" if p.fits else "does NOT fit"),
+        f"  step time         ~{p.step_seconds:.2f} s, ~{p.tokens / p.step_seconds:,.0f} tokens/s "
+        f"(matmul rate measured here: {p.gflops:.0f} GFLOP/s float32)",
+    ]
+    lines += [f"note: {n}" for n in p.notes]
+    gflops = p.gflops
+    if p.memory:
+        batch = _largest(cfg, "batch_size", 1, 4096, gflops, length)
+        seq = _largest(cfg, "max_seq_length", 16, 131072, gflops, None)
+        lines.append(
+            f"largest that fit: --batch-size {batch} at {p.length} tokens; "
+            f"--max-seq-length {seq} at batch {p.batch}"
+            if batch and seq
+            else "even batch 1 does not fit at this length"
+        )
+    if not p.fits or not cfg.grad_checkpoint:
+        import dataclasses
+
+        tips = []
+        if not cfg.grad_checkpoint:
+            ck = estimate(dataclasses.replace(cfg, grad_checkpoint=True), length, gflops)
+            tips.append(f"--grad-checkpoint: peak {_gb(ck.peak)}")
+        if p.device == "gpu" and p.weights >= 2 * p.parameters:
+            tips.append("a 4-bit base (QLoRA) takes a quarter of the weights' memory")
+        if not cfg.pack and length is not None and length < cfg.max_seq_length:
+            tips.append("--pack fills rows with several short examples (more tokens per step)")
+        if tips:
+            lines.append("to use less memory or time: " + "; ".join(tips))
+    return p, lines
