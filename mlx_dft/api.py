@@ -68,8 +68,9 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
     cfg.model, cfg.data = cfg.model or str(models.default_model_path()), cfg.data or str(ARITH_DIR)
 
     mx.random.seed(cfg.seed)
-    # Full fine-tuning refuses a quantized base (as loaded): its float32 copy is not its weights.
-    keep_quantized = cfg.keep_quantized or cfg.adapter == "full"
+    # A method that trains the base weights refuses a quantized base as loaded (its float32 copy
+    # is not what the folder stores).
+    keep_quantized = cfg.keep_quantized or adapters.method(cfg.adapter).trains_base_weights
     model, tokenizer, model_cfg, _ = models.load_model(
         cfg.model, cfg.dtype, cfg.chat_template, keep_quantized
     )

@@ -156,11 +156,24 @@ def load_model(
     return net, tokenizer, config, path
 
 
+def logical_parameters(model: nn.Module) -> int:
+    """The model's parameter count, quantized weights counted at their logical size."""
+    total = 0
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            total += m.weight.size * 32 // m.bits + sum(
+                v.size
+                for k, v in m.parameters().items()
+                if k not in ("weight", "scales", "biases") and isinstance(v, mx.array)
+            )
+        else:
+            total += sum(v.size for k, v in m.parameters().items() if isinstance(v, mx.array))
+    return total
+
+
 def float32_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights in float32 (quantized weights at their logical size)."""
-    from mlx_dft.adapters import count_parameters
-
-    return 4 * count_parameters(model)[1]
+    return 4 * logical_parameters(model)
 
 
 def physical_memory() -> int:

@@ -34,14 +34,23 @@ from mlx.utils import tree_flatten
 from mlx_dft.config import TrainConfig
 from mlx_dft.errors import UserError
 
-# Fitted by scripts/plan_grid.py --fit to tests/data/plan_measurements.json (see the module doc).
-ACT_HIDDEN = 10.0  # floats kept per token and block, per hidden unit
-ACT_INTERMEDIATE = 4.0  # ... per MLP unit
-ACT_SCORES = 2.0  # ... per head and key position (attention probabilities)
-LOSS_CHUNKS = 3.0  # float32 logit chunks alive at once in the loss
-CONSTANT_BYTES = 30e6
-MATMUL_EFFICIENCY = 0.5  # share of the measured matmul rate a training step reaches
-STEP_OVERHEAD_S = 0.01
+# Bytes per unit of each term of :func:`estimate`, fitted by ``scripts/plan_grid.py --fit`` (non-negative
+# least squares, relative errors) to tests/data/plan_measurements.json; see the module doc.
+COEFFICIENTS = {
+    "kept_hidden": 0.0,  # per hidden unit, token and block the backward pass runs through
+    "kept_intermediate": 0.0,  # ... per MLP unit
+    "kept_scores": 0.8873,  # ... per head and key position
+    "adapter_inputs": 3.958,  # inputs LoRA, DoRA and full keep for their weight gradients
+    "block_hidden": 36.18,  # the backward pass of one block at a time, per hidden unit and token
+    "block_scores": 0.1954,  # ... per head, query and key position
+    "recomputed_scores": 5.739,  # ... more with gradient checkpointing (its forward runs again)
+    "aligner_hidden": 17.77,  # what the Aligner's prefix attention keeps per hidden unit, token, block
+    "dora_weights": 4.286,  # DoRA's W + BA of every adapted block, in float32
+    "loss": 3.851,  # float32 logit chunks of the loss alive at once
+    "constant": 0.0,  # per MB
+}
+MATMUL_EFFICIENCY = 0.238  # share of the measured matmul rate a training step reaches
+STEP_OVERHEAD_S = 0.08
 
 MEMORY_SHARE = 0.8  # of physical memory a run may take (the OS and the rest keep the remainder)
 
@@ -69,7 +78,7 @@ class Plan:
 
     @property
     def peak(self) -> float:
-        return self.weights + self.optimizer + self.activations + self.loss + CONSTANT_BYTES
+        return self.weights + self.optimizer + self.activations + self.loss
 
     @property
     def fits(self) -> bool:
@@ -142,11 +151,10 @@ def usable_memory() -> float:
 
 def _span(cfg: TrainConfig, n_layers: int) -> list[int]:
     """The blocks the backward pass runs through: from the first trained one to the last."""
-    from mlx_dft.models import last_layers
+    from mlx_dft import adapters
 
-    if cfg.adapter == "aligner":
-        return list(range(min(cfg.aligner_start_layer, n_layers - 1), n_layers))
-    return last_layers(n_layers, cfg.num_layers)
+    trained = adapters.method(cfg.adapter).trained_blocks(cfg, n_layers)
+    return list(range(min(trained, default=n_layers - 1), n_layers))
 
 
 def _linear_params(module: nn.Module) -> int:
@@ -175,7 +183,7 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
     width = _bytes(dtype)
     quant = config.get("quantization") or config.get("quantization_config")
     on_cpu = mx.default_device() == mx.cpu
-    kept = bool(quant) and (cfg.keep_quantized or not on_cpu or cfg.adapter == "full")
+    kept = bool(quant) and (cfg.keep_quantized or not on_cpu or method.trains_base_weights)
     if quant and not kept:
         notes.append("the quantized base computes in float32 on the CPU (--keep-quantized keeps it)")
     if kept and isinstance(quant, dict) and "bits" in quant:
@@ -196,30 +204,42 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
     length = length or cfg.max_seq_length
     length = int(math.ceil(max(length - 1, 1) / 16) * 16)  # inputs, padded as batches are
     b = cfg.batch_size
-    # Activation sizes without their constants (the fit's features, kept on the plan).
-    kept_blocks = 1 if cfg.grad_checkpoint else len(span)
+    # The terms of the peak before their constants (the fit's features, kept on the plan); 4 B L
+    # and 4 B heads L^2 are float32 activations of a token and attention scores of a head.
+    kept_blocks = 0 if cfg.grad_checkpoint else len(span)
     vocab = vocab_size(model)
     from mlx_dft.losses import auto_chunk_tokens
 
     chunk = min(cfg.loss_chunk_tokens or auto_chunk_tokens(vocab), b * length)
+    tok, scores = width * b * length, width * b * heads * length**2
     terms = {
-        "hidden": kept_blocks * width * b * length * h,
-        "intermediate": kept_blocks * width * b * length * inter,
-        "scores": kept_blocks * width * b * heads * length**2,
+        "kept_hidden": kept_blocks * tok * h,
+        "kept_intermediate": kept_blocks * tok * inter,
+        "kept_scores": kept_blocks * scores,
+        "adapter_inputs": kept_blocks * tok * (3 * h + inter) if method.keeps_layer_inputs else 0.0,
+        "block_hidden": tok * h,
+        "block_scores": scores,
+        "recomputed_scores": scores if cfg.grad_checkpoint else 0.0,
+        "aligner_hidden": 0.0,
+        "dora_weights": 0.0,
         "loss": 4.0 * chunk * vocab,
+        "constant": 1e6,
     }
-    checkpoints = len(span) * width * b * length * h if cfg.grad_checkpoint else 0
-    activations = (
-        ACT_HIDDEN * terms["hidden"] + ACT_INTERMEDIATE * terms["intermediate"] + ACT_SCORES * terms["scores"]
-    ) + checkpoints
-    loss = LOSS_CHUNKS * terms["loss"]
+    trained = method.trained_blocks(cfg, n_layers)
+    for key, value in method.plan_terms(model, trained, kept_blocks, tok).items():
+        if key not in COEFFICIENTS:
+            raise ValueError(f"{cfg.adapter}: plan term {key!r} has no fitted constant")
+        terms[key] = value
+    checkpoints = len(span) * tok * h if cfg.grad_checkpoint else 0
+    activations = sum(COEFFICIENTS[k] * v for k, v in terms.items() if k != "loss") + checkpoints
+    loss = COEFFICIENTS["loss"] * terms["loss"]
 
     # FLOPs of one step: matmuls through the blocks (x4 in the backward span, x6 fully trained,
     # x2 before it), the output projection (x4), and attention (QK^T and PV: 4 L^2 d per head).
     tokens = b * length
     per_layer = [_linear_params(blk) for blk in model.layers]
     head_dim = config.get("head_dim") or h // heads
-    factor = 6 if cfg.adapter == "full" else 4
+    factor = 6 if method.trains_base_weights else 4
     flops = sum((factor if i in span else 2) * p * tokens for i, p in enumerate(per_layer))
     flops += 4 * vocab * h * tokens
     flops += sum((3 if i in span else 1) * 4 * b * length**2 * head_dim * heads for i in range(n_layers))
@@ -277,32 +297,35 @@ def report(cfg: TrainConfig) -> tuple[Plan, list[str]]:
     """The plan of ``cfg`` and the lines ``mlx_dft plan`` prints."""
     length = data_length(cfg)
     p = estimate(cfg, length)
-    where = "this machine" if p.memory else "this machine (memory unknown)"
     lines = [
-        f"plan: {p.model} ({p.model_type}, {p.parameters / 1e6:,.1f}M parameters), {cfg.adapter} trains "
-        f"{p.trainable:,}; batch {p.batch} x {p.length} tokens{' (packed rows)' if cfg.pack else ''}, "
-        f"{p.dtype} on the {p.device}",
+        f"plan: {p.model} ({p.model_type}, {p.parameters / 1e6:,.1f}M parameters)",
+        f"  {cfg.adapter} trains {p.trainable:,}; batch {p.batch} x {p.length} tokens"
+        f"{' (packed rows)' if cfg.pack else ''}, {p.dtype} on the {p.device}",
         f"  weights           {_gb(p.weights)}",
         f"  gradients + {cfg.optimizer:<5} {_gb(p.optimizer)}",
         f"  activations       {_gb(p.activations)}"
         + ("  (gradient checkpointing)" if cfg.grad_checkpoint else ""),
         f"  loss (logits)     {_gb(p.loss)}",
-        f"  peak (estimate)   {_gb(p.peak)} of {_gb(p.memory)} usable on {where}: "
+        f"  peak (estimate)   {_gb(p.peak)} of {_gb(p.memory)} usable here: "
         + ("fits" if p.fits else "does NOT fit"),
-        f"  step time         ~{p.step_seconds:.2f} s, ~{p.tokens / p.step_seconds:,.0f} tokens/s "
-        f"(matmul rate measured here: {p.gflops:.0f} GFLOP/s float32)",
+        f"  step time         ~{p.step_seconds:.2f} s, ~{p.tokens / p.step_seconds:,.0f} tokens/s",
+        f"                    (float32 matmul measured here at {p.gflops:.0f} GFLOP/s)",
     ]
     lines += [f"note: {n}" for n in p.notes]
     gflops = p.gflops
     if p.memory:
+        import dataclasses
+
         batch = _largest(cfg, "batch_size", 1, 4096, gflops, length)
         seq = _largest(cfg, "max_seq_length", 16, 131072, gflops, None)
-        lines.append(
-            f"largest that fit: --batch-size {batch} at {p.length} tokens; "
-            f"--max-seq-length {seq} at batch {p.batch}"
-            if batch and seq
-            else "even batch 1 does not fit at this length"
-        )
+        at = f"{p.length} tokens"
+        fit_batch = f"--batch-size {batch} at {at}" if batch else f"no batch fits at {at}"
+        if seq:
+            fit_seq = f"--max-seq-length {seq} at batch {p.batch}"
+        else:
+            one = _largest(dataclasses.replace(cfg, batch_size=1), "max_seq_length", 16, 131072, gflops, None)
+            fit_seq = f"--max-seq-length {one} at batch 1" if one else "not even 16 tokens at batch 1"
+        lines += ["largest that fit:", f"  {fit_batch}", f"  {fit_seq}"]
     if not p.fits or not cfg.grad_checkpoint:
         import dataclasses
 
@@ -313,7 +336,7 @@ def report(cfg: TrainConfig) -> tuple[Plan, list[str]]:
         if p.device == "gpu" and p.weights >= 2 * p.parameters:
             tips.append("a 4-bit base (QLoRA) takes a quarter of the weights' memory")
         if not cfg.pack and length is not None and length < cfg.max_seq_length:
-            tips.append("--pack fills rows with several short examples (more tokens per step)")
+            tips.append("--pack: rows of several short examples (no padding)")
         if tips:
-            lines.append("to use less memory or time: " + "; ".join(tips))
+            lines += ["to use less memory or time:", *(f"  {t}" for t in tips)]
     return p, lines

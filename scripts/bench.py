@@ -282,6 +282,7 @@ def ours(args, model: Path, data: Path, work: Path, name: str, **options) -> dic
         steps_per_eval=10**6,
         val_batches=1,
         save_every=10**6,
+        accuracy_problems=0,
         max_seq_length=args.max_seq_length,
         output=work / name,
     )

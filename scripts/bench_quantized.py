@@ -24,8 +24,8 @@ from bench import ROOT, avg_tokens, ours, prepare_data, prepare_model  # noqa: E
 PROMPT = "Question: Mia has 12 apples. She buys 5 more. How many apples does Mia have now?\nAnswer:"
 
 
-def generation_speed(model: Path, keep: bool, tokens: int) -> float:
-    """Greedy decoding tokens/s of ``tokens`` new tokens (mlx-lm's own count)."""
+def generation_speed(model: Path, keep: bool, tokens: int) -> tuple[float, float]:
+    """(prompt tokens/s, greedy decoding tokens/s) of ``tokens`` new tokens (mlx-lm's own counts)."""
     from mlx_lm import stream_generate
 
     from mlx_dft import api
@@ -36,7 +36,7 @@ def generation_speed(model: Path, keep: bool, tokens: int) -> float:
     last = None
     for response in stream_generate(net, tok, PROMPT, max_tokens=tokens):
         last = response
-    return last.generation_tps
+    return last.prompt_tps, last.generation_tps
 
 
 def main():
@@ -64,7 +64,8 @@ def main():
     ways = {"kept quantized (--keep-quantized)": True, "float32 (CPU default)": False}
     results: dict[str, dict] = {name: {} for name in ways}
     for name, keep in ways.items():
-        results[name]["generate_tokens_per_sec"] = generation_speed(model, keep, args.gen_tokens)
+        prompt, gen = generation_speed(model, keep, args.gen_tokens)
+        results[name].update(prompt_tokens_per_sec=prompt, generate_tokens_per_sec=gen)
     for i in range(args.repeats):
         for name, keep in ways.items():
             extra = {"keep_quantized": True} if keep else {}
@@ -73,15 +74,17 @@ def main():
             best = results[name].get("train")
             if best is None or r["steps_per_sec"] > best["steps_per_sec"]:
                 results[name]["train"] = r
-    print("\n| base on the CPU | generate tokens/s | train tokens/s | train peak memory (GB) |")
-    print("|---|---:|---:|---:|")
+    print("\n| base on the CPU | prompt tokens/s | generate tokens/s | train tokens/s | train peak (GB) |")
+    print("|---|---:|---:|---:|---:|")
     for name, r in results.items():
         r["train_tokens_per_sec"] = r["train"]["steps_per_sec"] * tokens_per_step
-        print(f"| {name} | {r['generate_tokens_per_sec']:,.1f} | {r['train_tokens_per_sec']:,.0f} "
+        print(f"| {name} | {r['prompt_tokens_per_sec']:,.0f} | {r['generate_tokens_per_sec']:,.1f} "
+              f"| {r['train_tokens_per_sec']:,.0f} "
               f"| {r['train']['peak_gb']:.2f} |")  # fmt: skip
     q, f = results.values()
     gen = f["generate_tokens_per_sec"] / q["generate_tokens_per_sec"]
-    print(f"\n- float32 vs quantized, generation: {gen:.1f}x")
+    prompt = f["prompt_tokens_per_sec"] / q["prompt_tokens_per_sec"]
+    print(f"\n- float32 vs quantized, prompt processing: {prompt:.1f}x, generation: {gen:.1f}x")
     print(f"- float32 vs quantized, training: {f['train_tokens_per_sec'] / q['train_tokens_per_sec']:.1f}x")
     mem = f["train"]["peak_gb"] / q["train"]["peak_gb"]
     print(f"- float32 vs quantized, training peak memory: {mem:.2f}x")

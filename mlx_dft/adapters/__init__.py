@@ -22,6 +22,7 @@ from mlx_dft.adapters.base import WEIGHTS_FILE, AdapterMethod, Card
 from mlx_dft.adapters.full import Full
 from mlx_dft.adapters.lora import DoRA, LoRA
 from mlx_dft.errors import UserError
+from mlx_dft.models import logical_parameters
 
 METHODS: dict[str, AdapterMethod] = {
     "lora": LoRA(),
@@ -80,17 +81,7 @@ def apply_adapter(model: nn.Module, name: str, settings: dict) -> None:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; quantized weights counted as their logical size."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = 0
-    for _, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            total += m.weight.size * 32 // m.bits + sum(
-                v.size
-                for k, v in m.parameters().items()
-                if k not in ("weight", "scales", "biases") and isinstance(v, mx.array)
-            )
-        else:
-            total += sum(v.size for k, v in m.parameters().items() if isinstance(v, mx.array))
-    return trainable, total
+    return trainable, logical_parameters(model)
 
 
 def summary(model: nn.Module, m: AdapterMethod, settings: dict) -> str:

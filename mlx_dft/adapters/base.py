@@ -65,6 +65,22 @@ class AdapterMethod(ABC):
     export_formats: ClassVar[tuple[str, ...]] = ()
     # TrainConfig keys of this method that a model card lists.
     card_settings: ClassVar[tuple[str, ...]] = ()
+    # It trains the base model's own weights (so it needs them as stored, never a quantized base).
+    trains_base_weights: ClassVar[bool] = False
+    # Its trained layers keep their inputs for their weight gradients (the planner counts them).
+    keeps_layer_inputs: ClassVar[bool] = True
+
+    def trained_blocks(self, cfg: TrainConfig, n_layers: int) -> list[int]:
+        """The blocks a run of ``cfg`` trains (for :mod:`mlx_dft.plan`): the last ``num_layers``."""
+        from mlx_dft.models import last_layers
+
+        return last_layers(n_layers, cfg.num_layers)
+
+    def plan_terms(self, model: nn.Module, blocks: list[int], kept_blocks: int, token_bytes: float) -> dict:
+        """Memory terms of this method's own for :mod:`mlx_dft.plan` (bytes before the planner's
+        fitted constants): ``blocks`` trained, ``kept_blocks`` keeping activations, ``token_bytes``
+        one activation value's bytes times the batch's tokens."""
+        return {}
 
     @abstractmethod
     def settings(self, cfg: TrainConfig, model: nn.Module) -> dict:

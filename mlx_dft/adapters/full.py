@@ -19,6 +19,7 @@ class Full(AdapterMethod):
 
     name = "full"
     card_settings = ("num_layers",)
+    trains_base_weights = True
 
     def settings(self, cfg, model: nn.Module) -> dict:
         n = len(last_layers(len(model.layers), cfg.num_layers))

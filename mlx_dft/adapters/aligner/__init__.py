@@ -54,6 +54,14 @@ class Aligner(AdapterMethod):
     layer's attention, from ``start_layer`` on."""
 
     name = "aligner"
+    keeps_layer_inputs = False
+
+    def trained_blocks(self, cfg, n_layers: int) -> list[int]:
+        return list(range(min(cfg.aligner_start_layer, n_layers - 1), n_layers))
+
+    def plan_terms(self, model: nn.Module, blocks: list[int], kept_blocks: int, token_bytes: float) -> dict:
+        """The prefix attention's own activations, per hidden unit of each block keeping them."""
+        return {"aligner_hidden": kept_blocks * token_bytes * model.args.hidden_size}
     weight_files = (WEIGHTS_FILE,)
     export_formats = ("hf", "peft")
     card_settings = ("aligner_tokens", "aligner_start_layer", "aligner_gate")

@@ -201,6 +201,11 @@ class DoRA(LoRA):
 
     name = "dora"
 
+    def plan_terms(self, model: nn.Module, blocks: list[int], kept_blocks: int, token_bytes: float) -> dict:
+        """Every adapted linear's W + scale B A exists in float32 for its norm, in each trained block."""
+        linears = (m for i in blocks for _, m in model.layers[i].named_modules() if hasattr(m, "lora_a"))
+        return {"dora_weights": 4.0 * sum(m.linear.weight.size for m in linears)}
+
     def export(self, adapter_dir, config: dict, out, fmt: str, base_model: str | None) -> None:
         if fmt == "gguf":  # llama.cpp's LoRA adds b a; DoRA rescales every row of W + b a
             raise UserError(
