@@ -269,10 +269,11 @@ def _largest(cfg: TrainConfig, field_name: str, lo: int, hi: int, gflops: float,
 TOKENIZER_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
-def data_length(cfg: TrainConfig) -> int | None:
+def data_length(cfg: TrainConfig, notes: list[str] | None = None) -> int | None:
     """The longest example of the run's data (``--data``, else the bundled task, as train reads
     it; capped at --max-seq-length): the padded length of its longest batch. None with --pack
-    (rows are --max-seq-length long)."""
+    (rows are --max-seq-length long), and None, with a line in ``notes``, when the model has no
+    tokenizer to read the data with."""
     if cfg.pack:
         return None
     from mlx_lm.utils import load_tokenizer
@@ -282,8 +283,16 @@ def data_length(cfg: TrainConfig) -> int | None:
     from mlx_dft.models import default_model_path
     from mlx_dft.tasks import ARITH_DIR
 
-    path = local_or_hub(cfg.model or str(default_model_path()), TOKENIZER_FILES, "model")
-    tokenizer = load_tokenizer(path)
+    try:
+        path = local_or_hub(cfg.model or str(default_model_path()), TOKENIZER_FILES, "model")
+        tokenizer = load_tokenizer(path)
+    except Exception as e:  # noqa: BLE001  (no tokenizer files, or none that load: say so, plan on)
+        if notes is not None:
+            notes.append(
+                f"no tokenizer to read the data with ({type(e).__name__}): rows planned at "
+                f"--max-seq-length {cfg.max_seq_length}"
+            )
+        return None
     options = data.DataConfig.from_options(cfg)
     splits = data.load_datasets(cfg.data or str(ARITH_DIR), tokenizer, options, cfg.hf_config, cfg.hf_splits)
     return min(cfg.max_seq_length, max(len(t) for t in splits["train"].tokens))
@@ -295,8 +304,10 @@ def _gb(n: float) -> str:
 
 def report(cfg: TrainConfig) -> tuple[Plan, list[str]]:
     """The plan of ``cfg`` and the lines ``mlx_dft plan`` prints."""
-    length = data_length(cfg)
+    notes: list[str] = []
+    length = data_length(cfg, notes)
     p = estimate(cfg, length)
+    p.notes.extend(notes)
     lines = [
         f"plan: {p.model} ({p.model_type}, {p.parameters / 1e6:,.1f}M parameters)",
         f"  {cfg.adapter} trains {p.trainable:,}; batch {p.batch} x {p.length} tokens"

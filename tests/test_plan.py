@@ -68,6 +68,14 @@ def test_plan_on_the_cli_reads_only_config_json(tmp_path):
     assert "qwen3" in out and "batch 2 x 256 tokens (packed rows)" in out
 
 
+def test_plan_without_a_tokenizer_plans_at_max_seq_length_and_says_so(tmp_path):
+    model = _config_only(tmp_path / "no-tokenizer", "llama-40m")
+    p = run_cli("plan", "--model", model, "--batch-size", "2", "--max-seq-length", "300")
+    assert p.returncode == 0, p.stderr
+    assert "batch 2 x 304 tokens" in p.stdout  # inputs padded as batches are
+    assert "note: no tokenizer to read the data with" in p.stdout
+
+
 def test_plan_suggests_what_to_change_when_it_does_not_fit(tmp_path):
     model = _config_only(tmp_path / "big", "qwen3-0.6b")  # ~1 TB of activations: fits no machine
     p = run_cli("plan", "--model", model, "--batch-size", "512", "--max-seq-length", "8192", "--pack")
