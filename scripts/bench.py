@@ -178,25 +178,12 @@ def train_flops_per_token(model: Path) -> tuple[float, int]:
 
 def sgemm_gflops(model: Path, tokens: int) -> float:
     """The best float32 matmul rate (GFLOP/s) through MLX at this model's layer shapes for a
-    batch of ``tokens`` rows: the ceiling the training step's products can reach here."""
-    import time
-
-    import mlx.core as mx
-
+    batch of ``tokens`` rows (``mlx_dft plan``'s measurement, over a second a shape)."""
     from mlx_dft.models import model_config
+    from mlx_dft.plan import matmul_gflops
 
     cfg = model_config(model)
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    best = 0.0
-    for k, n in ((h, h), (h, inter), (inter, h)):
-        a, b = mx.random.normal((tokens, k)), mx.random.normal((k, n))
-        mx.eval(a, b, a @ b)
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 1.0:
-            mx.eval(a @ b)
-            reps += 1
-        best = max(best, 2.0 * tokens * k * n * reps / (time.perf_counter() - t0) / 1e9)
-    return best
+    return matmul_gflops(cfg["hidden_size"], cfg["intermediate_size"], tokens, seconds=1.0)
 
 
 def run(cmd: list[str], env: dict, log: Path) -> str:
