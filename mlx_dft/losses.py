@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 LOSS_TYPES = ("sft", "dft", "asft", "eaft")
 # The parts of each loss that reports show next to the objective (sums over tokens, like it).
@@ -36,6 +37,10 @@ LOSS_PARTS = {"asft": ("dft", "kl"), "eaft": ("eaft_weight",)}
 # Logit elements per chunk of the chunked loss (32 MiB of float32; the backward pass holds
 # a handful of chunk-sized temporaries, so peak memory is a few hundred MiB at any vocabulary).
 DEFAULT_CHUNK_ELEMENTS = 8 * 1024 * 1024
+# Where the loss keeps its softmax for the backward pass (SFT and DFT with a frozen head, off the
+# GPU: :func:`keeps_softmax`), it keeps all of it, with no chunk recomputed, while the batch's
+# supervised tokens x vocabulary stay within this many elements (128 MiB of float32).
+DEFAULT_KEEP_ELEMENTS = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,49 @@ def target_ce(logits: mx.array, targets: mx.array, fused: bool | None = None) ->
     return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
 
+def keeps_softmax(head: nn.Module | Callable, cfg: LossConfig) -> bool:
+    """Whether the loss of ``cfg`` under ``head`` uses :func:`kept_softmax_ce`: SFT and DFT where
+    MLX has no fused cross-entropy (the CPU), with a head that trains nothing (every method but
+    full fine-tuning; the hand-written backward gives the hidden states' gradient only)."""
+    if cfg.loss not in ("sft", "dft") or fused_cross_entropy_available():
+        return False
+    return not (isinstance(head, nn.Module) and tree_flatten(head.trainable_parameters()))
+
+
+def kept_softmax_ce(head: nn.Module | Callable) -> Callable[[mx.array, mx.array], mx.array]:
+    """``(hidden [N, D], targets [N]) -> CE [N]`` of ``head(hidden)``, float32, with a hand-written
+    backward: the forward pass exponentiates each logit once and keeps the softmax, and the
+    backward pass reuses it (``d CE / d z = softmax(z) - onehot(y)``) and needs only the product
+    back through the head. Autodiff of ``logsumexp`` instead exponentiates again in the backward
+    pass, and the checkpointed chunks a third time; on the CPU, where MLX's exponential runs at
+    about 75M values/s, that is most of the loss at a 152k vocabulary. Gradients reach ``hidden``
+    only (no head parameter is trained: see :func:`keeps_softmax`)."""
+
+    def logits(h: mx.array) -> mx.array:
+        return head(h).astype(mx.float32)
+
+    @mx.custom_function
+    def ce_and_softmax(h: mx.array, t: mx.array) -> tuple[mx.array, mx.array]:
+        z = logits(h)
+        top = mx.max(z, axis=-1, keepdims=True)
+        e = mx.exp(z - top)
+        total = e.sum(axis=-1, keepdims=True)
+        ce = (top + mx.log(total))[:, 0] - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
+        return ce, e / total
+
+    @ce_and_softmax.vjp
+    def _(primals, cotangents, outputs):
+        h, t = primals
+        g = cotangents[0].astype(mx.float32)[:, None]
+        d = outputs[1] * g
+        at_target = mx.take_along_axis(d, t[:, None], axis=-1) - g
+        d = mx.put_along_axis(d, t[:, None], at_target, axis=-1)
+        _, (dh,) = mx.vjp(logits, [h], [d])
+        return dh, mx.zeros_like(t)
+
+    return lambda h, t: ce_and_softmax(h, t)[0]
+
+
 def token_terms(
     logits: mx.array, targets: mx.array, cfg: LossConfig, ref_logits: mx.array | None = None
 ) -> tuple[mx.array, mx.array | None]:
@@ -215,6 +263,7 @@ def chunked_terms(
     chunk_tokens: int,
     cfg: LossConfig,
     ref_hidden: mx.array | None = None,
+    keep_tokens: int = 0,
 ) -> tuple[mx.array, mx.array | None]:
     """Per-token (CE, extra) of ``targets`` [N] under ``head(hidden)`` [N, V] (see
     :func:`token_terms`); for asft the reference logits are ``head(ref_hidden)``, detached.
@@ -223,14 +272,19 @@ def chunked_terms(
     wrapped in ``mx.checkpoint`` so its [chunk, V] logits (and reference logits) are recomputed
     in the backward pass instead of kept, and chained to the previous chunk so they are
     evaluated in turn: peak memory holds a few chunks of logits, not N (measured: 2048 tokens
-    x 152k vocab, 3.7 GB unchunked, 0.3 GB in chunks of 64).
+    x 152k vocab, 3.7 GB unchunked, 0.3 GB in chunks of 64). Where the loss keeps its softmax
+    (:func:`keeps_softmax`) and N is at most ``keep_tokens``, the chunks are not checkpointed:
+    each keeps its [chunk, V] softmax for the backward pass and none is recomputed.
     """
     if cfg.needs_reference and ref_hidden is None:
         raise ValueError(f"the {cfg.loss} loss needs reference hidden states")
     with_ref = cfg.needs_reference
     n = hidden.shape[0]
+    kept = kept_softmax_ce(head) if keeps_softmax(head, cfg) else None
 
     def terms(h: mx.array, t: mx.array, ref_h: mx.array | None) -> mx.array:
+        if kept is not None:
+            return kept(h, t)[:, None]
         ref_logits = mx.stop_gradient(head(ref_h)) if with_ref else None
         ce, extra = token_terms(head(h), t, cfg, ref_logits)
         return ce[:, None] if extra is None else mx.stack([ce, extra], axis=-1)
@@ -248,8 +302,9 @@ def chunked_terms(
                     head.update(params)
                 return terms(h, t, ref_h)
 
-            return mx.checkpoint(fn)
+            return mx.checkpoint(fn) if checkpoint else fn
 
+        checkpoint = kept is None or n > keep_tokens
         chunks = []
         for i in range(0, n, chunk_tokens):
             h = hidden[i : i + chunk_tokens]
@@ -277,3 +332,9 @@ def chunked_ce(
 def auto_chunk_tokens(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
     """Tokens per chunk so that one chunk of float32 logits holds ``chunk_elements`` values."""
     return max(16, chunk_elements // max(vocab_size, 1))
+
+
+def keep_tokens(head: nn.Module | Callable, cfg: LossConfig, vocab_size: int) -> int:
+    """Supervised tokens per batch up to which the loss keeps all of its softmax (no chunk
+    recomputed): :data:`DEFAULT_KEEP_ELEMENTS` of them where :func:`keeps_softmax`, else 0."""
+    return DEFAULT_KEEP_ELEMENTS // max(vocab_size, 1) if keeps_softmax(head, cfg) else 0

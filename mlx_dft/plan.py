@@ -5,7 +5,7 @@ cache): the model is built with lazy arrays, which are never materialised, the r
 applied to it, and the sizes that decide memory are read off it. The peak is
 
     weights + trainable x (gradient, optimizer state) + activations kept for the backward pass
-    + logits of one loss chunk + a constant,
+    + logits of one loss chunk (or the softmax the CPU loss keeps) + a constant,
 
 with the activations of the blocks the backward pass runs through (from the first trained block
 on) ``4 B L (a h + b i) + 4 B heads L^2 c`` bytes per block (the attention probabilities of MLX's
@@ -39,18 +39,19 @@ from mlx_dft.errors import UserError
 COEFFICIENTS = {
     "kept_hidden": 0.0,  # per hidden unit, token and block the backward pass runs through
     "kept_intermediate": 0.0,  # ... per MLP unit
-    "kept_scores": 0.8873,  # ... per head and key position
-    "adapter_inputs": 3.958,  # inputs LoRA, DoRA and full keep for their weight gradients
-    "block_hidden": 36.18,  # the backward pass of one block at a time, per hidden unit and token
-    "block_scores": 0.1954,  # ... per head, query and key position
-    "recomputed_scores": 5.739,  # ... more with gradient checkpointing (its forward runs again)
-    "aligner_hidden": 17.77,  # what the Aligner's prefix attention keeps per hidden unit, token, block
-    "dora_weights": 4.286,  # DoRA's W + BA of every adapted block, in float32
-    "loss": 3.851,  # float32 logit chunks of the loss alive at once
+    "kept_scores": 1.047,  # ... per head and key position
+    "adapter_inputs": 3.486,  # inputs LoRA, DoRA and full keep for their weight gradients
+    "block_hidden": 39.19,  # the backward pass of one block at a time, per hidden unit and token
+    "block_scores": 0.0,  # ... per head, query and key position
+    "recomputed_scores": 5.499,  # ... more with gradient checkpointing (its forward runs again)
+    "aligner_hidden": 15.02,  # what the Aligner's prefix attention keeps per hidden unit, token, block
+    "dora_weights": 4.553,  # DoRA's W + BA of every adapted block, in float32
+    "loss": 4.659,  # float32 logit chunks of the loss alive at once
+    "kept_softmax": 0.6478,  # the softmax the CPU loss keeps (freed before the blocks' backward peak)
     "constant": 0.0,  # per MB
 }
-MATMUL_EFFICIENCY = 0.238  # share of the measured matmul rate a training step reaches
-STEP_OVERHEAD_S = 0.08
+MATMUL_EFFICIENCY = 0.307  # share of the measured matmul rate a training step reaches
+STEP_OVERHEAD_S = 0.0435
 
 MEMORY_SHARE = 0.8  # of physical memory a run may take (the OS and the rest keep the remainder)
 
@@ -208,9 +209,13 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
     # and 4 B heads L^2 are float32 activations of a token and attention scores of a head.
     kept_blocks = 0 if cfg.grad_checkpoint else len(span)
     vocab = vocab_size(model)
-    from mlx_dft.losses import auto_chunk_tokens
+    from mlx_dft.losses import LossConfig, auto_chunk_tokens, keep_tokens
+    from mlx_dft.models import split_model
 
     chunk = min(cfg.loss_chunk_tokens or auto_chunk_tokens(vocab), b * length)
+    # supervised tokens whose softmax the loss keeps (every token of a row, at most)
+    keep = keep_tokens(split_model(model)[1], LossConfig.from_options(cfg), vocab)
+    kept_softmax = b * length if b * length <= keep else 0
     tok, scores = width * b * length, width * b * heads * length**2
     terms = {
         "kept_hidden": kept_blocks * tok * h,
@@ -223,6 +228,7 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
         "aligner_hidden": 0.0,
         "dora_weights": 0.0,
         "loss": 4.0 * chunk * vocab,
+        "kept_softmax": 4.0 * kept_softmax * vocab,
         "constant": 1e6,
     }
     trained = method.trained_blocks(cfg, n_layers)
@@ -231,8 +237,9 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
             raise ValueError(f"{cfg.adapter}: plan term {key!r} has no fitted constant")
         terms[key] = value
     checkpoints = len(span) * tok * h if cfg.grad_checkpoint else 0
-    activations = sum(COEFFICIENTS[k] * v for k, v in terms.items() if k != "loss") + checkpoints
-    loss = COEFFICIENTS["loss"] * terms["loss"]
+    loss_terms = ("loss", "kept_softmax")
+    activations = sum(COEFFICIENTS[k] * v for k, v in terms.items() if k not in loss_terms) + checkpoints
+    loss = sum(COEFFICIENTS[k] * terms[k] for k in loss_terms)
 
     # FLOPs of one step: matmuls through the blocks (x4 in the backward span, x6 fully trained,
     # x2 before it), the output projection (x4), and attention (QK^T and PV: 4 L^2 d per head).

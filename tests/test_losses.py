@@ -168,3 +168,68 @@ def test_the_fused_cross_entropy_path_matches_ours_and_numpy(loss, monkeypatch):
         np.array(losses.target_ce(mx.array(logits), targets, fused=False)),
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("loss,floor,power", CASES)
+@pytest.mark.parametrize("chunk,keep", [(0, 0), (8, 0), (8, 64)])
+def test_kept_softmax_path_matches_numpy(loss, floor, power, chunk, keep):
+    """SFT/DFT under a frozen head on the CPU: the loss keeps the forward pass's softmax and
+    differentiates by hand (one exponential per logit); value and gradient w.r.t. the hidden
+    states equal the numpy reference's, whole, in checkpointed chunks and in kept chunks."""
+    from mlx_dft import losses
+
+    rng = np.random.default_rng(5)
+    n, d, v = 29, 12, 53
+    h = rng.normal(size=(n, d)).astype(np.float32)
+    targets = rng.integers(0, v, size=n)
+    valid = (rng.random(n) < 0.7).astype(np.float32)
+    mx.random.seed(1)
+    head = nn.Linear(d, v, bias=True)
+    head.freeze()
+    cfg = LossConfig(loss, floor, power)
+    assert losses.keeps_softmax(head, cfg)
+
+    def objective(x):
+        ce, extra = losses.chunked_terms(head, x, mx.array(targets), chunk, cfg, keep_tokens=keep)
+        return loss_sums(ce, mx.array(valid), cfg, extra)[0] / float(valid.sum())
+
+    value, grad = mx.value_and_grad(objective)(mx.array(h))
+    logits = h @ np.array(head.weight).T + np.array(head.bias)
+    ref, _, _, ref_grad = np_reference(logits, targets, valid, loss, floor, power)
+    np.testing.assert_allclose(value.item(), ref, rtol=1e-5)
+    np.testing.assert_allclose(np.array(grad), ref_grad @ np.array(head.weight), atol=1e-6)
+
+
+def test_kept_softmax_path_only_where_it_is_exact():
+    """Not for a head that trains (its gradient would be lost), not for ASFT/EAFT (they need the
+    logits themselves), not where MLX fuses the cross-entropy (GPUs)."""
+    from mlx_dft import losses
+
+    head = nn.Linear(4, 9)
+    assert not losses.keeps_softmax(head, LossConfig("dft"))
+    head.freeze()
+    assert losses.keeps_softmax(head, LossConfig("sft"))
+    assert losses.keeps_softmax(lambda x: x, LossConfig("dft"))
+    assert not losses.keeps_softmax(head, LossConfig("asft"))
+    assert not losses.keeps_softmax(head, LossConfig("eaft"))
+    keep = losses.keep_tokens(head, LossConfig("dft"), 151_936)
+    assert 0 < keep * 151_936 <= losses.DEFAULT_KEEP_ELEMENTS
+    assert losses.keep_tokens(head, LossConfig("asft"), 151_936) == 0
+
+
+def test_kept_softmax_half_precision_head():
+    """A bfloat16 head: the kept path's float32 CE and gradient equal autodiff's."""
+    from mlx_dft import losses
+
+    rng = np.random.default_rng(6)
+    h = mx.array(rng.normal(size=(17, 16)).astype(np.float32)).astype(mx.bfloat16)
+    t = mx.array(rng.integers(0, 40, size=17))
+    head = nn.Linear(16, 40, bias=False)
+    head.set_dtype(mx.bfloat16)
+    head.freeze()
+    kept = losses.kept_softmax_ce(head)
+    ref = lambda x: losses.target_ce(head(x), t, fused=False).sum()  # noqa: E731
+    (a, ga), (b, gb) = mx.value_and_grad(ref)(h), mx.value_and_grad(lambda x: kept(x, t).sum())(h)
+    assert b.dtype == mx.float32
+    assert b.item() == pytest.approx(a.item(), rel=1e-5)
+    np.testing.assert_allclose(np.array(gb.astype(mx.float32)), np.array(ga.astype(mx.float32)), atol=2e-2)
