@@ -1,21 +1,31 @@
 # ruff: noqa: I001  (mlx_dft must be imported before mlx: it puts OpenBLAS under MLX)
 """Pretrain the bundled tiny LLaMA (models/tiny-llama) from scratch, deterministically, on CPU.
 
-    python scripts/make_tiny_model.py [--out models/tiny-llama] [--steps 1800]
+    python scripts/make_tiny_model.py [--out models/tiny-llama] [--steps 1500]
 
-1. Generates a corpus (seed 0): short stories about people and their things, arithmetic
-   facts in words ("45 plus 17 is 62.") and as equations ("45 + 17 = 62."), and chains of
-   equations, on the bundled task's number range. Stories sometimes write their arithmetic
-   out and restate earlier facts, which teaches the model to copy names and numbers from its
-   context. The corpus never contains the task's question/answer format nor its phrasing
-   ("starts with", "The answer is").
+1. Generates a corpus (seed 0) on the bundled task's number range:
+   - practice (40% of documents): short stories about people and their things that sometimes
+     write their arithmetic out right after each action and restate earlier facts, arithmetic
+     facts in words ("45 plus 17 is 62.") and as equations ("45 + 17 = 62."), and worksheets
+     (chains of equations);
+   - recaps (50%): a story of 1 to 4 actions, then its arithmetic worked again from the start
+     ("Let us count. She uses 20 toys. 26 - 20 = 6. ..." or the equations alone) and the result
+     ("So Lucy has 6 toys.", "The answer is 6."): the model learns to fetch the numbers of earlier
+     sentences in order (its recap probe: 34 of 50 test-split stories exact), which the first
+     corpus did not teach (its model copied a number only from the sentence just before, 0 of
+     50, and a fine-tune could not make it do more);
+   - repeats (10%): a story told twice, word for word (copying a span from the context).
+   No story the bundled task asks about is in the corpus, and the corpus never contains the
+   task's framing ("Question:", "How many ...", "Answer:"): fine-tuning teaches the model to
+   answer a question in the form of its recaps, the DFT paper's setting of a base model that
+   already knows the solution format.
 2. Trains a byte-level BPE tokenizer (512 tokens, digits split one by one).
 3. Pretrains a 4-layer LLaMA (hidden 256, 8 heads, 4 KV heads, 3.3M parameters) with AdamW.
 4. Writes a Hugging Face folder (config.json, model.safetensors, tokenizer.json, ...) that
    both ``mlx_lm.load`` and ``transformers.AutoModelForCausalLM`` load, plus the held-out
    perplexity and a few greedy samples in ``pretraining.json``.
 
-Takes about an hour on a 2-core CPU with OpenBLAS.
+Takes about 40 minutes on a 2-core CPU with OpenBLAS.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
+from mlx_dft.tasks import ARITH_DIR
 from mlx_dft.tasks.arith import GAIN, LOSS, NAMES, OBJECTS
 
 PLACES = ["park", "market", "school", "library", "beach", "farm", "garden", "shop", "lake", "zoo"]
@@ -160,7 +171,8 @@ def story(rng: random.Random) -> str:
     return " ".join(s)
 
 
-def document(rng: random.Random) -> str:
+def practice(rng: random.Random) -> str:
+    """Stories, facts and worksheets: the first bundled model's whole corpus."""
     parts = []
     for _ in range(rng.randint(3, 8)):
         r = rng.random()
@@ -171,6 +183,84 @@ def document(rng: random.Random) -> str:
         else:
             parts.append(worksheet(rng))
     return "\n".join(parts)
+
+
+RECAP_FRAMES = [
+    "Let us count.",
+    "Let us go through it again.",
+    "Step by step:",
+    "Here is what happened.",
+    "We can work it out.",
+]
+REPEAT_FRAMES = ["Once more:", "Again:", "I said:", "Read it again."]
+
+
+def episode(rng: random.Random, exclude: set[str]) -> tuple:
+    """A story of 1 to 4 actions, one sentence each (no story the bundled task asks about):
+    (name, pronoun, object, story, actions each followed by its equation, the equations, result)."""
+    while True:
+        name, pron = rng.choice(NAMES)
+        obj = rng.choice(OBJECTS)
+        value = rng.randint(10, 99)
+        sents, worked, equations = [f"{name} has {value} {obj}."], [], []
+        for _ in range(rng.choice((1, 2, 3, 4))):
+            if value >= 2 and rng.random() < 0.5:
+                n = rng.randint(1, min(99, value))
+                verb = rng.choice(LOSS).format(n=n)
+                equation = f"{value} - {n} = {value - n}."
+                value -= n
+            else:
+                n = rng.randint(1, min(99, 999 - value))
+                verb = rng.choice(GAIN).format(n=n)
+                equation = f"{value} + {n} = {value + n}."
+                value += n
+            sents.append(f"{pron} {verb} {obj}.")
+            worked += [sents[-1], equation]
+            equations.append(equation)
+        story = " ".join(sents)
+        if story not in exclude:
+            return name, pron, obj, story, worked, equations, value
+
+
+def recap(rng: random.Random, exclude: set[str]) -> str:
+    """A story, then its arithmetic worked again from the start (each action restated before its
+    equation, or the equations alone) and the result: retrieval of earlier numbers, in order."""
+    name, pron, obj, story, worked, equations, value = episode(rng, exclude)
+    body = worked if rng.random() < 0.6 else equations
+    frame = rng.choice(RECAP_FRAMES)
+    end = rng.choice(
+        [f"So {name} has {value} {obj}.", f"Now {pron.lower()} has {value} {obj}.", f"The answer is {value}."]
+    )
+    return " ".join([story, frame, *body, end])
+
+
+def repeat(rng: random.Random, exclude: set[str]) -> str:
+    """A story told twice, word for word: copying a span from the context."""
+    story = episode(rng, exclude)[3]
+    return " ".join([story, rng.choice(REPEAT_FRAMES), story])
+
+
+def document(rng: random.Random, exclude: set[str] = frozenset()) -> str:
+    """One pretraining document: 40% practice (stories, facts, worksheets), 10% repeated stories,
+    20% a single recap (it ends the document, before </s>), 30% two to four recaps."""
+    r = rng.random()
+    if r < 0.4:
+        return practice(rng)
+    if r < 0.5:
+        return "\n".join(repeat(rng, exclude) for _ in range(rng.randint(2, 4)))
+    if r < 0.7:
+        return recap(rng, exclude)
+    return "\n".join(recap(rng, exclude) for _ in range(rng.randint(2, 4)))
+
+
+def task_stories() -> set[str]:
+    """The stories of every bundled task problem (its question without "How many ...?")."""
+    stories = set()
+    for path in sorted(ARITH_DIR.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            question = json.loads(line)["prompt"].removeprefix("Question: ")
+            stories.add(question.rsplit(" How many", 1)[0])
+    return stories
 
 
 def make_tokenizer(texts: list[str], out: Path):
@@ -228,10 +318,15 @@ def pack(tok, docs: list[str], seq: int) -> np.ndarray:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "models" / "tiny-llama"))
-    ap.add_argument("--steps", type=int, default=1800)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument(
+        "--describe-only",
+        action="store_true",
+        help="only (re)write pretraining.json of the model already in --out (made with these options)",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,7 +334,14 @@ def main():
     rng = random.Random(0)
     t0 = time.perf_counter()
     n_docs = args.steps * args.batch_size * args.seq // 230 + 400
-    docs = [document(rng) for _ in range(n_docs)]
+    exclude = task_stories()
+    docs = [document(rng, exclude) for _ in range(n_docs)]
+    if args.describe_only:
+        from tokenizers import Tokenizer
+
+        valid = pack(Tokenizer.from_file(str(out / "tokenizer.json")), docs, args.seq)[:64]
+        describe(out, args, valid)
+        return
     tok = make_tokenizer(docs[:4000], out)
     data = pack(tok, docs, args.seq)
     valid, train = data[:64], data[64:]
@@ -305,19 +407,42 @@ def main():
                 flush=True,
             )
 
-    model.eval()
-    val = mx.array(valid)
-    val_loss = sum(loss_fn(model, val[i : i + 16]).item() for i in range(0, len(val), 16)) / (len(val) // 16)
-    print(f"held-out loss {val_loss:.3f}, perplexity {math.exp(val_loss):.2f}", flush=True)
-
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(CONFIG, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2))
+    describe(out, args, valid)
 
+
+def recap_probe(m, t, n: int = 50) -> tuple[int, dict]:
+    """How many of the first ``n`` stories of the task's test split (never in the corpus) the model
+    recaps exactly, in its own format: story + "Let us count." -> each action and its equation."""
+    from mlx_lm import generate
+
+    correct, example = 0, {}
+    for line in (ARITH_DIR / "test.jsonl").read_text().splitlines()[:n]:
+        rec = json.loads(line)
+        story = rec["prompt"].removeprefix("Question: ").rsplit(" How many", 1)[0]
+        want = rec["completion"].rsplit(" The answer is", 1)[0].strip()
+        got = generate(m, t, story + " Let us count.", max_tokens=len(t.encode(want)) + 4, verbose=False)
+        correct += got.strip().startswith(want)
+        example = example or {story + " Let us count.": got}
+    return correct, example
+
+
+def describe(out: Path, args, valid: np.ndarray) -> None:
+    """Held-out loss, greedy samples and probes of the model in ``out``: pretraining.json."""
     from mlx_lm import generate, load
 
     m, t = load(str(out))
+    n_params = sum(v.size for _, v in tree_flatten(m.parameters()))
+    val = mx.array(valid)
+    losses = [
+        nn.losses.cross_entropy(m(val[i : i + 16, :-1]), val[i : i + 16, 1:], reduction="mean").item()
+        for i in range(0, len(val), 16)
+    ]
+    val_loss = sum(losses) / len(losses)
+    print(f"held-out loss {val_loss:.3f}, perplexity {math.exp(val_loss):.2f}", flush=True)
     samples = {}
     for prompt in ["Mia has 23 apples.", "45 plus 17 is", "The sum of 12 and 30 is", "Leo has 50 coins. He"]:
         samples[prompt] = generate(m, t, prompt, max_tokens=40, verbose=False)
@@ -333,6 +458,9 @@ def main():
         got = generate(m, t, q, max_tokens=5, verbose=False).strip().split(".")[0]
         correct += got == str(c)
     print(f"arithmetic probe: {correct}/100 equations completed correctly", flush=True)
+    recaps, recap_sample = recap_probe(m, t)
+    print(f"recap probe: {recaps}/50 test-split stories recapped exactly", flush=True)
+    samples.update(recap_sample)
     (out / "pretraining.json").write_text(
         json.dumps(
             {
@@ -344,10 +472,12 @@ def main():
                 "heldout_loss": round(val_loss, 4),
                 "heldout_perplexity": round(math.exp(val_loss), 3),
                 "arithmetic_probe_accuracy": correct / 100,
+                "recap_probe_accuracy": recaps / 50,
                 "samples": samples,
             },
             indent=2,
         )
+        + "\n"
     )
 
 

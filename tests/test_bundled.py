@@ -54,6 +54,33 @@ def test_bundled_task_splits():
             assert arith.extract_answer(r["completion"]) == int(r["answer"])
 
 
+def test_the_first_command_teaches_the_task(tmp_path):
+    """`mlx_dft train` with no arguments (DFT + LoRA, one epoch, about 1.5 minutes here): held-out
+    answer accuracy up by at least 20 points, and validation CE down, on the bundled model."""
+    run = mlx_dft.train(output=str(tmp_path / "first"), progress=False)
+    acc = [r["accuracy"] for r in run.history if "accuracy" in r]
+    val = [r["val_ce"] for r in run.history if "val_ce" in r]
+    assert len(acc) == 2 and acc[1] - acc[0] >= 0.2, acc
+    assert val[-1] < 0.5 * val[0], val
+
+
+def test_the_base_model_recaps_task_stories_in_its_own_format():
+    """What the task builds on: the pretrained model works a task story out in its own words (the
+    pretraining probe, recomputed), which it could not before its corpus had recaps."""
+    import importlib.util
+
+    from mlx_lm import load
+
+    script = BUNDLED.parents[1] / "scripts" / "make_tiny_model.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_model", script)
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    model, tok = load(str(BUNDLED))
+    correct, _ = make.recap_probe(model, tok, n=20)
+    info = json.loads((BUNDLED / "pretraining.json").read_text())
+    assert correct >= 10 and info["recap_probe_accuracy"] >= 0.5
+
+
 def test_default_run_lowers_validation_loss(tmp_path):
     run = mlx_dft.train(output=str(tmp_path / "default"), iters=40, steps_per_eval=20, progress=False)
     val = [r["val_loss"] for r in run.history if "val_loss" in r]

@@ -1,9 +1,11 @@
 """The bundled fine-tuning task: multi-step word problems with worked solutions.
 
 A miniature of the DFT paper's setting (step-by-step math solutions ending in a checkable
-final answer). The bundled model was pretrained on arithmetic facts and short stories in
-other words ("23 plus 15 is 38."), never on this question/answer format, so fine-tuning
-has to teach it to decompose a problem into written steps.
+final answer, tuned into a base model that can already work such problems out). The bundled
+model was pretrained on stories like these followed by their arithmetic worked again in its own
+words ("Let us count. She uses 20 toys. 26 - 20 = 6. So Lucy has 6 toys."), never on this
+question/answer framing nor on any of these stories: fine-tuning teaches it to answer the
+question, in this format, and to stop.
 
 Splits (made by ``scripts/make_task.py``):
 - train / valid / test: 1 to 3 operations, numbers below 100;
@@ -96,30 +98,49 @@ class Problem:
         return " " + self.solution
 
 
-def make_problem(rng: random.Random, steps: int, low: int = 10, high: int = 99) -> Problem:
-    """One problem with ``steps`` operations; every intermediate value stays in [0, 999]."""
+STYLES = ("story", "compact")
+
+
+def make_problem(
+    rng: random.Random, steps: int, low: int = 10, high: int = 99, style: str = "story"
+) -> Problem:
+    """One problem with ``steps`` operations; every intermediate value stays in [0, 999].
+
+    ``story`` (the bundled task): one sentence per action, as the bundled model's pretraining
+    stories tell them ("She uses 20 toys."), and a solution that takes the actions in turn, each
+    followed by its equation. ``compact`` (arith_small): the actions in one sentence ("She uses
+    20, then buys 5 more."), a solution of the start and the equations. The same ``rng`` draws
+    give the same numbers in either style."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
     name, pron = rng.choice(NAMES)
     obj = rng.choice(OBJECTS)
     start = value = rng.randint(low, high)
-    clauses, lines = [], [f"{name} starts with {value} {obj}."]
+    clauses, equations = [], []
     for _ in range(steps):
         if value >= 2 and rng.random() < 0.5:
             n = rng.randint(1, min(high, value))
             clauses.append(rng.choice(LOSS).format(n=n))
-            lines.append(f"{value} - {n} = {value - n}.")
+            equations.append(f"{value} - {n} = {value - n}.")
             value -= n
         else:
             n = rng.randint(1, min(high, 999 - value))
             clauses.append(rng.choice(GAIN).format(n=n))
-            lines.append(f"{value} + {n} = {value + n}.")
+            equations.append(f"{value} + {n} = {value + n}.")
             value += n
+    how_many = QUESTION.format(obj=obj, name=name)
+    if style == "story":
+        actions = [f"{pron} {clause} {obj}." for clause in clauses]
+        question = " ".join([f"{name} has {start} {obj}.", *actions, how_many])
+        worked = [part for pair in zip(actions, equations) for part in pair]
+        return Problem(question, " ".join(worked) + f" The answer is {value}.", value, steps)
     actions = (
         ", then ".join(clauses)
         if len(clauses) < 3
         else (", ".join(clauses[:-1]) + " and then " + clauses[-1])
     )
-    question = f"{name} has {start} {obj}. {pron} {actions}. " + QUESTION.format(obj=obj, name=name)
-    solution = " ".join(lines) + f" The answer is {value}."
+    question = f"{name} has {start} {obj}. {pron} {actions}. " + how_many
+    solution = " ".join([f"{name} starts with {start} {obj}.", *equations]) + f" The answer is {value}."
     return Problem(question, solution, value, steps)
 
 
@@ -137,13 +158,19 @@ def extract_answer(text: str) -> int | None:
 
 
 def make_split(
-    seed: int, n: int, steps: tuple[int, ...], exclude: set[str] = frozenset(), low: int = 10, high: int = 99
+    seed: int,
+    n: int,
+    steps: tuple[int, ...],
+    exclude: set[str] = frozenset(),
+    low: int = 10,
+    high: int = 99,
+    style: str = "story",
 ) -> list:
     """``n`` distinct problems whose question is not in ``exclude``; numbers from ``low`` to ``high``."""
     rng = random.Random(seed)
     out, seen = [], set(exclude)
     while len(out) < n:
-        p = make_problem(rng, rng.choice(steps), low, high)
+        p = make_problem(rng, rng.choice(steps), low, high, style)
         if p.question in seen:
             continue
         seen.add(p.question)
