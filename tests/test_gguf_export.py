@@ -232,7 +232,14 @@ def test_transformers_loads_the_fused_gguf_with_our_logits(fused, kind):
     theirs = torch_logits(model, ids)
     err = np.abs(theirs - ours)
     assert err.max() <= TOLERANCE[kind][0] and err.mean() <= TOLERANCE[kind][1], (kind, err.max(), err.mean())
-    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= (1.0 if kind != "q4_0" else 0.9)
+    if kind != "q4_0":
+        assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+    else:
+        # 4-bit rounding moves some top-1 tokens of a sharp model (the bundled one: ~10% of
+        # positions); the file itself must read the same in both: ours from the same GGUF
+        same_file = mlx_logits(fused[kind], ids)
+        np.testing.assert_allclose(theirs, same_file, atol=1e-3)
+        assert (theirs.argmax(-1) == same_file.argmax(-1)).all()
 
 
 @pytest.mark.parametrize("kind", TYPES[1:])
