@@ -120,8 +120,11 @@ def test_a_kill_between_the_final_checkpoint_and_the_top_level_adapter_is_finish
 
 def test_ctrl_c_names_the_real_output_folder_to_resume(tiny_model, arith_data, tmp_path):
     out = tmp_path / "run"
+    # Ctrl-C as a terminal sends it: with SIGINT's default disposition (a test runner started in
+    # the background of a non-interactive shell ignores SIGINT, and its children inherit that)
     proc = subprocess.Popen(_cmd(tiny_model, arith_data, out, 100000),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     _wait_for(lambda: (_checkpoint(out, 2) / "trainer_state.json").is_file(), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
