@@ -58,9 +58,11 @@ def test_wandb_offline_gets_every_metric_and_the_config(tmp_path, monkeypatch):
         if kind == "history":
             item = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
             history.setdefault(item.get("_step", rec.history.step.num), {}).update(item)
-        elif kind == "run":
-            config = {i.key: json.loads(i.value_json) for i in rec.run.config.update}
+        elif kind == "run":  # the config may come with the run record or in later config records
+            config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
             assert rec.run.project == "tests" and rec.run.display_name == "run"
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
     assert config["loss"] == "dft" and config["iters"] == 6
     recorded = _metrics(out)
     assert {r["step"] for r in recorded} == set(history)
