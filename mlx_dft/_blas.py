@@ -99,3 +99,20 @@ def setup() -> BlasInfo:
 
 def info() -> BlasInfo:
     return setup()
+
+
+def set_threads(n: int) -> int:
+    """Set the number of threads OpenBLAS uses from now on and return the previous count; for
+    measurements (``scripts/profile_step.py`` times a step on 1 thread and on all of them).
+    Raises RuntimeError when MLX is not running on an OpenBLAS mlx_dft can reach."""
+    info_ = setup()
+    if info_.name != "OpenBLAS":
+        raise RuntimeError(f"set_threads needs OpenBLAS under MLX ({info_.describe()})")
+    lib = ctypes.CDLL(info_.path) if info_.path and os.path.exists(info_.path) else ctypes.CDLL(None)
+    try:
+        get, put = lib.openblas_get_num_threads, lib.openblas_set_num_threads
+    except AttributeError:
+        raise RuntimeError(f"{info_.path}: not an OpenBLAS (no openblas_set_num_threads)") from None
+    previous = int(get())
+    put(int(n))
+    return previous

@@ -42,7 +42,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from bench import ROOT, SHAPES, make_random_model  # noqa: E402
-from mlx_dft import adapters
+from mlx_dft import _blas, adapters
 from mlx_dft.config import TrainConfig
 from mlx_dft.data import DataConfig, collate, load_split
 from mlx_dft import losses
@@ -107,12 +107,40 @@ def main() -> None:
             shapes[(in_dim, out_dim)] = shapes.get((in_dim, out_dim), 0) + 1
             lora_shapes[(in_dim, out_dim)] = lora_shapes.get((in_dim, out_dim), 0) + 1
     rows = b * t
-    mm = 0.0
-    for (i, o), count in shapes.items():
-        x, w, g = mx.random.normal((rows, i)), mx.random.normal((o, i)), mx.random.normal((rows, o))
-        mx.eval(x, w, g)
-        mm += count * timed(lambda x=x, w=w, g=g: mx.eval(x @ w.T, g @ w), args.reps)
-    parts["block matmuls"] = mm
+
+    def block_matmuls(reps: int = args.reps) -> float:
+        mm = 0.0
+        for (i, o), count in shapes.items():
+            x, w, g = mx.random.normal((rows, i)), mx.random.normal((o, i)), mx.random.normal((rows, o))
+            mx.eval(x, w, g)
+            mm += count * timed(lambda x=x, w=w, g=g: mx.eval(x @ w.T, g @ w), reps)
+        return mm
+
+    parts["block matmuls"] = block_matmuls()
+    # The same step and products on one BLAS thread: how much of the step the BLAS spreads over
+    # the cores, and how much runs on one (MLX's CPU backend runs every other operation on the
+    # one thread of its stream).
+    threads = serial = None
+    if _blas.info().name == "OpenBLAS":
+        threads = _blas.set_threads(1)
+        one: dict[str, list[float]] = {"step": [], "mm": []}
+        both: dict[str, list[float]] = {"step": [], "mm": []}
+        try:
+            for _ in range(args.reps):  # interleaved, so that drift hits both alike
+                for n, into in ((1, one), (threads, both)):
+                    _blas.set_threads(n)
+                    t0 = time.perf_counter()
+                    optimizer_step(step, state, [batch])
+                    into["step"].append(time.perf_counter() - t0)
+                    into["mm"].append(block_matmuls(1))
+        finally:
+            _blas.set_threads(threads)
+        t1, t2 = statistics.median(one["step"]), statistics.median(both["step"])
+        # what more threads do for the products, measured next to the steps
+        speedup = statistics.median(one["mm"]) / statistics.median(both["mm"])
+        spread = max(0.0, (t1 - t2) / max(speedup - 1.0, 1e-6))
+        serial = {"threads": threads, "step_1": t1, "step_n": t2, "mm_speedup": speedup,
+                  "spread_s": min(spread, t2), "serial_s": max(0.0, t2 - spread)}  # fmt: skip
     lo, r = 0.0, cfg.lora_rank
     for (i, o), count in lora_shapes.items():
         x, a, bb, g = (mx.random.normal(s) for s in ((rows, i), (i, r), (r, o), (rows, o)))
@@ -195,11 +223,20 @@ def main() -> None:
     print(f"- tokens/s: {tokens / total:,.0f}; matmul limit {limit:,.0f} tokens/s ({gflops:.0f} GFLOP/s, "
           f"{flops / tokens / 1e9:.2f} GFLOP a token): {tokens / total / limit:.0%} of it")  # fmt: skip
     print(f"- trained parameters: {sum(v.size for _, v in tree_flatten(params)):,}")
+    if serial:
+        n = serial["threads"]
+        one_core = serial["serial_s"]
+        print(f"- on 1 BLAS thread the step takes {serial['step_1'] * 1e3:,.0f} ms, on {n} "
+              f"{serial['step_n'] * 1e3:,.0f} ms (interleaved medians); the block products run "
+              f"{serial['mm_speedup']:.2f}x faster on {n} threads. So the work the BLAS spreads "
+              f"over the cores takes {serial['spread_s'] * 1e3:,.0f} ms of the {n}-thread step, and "
+              f"{one_core * 1e3:,.0f} ms ({one_core / serial['step_n']:.0%}) runs on one core "
+              "(MLX's CPU backend runs all but the BLAS calls on its stream's one thread)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(
             json.dumps(
                 {"parts_s": parts, "forward_s": forward, "loss_recomputed_s": recomputed, "gflops": gflops,
-                 "tokens": tokens},
+                 "tokens": tokens, "serial": serial},
                 indent=2,
             )
         )
