@@ -329,6 +329,11 @@ def main():
     )
     args = ap.parse_args()
     out = Path(args.out)
+    if args.describe_only:
+        needed = ("tokenizer.json", "config.json", "model.safetensors")
+        missing = [n for n in needed if not (out / n).is_file()]
+        if missing:  # one line, not a traceback: there is no model to describe
+            raise SystemExit(f"error: --describe-only: {out} has no {', '.join(missing)} (no model there)")
     out.mkdir(parents=True, exist_ok=True)
 
     rng = random.Random(0)
