@@ -16,7 +16,9 @@ What is proven, against what:
   mlx-lm's KV cache gives the logits of a full recompute of the whole sequence, and greedy
   ``mlx_dft.generate`` gives the greedy full-recompute continuation;
 - export: a LoRA trained here, exported as PEFT, loaded by transformers + PEFT (torch CPU,
-  float32) on the same float32 folder, gives our logits on a chat-templated prompt.
+  float32) on the same float32 folder, gives our logits on a chat-templated prompt;
+- the CPU loss: SFT's and DFT's kept-softmax loss gives the value (float64 numpy) and the LoRA
+  gradients (MLX autodiff of full logits) of the plain form, whole and in chunks.
 """
 
 from __future__ import annotations
@@ -364,3 +366,68 @@ def test_exported_lora_gives_our_logits_in_transformers_peft(smollm2, lora_run, 
     )
     assert effect > 1.0 and floor <= 5e-4
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=tol)
+
+
+# ------------------------------------------------------------------ the CPU loss
+
+
+@pytest.mark.parametrize("loss", ["sft", "dft"])
+@pytest.mark.parametrize("chunk_tokens", [0, 16])
+def test_kept_softmax_loss_equals_full_logits_autodiff(smollm2, facts_data, loss, chunk_tokens):
+    """On the CPU, SFT's and DFT's loss keep their softmax for the backward pass
+    (:func:`mlx_dft.losses.kept_softmax_ce`; SmolLM2's 49,152-token vocabulary puts the batch on
+    that path). Its value and LoRA gradients equal those of the plain form: full logits of
+    mlx-lm's own model at every position, the per-token CE and DFT weights in float64 numpy for the
+    value, MLX's autodiff of log-softmax for the gradients."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_dft import losses
+    from mlx_dft.data import collate
+    from mlx_dft.losses import LossConfig, keeps_softmax
+    from mlx_dft.models import split_model
+    from mlx_dft.trainer import model_loss_fn
+
+    net, tok = api.load(str(smollm2["float32"]))
+    cfg = TrainConfig(adapter="lora", **LORA)
+    method = adapters.method("lora")
+    mx.random.seed(3)
+    method.apply(net, method.settings(cfg, net))
+    # LoRA's B away from zero, so that every LoRA matrix has a gradient
+    for name, p in tree_flatten(net.trainable_parameters()):
+        if name.endswith("lora_b"):
+            net.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.02)]))
+    ds = load_split(facts_data / "train.jsonl", "train", tok, DataConfig())
+    batch = collate(ds.tokens, ds.supervised)
+    lcfg = LossConfig(loss)
+    _, head, _ = split_model(net)
+    assert keeps_softmax(head, lcfg), "the CPU path under test is not taken"
+    assert 16 < batch.n_supervised <= losses.keep_tokens(head, lcfg, 49152)
+
+    fn = model_loss_fn(net, lcfg, chunk_tokens)
+    value, grads = nn.value_and_grad(net, lambda m, *a: fn(m, *a)[0])(net, *batch.arrays())
+
+    b, t = batch.inputs.shape
+    n = batch.n_supervised
+    pos, tgt = np.array(batch.positions)[:n], np.array(batch.targets)[:n]
+
+    def full(m):
+        logits = m(batch.inputs).reshape(b * t, -1)[mx.array(pos)].astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        lp = mx.take_along_axis(logp, mx.array(tgt)[:, None], axis=-1)[:, 0]
+        w = mx.stop_gradient(mx.exp(lp)) if loss == "dft" else mx.ones_like(lp)
+        return -(w * lp).sum(), logits
+
+    (ref_value, logits), ref_grads = nn.value_and_grad(net, lambda m: full(m))(net)
+    z = np.array(logits).astype(np.float64)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    ce = lse - z[np.arange(n), tgt]
+    expected = (np.exp(-ce) * ce).sum() if loss == "dft" else ce.sum()
+    # float32 sums over 49,152 exponentials: ~1e-4 of a nat a token from float64 (the plain form too)
+    assert abs(float(value) - expected) <= 2e-4 * n
+    assert float(value) == pytest.approx(float(ref_value), rel=1e-5)
+    got, ref = dict(tree_flatten(grads)), dict(tree_flatten(ref_grads))
+    assert got.keys() == ref.keys() and len(got) == 2 * 7 * 2
+    for k in ref:
+        r, g = np.array(ref[k]), np.array(got[k])
+        assert np.abs(r).max() > 0, k
+        assert np.abs(g - r).max() <= 1e-4 * np.abs(r).max() + 1e-7, k
