@@ -21,6 +21,11 @@ layer of every block, float32. Timed, each compiled and the median of --reps run
 The remainder of the step (step minus the parts) is the elementwise work: norms, RoPE, SiLU,
 residual additions, copies. The matmul limit is the best float32 matmul rate measured at the
 same shapes; the report says what share of it the step reaches.
+
+With OpenBLAS under MLX, the step and the block products are then timed again on one BLAS thread
+and on all of them, interleaved: from the two step times and the products' own speed-up, the
+report splits the step into the work the BLAS spreads over the cores and the work that runs on
+one core (everything MLX's CPU backend does outside the BLAS runs on its stream's one thread).
 """
 
 from __future__ import annotations
