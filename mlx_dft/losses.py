@@ -185,27 +185,33 @@ def keeps_softmax(head: nn.Module | Callable, cfg: LossConfig) -> bool:
 
 def kept_softmax_ce(head: nn.Module | Callable) -> Callable[[mx.array, mx.array], mx.array]:
     """``(hidden [N, D], targets [N]) -> CE [N]`` of ``head(hidden)``, float32, whose gradient
-    reuses the forward pass's softmax: each logit is exponentiated once, and the backward pass is
-    ``(softmax - onehot(y)) * g`` and the product back through the head. Autodiff of
+    comes from the forward pass's softmax: each logit is exponentiated once, and the gradient
+    ``(softmax - onehot(y)) @ W`` (times each token's ``g``) costs one product back through the
+    head. Autodiff of
     ``logsumexp`` instead exponentiates again in the backward pass, and the checkpointed chunks a
     third time; on the CPU, where MLX's exponential runs at about 75M values/s, that is most of the
     loss at a 152k vocabulary.
 
     Written with autodiff, not a custom VJP (a Python callback that MLX calls while it traces a
-    step, where a Ctrl-C could be lost): the value is the detached CE, and the gradient comes from
-    ``sum(sg(softmax) * z) - z[y]``, whose derivative in ``z`` is exactly ``softmax - onehot``."""
+    step): the forward pass forms the hidden states' gradient ``G = (softmax - onehot) @ W`` itself
+    (a vjp of the head at detached inputs), and the value is the detached CE plus the surrogate
+    ``sum(h * sg(G)) - sg(...)``, zero, whose derivative in ``h`` is exactly ``G``. Nothing of size
+    [N, V] outlives the forward pass: the backward pass holds ``G`` [N, D] only."""
 
     def ce(h: mx.array, t: mx.array) -> mx.array:
-        z = head(h).astype(mx.float32)
-        top = mx.stop_gradient(mx.max(z, axis=-1, keepdims=True))
-        e = mx.exp(mx.stop_gradient(z) - top)
+        hs = mx.stop_gradient(h)
+        z = head(hs).astype(mx.float32)
+        top = mx.max(z, axis=-1, keepdims=True)
+        e = mx.exp(z - top)
         total = e.sum(axis=-1, keepdims=True)
-        probs = mx.stop_gradient(e / total)
         at_target = mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
         value = mx.stop_gradient((top + mx.log(total))[:, 0] - at_target)
-        surrogate = (probs * z).sum(axis=-1) - at_target
-        return value + (surrogate - mx.stop_gradient(surrogate))  # zero, with the gradient of the surrogate
-
+        onehot = mx.arange(z.shape[-1])[None, :] == t[:, None]
+        cotangent = e / total - onehot.astype(mx.float32)
+        _, (grad_h,) = mx.vjp(lambda x: head(x).astype(mx.float32), [hs], [cotangent])
+        grad_h = mx.stop_gradient(grad_h).astype(h.dtype)
+        surrogate = (h * grad_h).sum(axis=-1).astype(mx.float32)
+        return value + (surrogate - mx.stop_gradient(surrogate))  # zero, with the gradient G
     return ce
 
 
