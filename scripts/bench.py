@@ -33,6 +33,7 @@ reports it. Writes a markdown table (and JSON with --json).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -55,6 +56,23 @@ SHAPES = {
     "llama-40m": (512, 8, 8, 4, 1408, 32000),
     "qwen3-0.6b": (1024, 28, 16, 8, 3072, 151936),
 }
+
+
+def work_dir(prefix: str) -> Path:
+    """A fresh folder for a benchmark's model copy, data, runs and logs. The model weights in it
+    (``model*.safetensors``, ~2.4 GB at the 0.6B shape) are deleted when the script exits, however it
+    exits short of a kill; the logs, metrics and adapters stay for reading."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+
+    def drop_weights() -> None:
+        for folder, _, files in os.walk(work):  # links are not followed: only our own copies go
+            for name in files:
+                f = Path(folder) / name
+                if name.startswith("model") and name.endswith(".safetensors") and not f.is_symlink():
+                    f.unlink(missing_ok=True)
+
+    atexit.register(drop_weights)
+    return work
 
 
 def prepare_model(args, work: Path) -> Path:
@@ -329,7 +347,7 @@ def main():
     args = ap.parse_args()
 
     openblas = _find_openblas()
-    work = Path(tempfile.mkdtemp(prefix="mlx_dft_bench_"))
+    work = work_dir("mlx_dft_bench_")
     model = prepare_model(args, work)
     data = prepare_data(args, work)
     tokens_per_step = avg_tokens(model, data, args.max_seq_length) * args.batch_size

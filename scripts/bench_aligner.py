@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import SHAPES, avg_tokens, ours, prepare_data, prepare_model  # noqa: E402
+from bench import SHAPES, avg_tokens, ours, prepare_data, prepare_model, work_dir  # noqa: E402
 
 
 def main():
@@ -37,7 +36,7 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="mlx_dft_bench_aligner_"))
+    work = work_dir("mlx_dft_bench_aligner_")
     model = prepare_model(args, work)
     data = prepare_data(args, work)
     n_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import ROOT, avg_tokens, ours, prepare_data, prepare_model  # noqa: E402
+from bench import ROOT, avg_tokens, ours, prepare_data, prepare_model, work_dir  # noqa: E402
 
 PROMPT = "Question: Mia has 12 apples. She buys 5 more. How many apples does Mia have now?\nAnswer:"
 
@@ -56,7 +55,7 @@ def main():
     if not (Path(args.model) / "config.json").is_file():
         sys.exit(f"{args.model}: no model (run scripts/fetch_smollm2.py first)")
 
-    work = Path(tempfile.mkdtemp(prefix="mlx_dft_bench_quantized_"))
+    work = work_dir("mlx_dft_bench_quantized_")
     model = prepare_model(args, work)
     data = prepare_data(args, work)
     tokens_per_step = avg_tokens(model, data) * args.batch_size

@@ -19,13 +19,12 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import ROOT, WORDS, make_random_model  # noqa: E402
+from bench import ROOT, WORDS, make_random_model, work_dir  # noqa: E402
 
 # (name, shape or None for the bundled model, options)
 GRID = [
@@ -120,7 +119,7 @@ def fit(path: Path) -> None:
     from mlx_dft.config import TrainConfig
 
     record = json.loads(path.read_text())
-    work = Path(tempfile.mkdtemp(prefix="mlx_dft_plan_fit_"))
+    work = work_dir("mlx_dft_plan_fit_")
     rows, known, measured, flops, seconds, names = [], [], [], [], [], []
     keys = list(plan.COEFFICIENTS)
     for r in record["runs"]:
@@ -168,7 +167,7 @@ def main() -> None:
     if args.fit:
         fit(Path(args.out))
         return
-    work = Path(tempfile.mkdtemp(prefix="mlx_dft_plan_grid_"))
+    work = work_dir("mlx_dft_plan_grid_")
     models: dict[str | None, Path] = {None: ROOT / "models" / "tiny-llama"}
     out = Path(args.out)
     kept = json.loads(out.read_text())["runs"] if (args.only or args.missing) and out.is_file() else []

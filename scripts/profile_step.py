@@ -34,7 +34,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from bench import ROOT, SHAPES, make_random_model  # noqa: E402
+from bench import ROOT, SHAPES, make_random_model, work_dir  # noqa: E402
 from mlx_dft import _blas, adapters
 from mlx_dft.config import TrainConfig
 from mlx_dft.data import DataConfig, collate, load_split
@@ -76,7 +75,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="mlx_dft_profile_"))
+    work = work_dir("mlx_dft_profile_")
     path = work / args.shape
     make_random_model(args.shape, ROOT / "models" / "tiny-llama", path)
     model, tok, config, _ = load_model(str(path))
