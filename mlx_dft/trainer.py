@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
-from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, keep_tokens, loss_sums
+from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, loss_sums
 from mlx_dft.models import split_model, vocab_size
 from mlx_dft.packing import _StandIn, packed_attention
 from mlx_dft.progress import Progress
@@ -123,7 +123,6 @@ def make_loss_fn(
     loss_cfg: LossConfig,
     chunk_tokens: int,
     adapter_off: AdapterOff | None = None,
-    keep_tokens: int = 0,
 ):
     """loss(model, inputs, positions, targets, valid[, segments]) -> (objective, ce, prob, ntoks,
     *parts) sums; ``segments`` (packed rows) makes attention block-diagonal (:func:`packed_attention`).
@@ -151,7 +150,7 @@ def make_loss_fn(
             else:
                 out, ref_h = body(inputs), None
         h = at_positions(out, positions)
-        ce, extra = chunked_terms(head, h, targets, chunk_tokens if fast else 0, loss_cfg, ref_h, keep_tokens)
+        ce, extra = chunked_terms(head, h, targets, chunk_tokens if fast else 0, loss_cfg, ref_h)
         return loss_sums(ce, valid, loss_cfg, extra)
 
     loss_fn.parts = loss_cfg.parts
@@ -211,8 +210,7 @@ def model_loss_fn(
         raise UserError(f"--eaft-top-k {loss_cfg.eaft_top_k} is above the vocabulary size ({vocab})")
     body, head, fast = split_model(model)
     chunk = chunk_tokens or auto_chunk_tokens(vocab)
-    keep = keep_tokens(head, loss_cfg, vocab)
-    return make_loss_fn(body, head, fast, loss_cfg, chunk, adapter_off, keep)
+    return make_loss_fn(body, head, fast, loss_cfg, chunk, adapter_off)
 
 
 def run_loss_fns(model: nn.Module, cfg, method) -> tuple[Callable, Callable | None]:

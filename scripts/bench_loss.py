@@ -25,7 +25,7 @@ import mlx_dft  # noqa: F401
 from mlx_dft import adapters
 from mlx_dft.config import TrainConfig
 from mlx_dft.data import DataConfig, iterate_batches, load_datasets
-from mlx_dft.losses import LossConfig, auto_chunk_tokens, keep_tokens
+from mlx_dft.losses import LossConfig, auto_chunk_tokens
 from mlx_dft.models import default_model_path, load_model, split_model, vocab_size
 from mlx_dft.tasks import ARITH_DIR
 from mlx_dft.trainer import build_optimizer, make_loss_fn, make_step, optimizer_step
@@ -50,8 +50,7 @@ def main():
     steps = {}
     for loss in ("sft", "dft"):
         opt = build_optimizer("adamw", 1e-5, "constant", 0, 1)
-        keep = keep_tokens(head, LossConfig(loss), vocab_size(model))
-        fn = make_loss_fn(body, head, fast, LossConfig(loss), chunk, keep_tokens=keep)
+        fn = make_loss_fn(body, head, fast, LossConfig(loss), chunk)
         steps[loss] = make_step(model, opt, fn)
 
     times = {"sft": [], "dft": []}

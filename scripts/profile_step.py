@@ -50,7 +50,7 @@ from mlx_dft import _blas, adapters
 from mlx_dft.config import TrainConfig
 from mlx_dft.data import DataConfig, collate, load_split
 from mlx_dft import losses
-from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, keep_tokens, loss_sums
+from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, loss_sums
 from mlx_dft.models import load_model, split_model
 from mlx_dft.plan import matmul_gflops
 from mlx_dft.trainer import make_step, model_loss_fn, optimizer_step
@@ -174,20 +174,19 @@ def main() -> None:
     valid = batch.valid[:supervised]
     lcfg = LossConfig("dft")
 
-    def loss_only(hs, keep):
-        ce, extra = chunked_terms(head, hs, targets, auto_chunk_tokens(vocab), lcfg, keep_tokens=keep)
+    def loss_only(hs):
+        ce, extra = chunked_terms(head, hs, targets, auto_chunk_tokens(vocab), lcfg)
         return loss_sums(ce, valid, lcfg, extra)[0]
 
     mx.eval(hs)
-    keep = keep_tokens(head, lcfg, vocab)
-    loss_vg = mx.compile(mx.value_and_grad(lambda hs: loss_only(hs, keep)))
+    loss_vg = mx.compile(mx.value_and_grad(loss_only))
     parts["loss (output projection + DFT)"] = timed(lambda: mx.eval(loss_vg(hs)), args.reps)
     # The same loss as the GPU path computes it: chunks recomputed in the backward pass, autodiff's
     # softmax (not part of the step: a comparison).
     keeps = losses.keeps_softmax
     losses.keeps_softmax = lambda *a: False
     try:
-        recomputed_vg = mx.compile(mx.value_and_grad(lambda hs: loss_only(hs, 0)))
+        recomputed_vg = mx.compile(mx.value_and_grad(loss_only))
         recomputed = timed(lambda: mx.eval(recomputed_vg(hs)), args.reps)
     finally:
         losses.keeps_softmax = keeps
@@ -221,8 +220,7 @@ def main() -> None:
     for k, v in parts.items():
         print(f"| {k} | {v * 1e3:,.0f} | {'' if k == 'step' else f'{v / total:.0%}'} |")
     print(f"\n- forward alone: {forward * 1e3:,.0f} ms ({forward / total:.0%} of the step)")
-    kept = "kept softmax" if keep >= supervised else "softmax recomputed (too many tokens to keep)"
-    print(f"- loss as trained ({kept}): {parts['loss (output projection + DFT)'] * 1e3:,.0f} ms; "
+    print(f"- loss as trained (kept softmax): {parts['loss (output projection + DFT)'] * 1e3:,.0f} ms; "
           f"with the chunks recomputed and autodiff's softmax (the GPU path): {recomputed * 1e3:,.0f} ms")
     print(f"- tokens/s: {tokens / total:,.0f}; matmul limit {limit:,.0f} tokens/s ({gflops:.0f} GFLOP/s, "
           f"{flops / tokens / 1e9:.2f} GFLOP a token): {tokens / total / limit:.0%} of it")  # fmt: skip

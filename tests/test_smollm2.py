@@ -381,7 +381,6 @@ def test_kept_softmax_loss_equals_full_logits_autodiff(smollm2, facts_data, loss
     value, MLX's autodiff of log-softmax for the gradients."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from mlx_dft import losses
     from mlx_dft.data import collate
     from mlx_dft.losses import LossConfig, keeps_softmax
     from mlx_dft.models import split_model
@@ -401,7 +400,7 @@ def test_kept_softmax_loss_equals_full_logits_autodiff(smollm2, facts_data, loss
     lcfg = LossConfig(loss)
     _, head, _ = split_model(net)
     assert keeps_softmax(head, lcfg), "the CPU path under test is not taken"
-    assert 16 < batch.n_supervised <= losses.keep_tokens(head, lcfg, 49152)
+    assert batch.n_supervised > 16
 
     fn = model_loss_fn(net, lcfg, chunk_tokens)
     value, grads = nn.value_and_grad(net, lambda m, *a: fn(m, *a)[0])(net, *batch.arrays())
