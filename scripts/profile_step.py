@@ -16,7 +16,9 @@ layer of every block, float32. Timed, each compiled and the median of --reps run
 - loss: the output projection and DFT loss at the supervised positions, with the gradient (and,
   for comparison, the same loss with its chunks recomputed and autodiff's softmax);
 - optimizer: AdamW's update of the trained parameters;
-- graph building: calling the compiled step without evaluating it (Python and dispatch).
+- graph building: calling the compiled step without evaluating it (Python and dispatch);
+- exponentials: MLX's CPU exp per value, times the values the step exponentiates at least once
+  (attention's softmax, the SiLU's sigmoid, the loss's softmax), a part of the others above.
 
 The remainder of the step (step minus the parts) is the elementwise work: norms, RoPE, SiLU,
 residual additions, copies. The matmul limit is the best float32 matmul rate measured at the
@@ -234,11 +236,28 @@ def main() -> None:
               f"over the cores takes {serial['spread_s'] * 1e3:,.0f} ms of the {n}-thread step, and "
               f"{one_core * 1e3:,.0f} ms ({one_core / serial['step_n']:.0%}) runs on one core "
               "(MLX's CPU backend runs all but the BLAS calls on its stream's one thread)")  # fmt: skip
+    # The exponentials, the largest one-core item: MLX's CPU exp on this build, per value, times
+    # the values the step exponentiates (attention's softmax over every head's scores, the SiLU's
+    # sigmoid of the MLP's gate, the loss's softmax over the vocabulary at the supervised tokens).
+    xs = mx.random.normal((1 << 22,))
+    mx.eval(xs)
+    exp_ns = timed(lambda: mx.eval(mx.exp(xs)), args.reps) / xs.size * 1e9
+    counts = {
+        "attention softmax": b * heads * t * t * n_layers,
+        "SiLU sigmoid": b * t * config["intermediate_size"] * n_layers,
+        "loss softmax": supervised * vocab,
+    }
+    exps_s = sum(counts.values()) * exp_ns * 1e-9
+    print(f"- exponentials (forward, at least once each): {sum(counts.values()) / 1e6:,.0f} M a step "
+          f"({', '.join(f'{k} {v / 1e6:,.0f} M' for k, v in counts.items())}) at {exp_ns:.1f} ns each "
+          f"(MLX's CPU exp, one core): {exps_s * 1e3:,.0f} ms "
+          f"({exps_s / total:.0%} of the step)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(
             json.dumps(
                 {"parts_s": parts, "forward_s": forward, "loss_recomputed_s": recomputed, "gflops": gflops,
-                 "tokens": tokens, "serial": serial},
+                 "tokens": tokens, "serial": serial,
+                 "exp_ns": exp_ns, "exps": counts},
                 indent=2,
             )
         )
