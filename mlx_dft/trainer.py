@@ -22,6 +22,7 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_dft import fused
 from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
 from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, loss_sums
@@ -125,7 +126,8 @@ def make_loss_fn(
     adapter_off: AdapterOff | None = None,
 ):
     """loss(model, inputs, positions, targets, valid[, segments]) -> (objective, ce, prob, ntoks,
-    *parts) sums; ``segments`` (packed rows) makes attention block-diagonal (:func:`packed_attention`).
+    *parts) sums; ``segments`` (packed rows) makes attention block-diagonal (:func:`packed_attention`);
+    the MLPs use the SwiGLU with the leaner backward pass (:func:`mlx_dft.fused.lean_swiglu`).
     The function's ``parts`` attribute names the parts (``loss_cfg.parts``); its ``state`` lists the
     arrays it reads besides the model's (a compiled function takes them as inputs).
 
@@ -142,7 +144,7 @@ def make_loss_fn(
         return mx.take(out.reshape(-1, out.shape[-1]), positions, axis=0)
 
     def loss_fn(model, inputs, positions, targets, valid, segments=None):
-        with packed_attention(body, segments):
+        with packed_attention(body, segments), fused.lean_swiglu(model):
             if loss_cfg.needs_reference:
                 first = adapter_off.first_layer if fast else 0
                 out, ref = _policy_and_reference(body, inputs, adapter_off, first)

@@ -1,7 +1,7 @@
 """Exact packing (``--pack``): a packed batch is the same examples unpacked, to float32 rounding.
 
 Several examples share a row; the loss makes attention block-diagonal from each position's
-segment. Positions are not reset: RoPE's attention scores depend on distances only. These tests
+segment, and RoPE positions restart at each example (mlx_dft.packing says why). These tests
 prove it numerically: per-token log-probabilities, loss sums and gradients of packed batches
 against the same examples one per row, for every adapter and loss, and llama / qwen2 / qwen3.
 """
