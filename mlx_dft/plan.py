@@ -39,19 +39,19 @@ from mlx_dft.errors import UserError
 COEFFICIENTS = {
     "kept_hidden": 0.0,  # per hidden unit, token and block the backward pass runs through
     "kept_intermediate": 0.0,  # ... per MLP unit
-    "kept_scores": 1.047,  # ... per head and key position
-    "adapter_inputs": 3.486,  # inputs LoRA, DoRA and full keep for their weight gradients
-    "block_hidden": 39.19,  # the backward pass of one block at a time, per hidden unit and token
+    "kept_scores": 1.048,  # ... per head and key position
+    "adapter_inputs": 3.073,  # inputs LoRA, DoRA and full keep for their weight gradients
+    "block_hidden": 35.41,  # the backward pass of one block at a time, per hidden unit and token
     "block_scores": 0.0,  # ... per head, query and key position
-    "recomputed_scores": 5.499,  # ... more with gradient checkpointing (its forward runs again)
-    "aligner_hidden": 15.02,  # what the Aligner's prefix attention keeps per hidden unit, token, block
-    "dora_weights": 4.553,  # DoRA's W + BA of every adapted block, in float32
-    "loss": 4.659,  # float32 logit chunks of the loss alive at once
-    "kept_softmax": 0.6478,  # the softmax the CPU loss keeps (freed before the blocks' backward peak)
+    "recomputed_scores": 5.717,  # ... more with gradient checkpointing (its forward runs again)
+    "aligner_hidden": 12.27,  # what the Aligner's prefix attention keeps per hidden unit, token, block
+    "dora_weights": 4.503,  # DoRA's W + BA of every adapted block, in float32
+    "loss": 5.093,  # float32 logit chunks of the loss alive at once
+    "kept_softmax": 0.3704,  # the softmax the CPU loss keeps (freed before the blocks' backward peak)
     "constant": 0.0,  # per MB
 }
-MATMUL_EFFICIENCY = 0.307  # share of the measured matmul rate a training step reaches
-STEP_OVERHEAD_S = 0.0435
+MATMUL_EFFICIENCY = 0.476  # share of the measured matmul rate a training step reaches
+STEP_OVERHEAD_S = 0.137
 
 MEMORY_SHARE = 0.8  # of physical memory a run may take (the OS and the rest keep the remainder)
 
@@ -242,14 +242,17 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
     loss = sum(COEFFICIENTS[k] * terms[k] for k in loss_terms)
 
     # FLOPs of one step: matmuls through the blocks (x4 in the backward span, x6 fully trained,
-    # x2 before it), the output projection (x4), and attention (QK^T and PV: 4 L^2 d per head).
+    # x2 before it; gradient checkpointing runs the span's forward again, +2), the output
+    # projection (x4), and attention (QK^T and PV: 4 L^2 d per head, x3 in the span, +1 again).
     tokens = b * length
     per_layer = [_linear_params(blk) for blk in model.layers]
     head_dim = config.get("head_dim") or h // heads
-    factor = 6 if method.trains_base_weights else 4
+    again = 1 if cfg.grad_checkpoint else 0
+    factor = (6 if method.trains_base_weights else 4) + 2 * again
     flops = sum((factor if i in span else 2) * p * tokens for i, p in enumerate(per_layer))
     flops += 4 * vocab * h * tokens
-    flops += sum((3 if i in span else 1) * 4 * b * length**2 * head_dim * heads for i in range(n_layers))
+    attention = 4 * b * length**2 * head_dim * heads
+    flops += sum((3 + again if i in span else 1) * attention for i in range(n_layers))
     if gflops is None:
         gflops = matmul_gflops(h, inter, tokens)
     return Plan(name, kind, total, trainable, b, length, "cpu" if on_cpu else "gpu", dtype, weights,
