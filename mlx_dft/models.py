@@ -17,11 +17,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_dft import compat
 from mlx_dft.architectures import ARCHITECTURES as ARCHITECTURES  # the table, one floor down
 from mlx_dft.architectures import Architecture as Architecture
 from mlx_dft.architectures import architecture as architecture
 from mlx_dft.errors import UserError
 from mlx_dft.files import check_safetensors, local_or_hub, read_json
+
+compat.require()  # before mlx-lm is used: an untested mlx or mlx-lm is refused in one line
 
 # config.json keys that fix the attention shapes an adapter is made for.
 SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")

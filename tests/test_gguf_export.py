@@ -10,7 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import isolated
 import mlx_dft
+import native_llama_cpp
 from conftest import BUNDLED, ROOT, llama_config, run_cli, write_model
 from mlx_dft import api
 from mlx_dft.errors import UserError
@@ -399,99 +401,13 @@ def test_lora_gguf_folds_per_module_scales(arith_data, tmp_path):
 
 def llama_cpp_logits(model_path, ids, lora=None):
     """Logits of every position, as llama.cpp computes them (float32 KV cache, no flash attention,
-    so the float32 file can be held to float32 tolerances), through llama.cpp's own C API: the
-    llama-cpp-python bindings (ctypes; built from source where no wheel fits), else the
-    llama-cpp-py-sync ones (cffi), else a skip saying why."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return _llama_cpp_cffi_logits(model_path, ids, lora)
-    return _llama_cpp_ctypes_logits(model_path, ids, lora)
-
-
-def _llama_cpp_ctypes_logits(model_path, ids, lora=None):
-    import ctypes
-
-    import llama_cpp as L
-
-    L.llama_backend_init()
-    model = L.llama_model_load_from_file(str(model_path).encode(), L.llama_model_default_params())
-    assert model, f"llama.cpp refused {model_path}"
-    params = L.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = 64
-    params.type_k = params.type_v = 0  # GGML_TYPE_F32
-    params.flash_attn_type = 0
-    ctx = L.llama_init_from_model(model, params)
-    try:
-        if lora:
-            adapter = L.llama_adapter_lora_init(model, str(lora).encode())
-            assert adapter, f"llama.cpp refused the adapter {lora}"
-            adapters = (type(adapter) * 1)(adapter)  # llama_adapter_lora_p[1]
-            scales = (ctypes.c_float * 1)(1.0)
-            assert L.llama_set_adapters_lora(ctx, adapters, 1, scales) == 0
-        batch = L.llama_batch_init(len(ids), 0, 1)
-        batch.n_tokens = len(ids)
-        for i, t in enumerate(ids):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
-            batch.seq_id[i][0] = 0
-        assert L.llama_decode(ctx, batch) == 0
-        n = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-        rows = [
-            np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n,)).copy() for i in range(len(ids))
-        ]
-        L.llama_batch_free(batch)
-        return np.stack(rows)
-    finally:
-        L.llama_free(ctx)
-        L.llama_model_free(model)
-
-
-def _llama_cpp_cffi():
-    try:
-        from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
-
-        return get_ffi(), get_lib()
-    except (ImportError, RuntimeError, OSError) as e:
-        pytest.skip(
-            "llama.cpp bindings unavailable (pip install llama-cpp-python, which builds llama.cpp; "
-            f"or llama-cpp-py-sync, glibc >= 2.38): {e}"
-        )
-
-
-def _llama_cpp_cffi_logits(model_path, ids, lora=None):
-    """Logits of every position, as llama.cpp computes them (float32 KV cache, no flash attention,
-    so the float32 file can be held to float32 tolerances)."""
-    ffi, lib = _llama_cpp_cffi()
-    lib.llama_backend_init()
-    model = lib.llama_model_load_from_file(str(model_path).encode(), lib.llama_model_default_params())
-    assert model != ffi.NULL, f"llama.cpp refused {model_path}"
-    params = lib.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = 64
-    params.type_k = params.type_v = 0  # GGML_TYPE_F32
-    params.flash_attn_type = 0
-    ctx = lib.llama_init_from_model(model, params)
-    try:
-        if lora:
-            adapter = lib.llama_adapter_lora_init(model, str(lora).encode())
-            assert adapter != ffi.NULL, f"llama.cpp refused the adapter {lora}"
-            adapters = ffi.new("struct llama_adapter_lora *[1]", [adapter])
-            assert lib.llama_set_adapters_lora(ctx, adapters, 1, ffi.new("float[1]", [1.0])) == 0
-        batch = lib.llama_batch_init(len(ids), 0, 1)
-        batch.n_tokens = len(ids)
-        for i, t in enumerate(ids):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
-            batch.seq_id[i][0] = 0
-        assert lib.llama_decode(ctx, batch) == 0
-        n = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
-        rows = [
-            np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, i), 4 * n), np.float32).copy()
-            for i in range(len(ids))
-        ]
-        lib.llama_batch_free(batch)
-        return np.stack(rows)
-    finally:
-        lib.llama_free(ctx)
-        lib.llama_model_free(model)
+    plain CPU kernels, so the float32 file can be held to float32 tolerances), in a child process:
+    a crash inside llama.cpp fails the calling test with its signal and llama.cpp's version."""
+    dist = native_llama_cpp.binding()
+    return isolated.call(
+        "native_llama_cpp:logits", str(model_path), list(ids), lora and str(lora),
+        library=isolated.library_version(dist),
+    )
 
 
 def test_llama_cpp_runs_the_fused_model_and_the_lora_with_our_logits(trained, fused, tmp_path):

@@ -110,6 +110,9 @@ def model_config(header: GGUFHeader) -> dict:
 
 def _build(cfg: dict) -> nn.Module:
     """The mlx-lm model ``cfg`` describes, its weights lazy (never computed)."""
+    from mlx_dft import compat
+
+    compat.require()
     from mlx_lm.utils import _get_classes
 
     try:
