@@ -15,10 +15,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_dft import _blas, adapters, data, models, packing, trackers
-from mlx_dft.checkpoint import OutputFolder, run_config
+from mlx_dft.checkpoint import OutputFolder, check_output_folder, run_config
 from mlx_dft.config import TrainConfig, check_run_length, resolve, total_steps
 from mlx_dft.errors import Interrupted, UserError
 from mlx_dft.evaluation import heldout
+from mlx_dft.files import check_apart, read_member
 from mlx_dft.interop.convert import read_source
 from mlx_dft.losses import LossConfig
 from mlx_dft.progress import Progress
@@ -66,6 +67,15 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
     if source is not None:
         adapters.adopt_source(cfg, source, explicit.get("adapter"))
     cfg.model, cfg.data = cfg.model or str(models.default_model_path()), cfg.data or str(ARITH_DIR)
+    # Before anything is loaded: the output is a folder of its own, never an input or inside one.
+    output = Path(cfg.output or _default_output(cfg))
+    check_apart(
+        output,
+        {"--model": cfg.model, "--data": cfg.data, "--adapter-from": cfg.adapter_from,
+         "--resume": resume.run_folder if resume else None, "--chat-template": cfg.chat_template},
+        same_ok=("--resume",),
+    )  # fmt: skip
+    check_output_folder(output)
 
     mx.random.seed(cfg.seed)
     # A method that trains the base weights refuses a quantized base as loaded (its float32 copy
@@ -107,7 +117,7 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
         start_step = resume.restore(model, method, optimizer, steps)
         say(f"resuming from {resume.checkpoint} at step {start_step}")
 
-    out = OutputFolder(cfg.output or _default_output(cfg), writer=world.rank() == 0)
+    out = OutputFolder(output, writer=world.rank() == 0)
     finished = resume is not None and not resume.check_unfinished(start_step, steps, out.path)
     out.check(cfg.overwrite, resume.run_folder if resume else None, world)
     if finished:
@@ -237,10 +247,14 @@ def load(
     if model is None and source is not None:
         model = source.get("base_model")
     if chat_template is None and source is not None:
-        chat_template = (source.get("training") or {}).get("chat_template")
-        saved = Path(str(adapter)) / "chat_template.jinja"
-        if saved.is_file():  # the template the run trained with, as saved beside its adapter
-            chat_template = str(saved)
+        # A template that travels with an adapter is text: the config's (saved as text by the run)
+        # or the file beside the adapter, never a path to read from somewhere else.
+        text = (source.get("training") or {}).get("chat_template")
+        chat_template = data.TemplateText(text) if isinstance(text, str) and text else None
+        folder = Path(str(adapter)).expanduser()
+        saved = read_member(folder, "chat_template.jinja", "chat template") if folder.is_dir() else None
+        if saved is not None:  # the template the run trained with, as saved beside its adapter
+            chat_template = data.TemplateText(saved)
     net, tokenizer, _, _ = models.load_model(
         model or str(models.default_model_path()), dtype, chat_template, keep_quantized
     )

@@ -34,7 +34,17 @@ from mlx_dft._version import __version__
 from mlx_dft.adapters import CONFIG_FILE, AdapterMethod
 from mlx_dft.data import read_chat_template
 from mlx_dft.errors import UserError
-from mlx_dft.files import atomic_save_safetensors, atomic_write_json, atomic_write_text, staged_folder
+from mlx_dft.files import (
+    LOCK_FILE,
+    TMP_PREFIX,
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    foreign_entries,
+    lock_folder,
+    remove_temporaries,
+    staged_folder,
+)
 from mlx_dft.models import model_signature
 
 STATE_FILE = "trainer_state.json"
@@ -134,51 +144,26 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 # ------------------------------------------------------------------ the output folder
 
-LOCK_FILE = ".mlx_dft.lock"
-
-
 def _same(a: Path, b: Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def lock_folder(folder: Path):
-    """An exclusive lock on ``folder`` held while the returned file stays open (the OS drops it
-    when the process ends, however it ends). A folder locked by another process is refused."""
-    import fcntl
-    import os
-
-    f = open(folder / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        if holder == f"process {os.getpid()}":
-            return f  # an earlier run of this same process (its lock lives until it is collected)
-        f.close()
-        raise UserError(
-            f"--output {folder} is in use by {holder}: wait for it to finish or choose another --output"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"process {os.getpid()}")
-    f.flush()
-    return f
-
-
 def remove_leftovers(folder: Path) -> None:
-    """Delete the temporary files and folders a run killed mid-write left (only the newest files
-    are ever renamed into place, so anything still temporary is garbage)."""
+    """Delete the temporary files and folders a run killed mid-write left in its folder and its
+    checkpoints (names mlx_dft gives its temporaries, nothing else: see files.TMP_PREFIX)."""
     for place in (folder, folder / CHECKPOINTS):
-        if not place.is_dir():
-            continue
-        for p in place.iterdir():
-            if not p.name.startswith(".") or p.name == LOCK_FILE:
-                continue
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.name.endswith((".tmp", ".tmp.safetensors")):
-                p.unlink(missing_ok=True)
+        remove_temporaries(place)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is an mlx_dft run's (its lock file, or a config that mlx_dft wrote)."""
+    folder = Path(folder)
+    if (folder / LOCK_FILE).is_file():
+        return True
+    try:
+        return "mlx_dft_version" in json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def absolute(value: str | None) -> str | None:
@@ -223,6 +208,20 @@ def run_config(
     }
 
 
+def check_output_folder(path: Path) -> None:
+    """A run's output is a new folder, an empty one, or an mlx_dft run's: never a folder holding
+    anything else (a project with its .git and .venv), which a run would mix its files into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output {path} exists and is not a folder")
+    others = foreign_entries(path)
+    if others and not is_run_folder(path):
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(
+            f"--output {path} holds files that are not an mlx_dft run ({shown}): choose a new or empty folder"
+        )
+
+
 class OutputFolder:
     """Where a run writes: ``adapter_config.json``, ``metrics.jsonl``, checkpoints and the newest
     adapter weights. Only the writer (rank 0 of a data-parallel run) touches the disk."""
@@ -240,8 +239,7 @@ class OutputFolder:
         overwriting. The writer then locks the folder for the life of the process and removes the
         temporary files a killed run may have left. With several workers, all of them check before
         the writer writes anything."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"--output {self.path} exists and is not a folder")
+        check_output_folder(self.path)
         same_run = resuming is not None and _same(resuming, self.path)
         if (self.path / CONFIG_FILE).exists() and not (overwrite or same_run):
             hint = f"--resume {self.path} to continue it" if resuming is None else "another --output"
@@ -286,7 +284,7 @@ class OutputFolder:
         if not self.writer:
             return
         hf = getattr(tokenizer, "_tokenizer", tokenizer)
-        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".tokenizer."))
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f"{TMP_PREFIX}tokenizer."))
         try:
             hf.save_pretrained(str(tmp))
             for f in sorted(tmp.iterdir()):

@@ -145,10 +145,15 @@ def has_chat_template(tokenizer) -> bool:
     )
 
 
+class TemplateText(str):
+    """A chat template's text, as it came from an adapter or a model folder: never read as a path."""
+
+
 def read_chat_template(template: str) -> str:
     """The text of a chat template given as text or as the path of a file holding it (a string
-    with a newline or a ``{`` is text: a Jinja template always has one)."""
-    if "\n" in template or "{" in template or len(template) > 1024:
+    with a newline or a ``{`` is text: a Jinja template always has one). A :class:`TemplateText`
+    is text, whatever it holds."""
+    if isinstance(template, TemplateText) or "\n" in template or "{" in template or len(template) > 1024:
         return template
     p = Path(template).expanduser()
     try:

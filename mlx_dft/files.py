@@ -2,7 +2,11 @@
 
 - Writes are atomic: a file is written under a temporary name and renamed into place; a folder is
   assembled under a temporary name and renamed whole (``staged_folder``). A run killed at any
-  moment never leaves a half-written file or folder under the final name.
+  moment never leaves a half-written file or folder under the final name. Every temporary name
+  starts with :data:`TMP_PREFIX`, and only such names are ever cleaned up after a killed run:
+  nothing mlx_dft did not create is removed.
+- An output folder is locked (:func:`lock_folder`) while it is written, so two processes never
+  write one folder; a staged folder replaces only what was there when it started.
 - Reads of files that come from outside (JSON, JSONL, safetensors) are defensive: a missing,
   corrupt or truncated file is a one-line :class:`UserError` naming the file (and the line).
 - ``local_or_hub`` turns "a local path or a Hugging Face repo id" into a local path, through
@@ -25,10 +29,103 @@ from mlx_dft.errors import UserError
 
 # ------------------------------------------------------------------ writing
 
+# The start of every temporary file or folder name mlx_dft writes, and of nothing else: a killed
+# run's leftovers are recognised by it (and removed), never by a bare leading dot.
+TMP_PREFIX = ".mlx_dft-tmp."
+# Held (flock) by the process writing a folder; its presence marks a folder mlx_dft writes.
+LOCK_FILE = ".mlx_dft.lock"
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(TMP_PREFIX)
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files and folders a killed mlx_dft process left in ``folder`` (names
+    starting with :data:`TMP_PREFIX`; nothing else)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if not is_temporary(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` other than mlx_dft's lock file and temporaries (sorted)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE and not is_temporary(p.name))
+
+
+def lock_folder(folder: Path, what: str = "--output"):
+    """An exclusive lock on ``folder`` held while the returned file stays open (the OS drops it
+    when the process ends, however it ends). A folder locked by another process is refused."""
+    import fcntl
+
+    try:
+        f = open(Path(folder) / LOCK_FILE, "a+")
+    except OSError as e:
+        raise UserError(f"{what} {folder}: cannot write in it ({e.strerror})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        if holder == f"process {os.getpid()}":
+            return f  # an earlier run of this same process (its lock lives until it is collected)
+        f.close()
+        raise UserError(
+            f"{what} {folder} is in use by {holder}: wait for it to finish or choose another {what}"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()}")
+    f.flush()
+    return f
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved, links followed)."""
+    try:
+        path, folder = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+    return path == folder or folder in path.parents
+
+
+def check_apart(out: Path, sources: dict[str, object], what: str = "--output", same_ok: tuple = ()) -> None:
+    """Refuse an output that is one of the command's local inputs, lies inside one, or holds one
+    (``sources``: {option: path, Hub id or None}; an option in ``same_ok`` may be the output
+    itself, as a resumed run's folder is)."""
+    for option, src in sources.items():
+        if not src:
+            continue
+        try:
+            src_path = Path(str(src)).expanduser()
+            if not src_path.exists():
+                continue  # a Hub id or a name, not a local path
+        except (OSError, ValueError):
+            continue
+        out_in_src, src_in_out = inside(out, src_path), inside(src_path, out)
+        if out_in_src and src_in_out:
+            if option in same_ok:
+                continue
+            raise UserError(f"{what} {out} is the {option}: choose a folder of its own")
+        if out_in_src:
+            raise UserError(f"{what} {out} lies inside the {option} {src}: choose a folder of its own")
+        if src_in_out:
+            raise UserError(f"{what} {out} holds the {option} {src}: choose a folder of its own")
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file respects the umask
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -48,7 +145,7 @@ def atomic_write_json(path: Path, obj) -> None:
 def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
     path = Path(path)
     # mx.save_safetensors appends ".safetensors" unless the name already ends with it.
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.safetensors"
+    tmp = path.parent / f"{TMP_PREFIX}{path.stem}.{os.getpid()}.safetensors"
     try:
         mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
         os.replace(tmp, path)
@@ -58,23 +155,62 @@ def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: d
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_folder(out: Path, overwrite: bool = False, what: str = "--out") -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out`` in one rename, on failure
-    it is removed, so ``out`` is never left half-written."""
+    it is removed, so ``out`` is never left half-written.
+
+    ``out`` is made (if new) and locked for the duration, so a second process writing the same
+    ``out`` is refused instead of both exiting 0 with one result lost. Unless ``overwrite``, ``out``
+    must be new or empty, at the start and still at the end: what appears in it meanwhile is not
+    deleted (the result is discarded with an error instead). With ``overwrite``, what ``out`` held
+    at the start is replaced."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty (choose another --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the finished folder respects the umask
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{what} {out} exists and is not a folder")
+    if not overwrite and foreign_entries(out):
+        raise UserError(f"{what} {out} already exists and is not empty (choose another {what})")
     try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what} {out}: cannot create it ({e.strerror})") from None
+    lock = lock_folder(out, what)
+    try:
+        if not overwrite and foreign_entries(out):  # filled between the check and the lock
+            raise UserError(f"{what} {out} already exists and is not empty (choose another {what})")
+        _remove_stale_stages(out)
+        started = out.stat()
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{TMP_PREFIX}{out.name}."))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the finished folder respects the umask
+        try:
+            yield tmp
+            now = out.stat() if out.is_dir() else None
+            if now is None or (now.st_ino, now.st_dev) != (started.st_ino, started.st_dev):
+                raise UserError(f"{what} {out} was moved or replaced meanwhile; the result was discarded")
+            if not overwrite and foreign_entries(out):
+                raise UserError(
+                    f"{what} {out}: {', '.join(foreign_entries(out)[:3])} appeared in it while this ran; "
+                    "nothing was replaced and the result was discarded"
+                )
+            old = out.parent / f"{TMP_PREFIX}{out.name}.old.{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        lock.close()
+
+
+def _remove_stale_stages(out: Path) -> None:
+    """Remove the staging folders a killed writer of ``out`` left beside it. Called with ``out``
+    locked, so any such folder's writer is gone; other outputs' stages are never touched."""
+    import re
+
+    pattern = re.compile(re.escape(f"{TMP_PREFIX}{out.name}.") + r"(?:[a-z0-9_]{8}|old\.\d+)")
+    for p in out.parent.iterdir():
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -178,11 +314,67 @@ def looks_like_repo_id(name: str) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") == 1 and all(name.split("/"))
 
 
+def link_root(folder: Path) -> Path:
+    """Where the links of a model or adapter folder may point: inside the folder, or, for a folder
+    in huggingface_hub's cache (``models--ORG--NAME/snapshots/REV``), anywhere in that repository's
+    own cache (its ``blobs``)."""
+    folder = Path(folder).resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
+        return folder.parent.parent
+    return folder
+
+
+def check_links(folder: Path, what: str) -> None:
+    """Refuse a model or adapter folder holding a link (at any depth) that points outside it: a
+    folder from a stranger must not make mlx_dft read another file of this machine (a template,
+    weights, a tokenizer) and copy its text into an output."""
+    folder = Path(folder)
+    root = link_root(folder)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                continue
+            try:
+                target = p.resolve(strict=True)
+            except (OSError, RuntimeError):
+                raise UserError(f"{what} folder {folder}: {p.relative_to(folder)} is a broken link") from None
+            if not inside(target, root):
+                raise UserError(
+                    f"{what} folder {folder}: {p.relative_to(folder)} links outside the folder "
+                    f"(to {target}); refusing to read it"
+                )
+
+
+def read_member(folder: Path, name: str, what: str, limit: int = 1 << 20) -> str | None:
+    """The text of the file ``name`` in ``folder`` (None if absent): a file of the folder itself,
+    never a link out of it, at most ``limit`` bytes of UTF-8."""
+    p = Path(folder) / name
+    if not (p.exists() or p.is_symlink()):
+        return None
+    if p.is_symlink() and not inside(p.resolve(), link_root(folder)):
+        raise UserError(f"{what} {p} links outside its folder; refusing to read it")
+    if not p.is_file():
+        raise UserError(f"{what} {p} is not a file")
+    size = p.stat().st_size
+    if size > limit:
+        raise UserError(f"{what} {p} is {size:,} bytes; the limit is {limit:,}")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {p}: not UTF-8 text (byte {e.start + 1})") from None
+    except OSError as e:
+        raise UserError(f"{what} {p}: unreadable ({e.strerror})") from None
+
+
 def local_or_hub(name: str | Path, patterns: Sequence[str], what: str) -> Path:
     """A local path as it is, else a Hugging Face repo id downloaded (or found in the cache)
-    restricted to ``patterns``. ``what`` names the thing in the error ("model", "adapter")."""
+    restricted to ``patterns``. ``what`` names the thing in the error ("model", "adapter"). A
+    folder holding links out of itself is refused (:func:`check_links`)."""
     path = Path(name).expanduser()
     if path.exists():
+        if path.is_dir():
+            check_links(path, what)
         return path
     name = str(name)
     if not looks_like_repo_id(name):
@@ -190,9 +382,11 @@ def local_or_hub(name: str | Path, patterns: Sequence[str], what: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=list(patterns)))
+        path = Path(snapshot_download(name, allow_patterns=list(patterns)))
     except Exception as e:  # offline, missing repo, gated...
         raise UserError(
             f"{what} not found: {name} is neither a local path nor a reachable "
             f"Hugging Face repo ({type(e).__name__})"
         ) from None
+    check_links(path, what)
+    return path

@@ -146,7 +146,7 @@ def _train_args(model, data, out, *extra):
 
 
 def test_a_folder_in_use_by_another_process_is_refused(tiny_model, arith_data, tmp_path):
-    from mlx_dft.checkpoint import lock_folder
+    from mlx_dft.files import lock_folder
 
     out = tmp_path / "busy"
     out.mkdir()

@@ -46,7 +46,14 @@ from mlx_dft.config import build_config, normalise
 from mlx_dft.errors import UserError
 from mlx_dft.evaluation.benchmarks import load_jsonl
 from mlx_dft.evaluation.options import EvalConfig
-from mlx_dft.files import atomic_write_json, atomic_write_text
+from mlx_dft.files import (
+    LOCK_FILE,
+    atomic_write_json,
+    atomic_write_text,
+    check_apart,
+    foreign_entries,
+    lock_folder,
+)
 
 # EvalConfig options an ``eval:`` block sets for all its problem sets (its defaults otherwise); a
 # problem set may override the SET_OPTIONS. Model, adapter, seed and output come from each run.
@@ -108,6 +115,7 @@ def load_plan(path: str | Path) -> dict:
             raise UserError(f"{p}: common.{key}: compare sets it for each run; remove it")
     plan["common"] = _relative_to(base, common)
     for name, opts in list(plan["runs"].items()):
+        _check_name(p, "runs", name)
         if opts is None:
             opts = {}
         if not isinstance(opts, dict):
@@ -127,6 +135,7 @@ def load_plan(path: str | Path) -> dict:
     if not isinstance(problems, dict):
         raise UserError(f"{p}: eval.problems must map set names to {{file: ..., question_field: ...}}")
     for set_name, spec in problems.items():
+        _check_name(p, "eval.problems", set_name)
         if not isinstance(spec, dict) or "file" not in spec:
             raise UserError(f"{p}: eval.problems.{set_name} must be a mapping with a 'file'")
         unknown = set(spec) - {"file", *SET_OPTIONS}
@@ -283,13 +292,44 @@ def run_one(
     return result
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def _check_name(plan: Path, where: str, name) -> None:
+    """Run and problem-set names become folder names under the output: plain names only (letters,
+    digits, '.', '_', '+', '-'; no '/', '..', leading dot or absolute path)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        raise UserError(
+            f"{plan}: {where}: {name!r} is not a valid name (letters, digits, '.', '_', '+' and '-', "
+            "starting with a letter or digit, at most 100 characters)"
+        )
+
+
 def run_compare(
     config: str | Path, output: str | Path | None = None, progress: bool = True, log=print
 ) -> dict:
     plan = load_plan(config)
     evals = eval_configs(plan.get("eval") or {})
     out = Path(output or plan.get("output") or "compare").expanduser()
+    common = plan.get("common") or {}
+    check_apart(out, {"plan": config, "model": common.get("model"), "data": common.get("data")})
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a folder")
+    others = foreign_entries(out)
+    if others and not (out / LOCK_FILE).is_file():  # compare's own folders hold its lock file
+        raise UserError(
+            f"--output {out} holds files that are not a compare run's ({', '.join(others[:3])}): "
+            "choose a new or empty folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(out)
+    try:
+        return _run_compare(plan, evals, out, progress, log)
+    finally:
+        lock.close()
+
+
+def _run_compare(plan: dict, evals: dict, out: Path, progress: bool, log) -> dict:
     seeds = plan.get("seeds") or [0]
     common = plan.get("common") or {}
     results = []

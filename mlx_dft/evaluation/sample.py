@@ -22,7 +22,7 @@ from typing import Any
 from mlx_dft.errors import UserError
 from mlx_dft.evaluation.answers import EXTRACTORS, equivalent, extract
 from mlx_dft.evaluation.options import SampleConfig
-from mlx_dft.files import atomic_write_json, atomic_write_text, read_jsonl
+from mlx_dft.files import atomic_write_json, atomic_write_text, check_apart, read_jsonl
 
 Verifier = Callable[[str, str, dict], float]
 
@@ -142,10 +142,12 @@ def run_sample(
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     out = Path(cfg.output).expanduser()
-    if out.resolve() in (path.resolve(), path.with_suffix(".stats.json").resolve()):
-        raise UserError(f"--output {out} would overwrite the input --data {path}: choose another file")
     if out.is_dir():
         raise UserError(f"--output {out} is a folder; give the .jsonl file to write")
+    inputs = {"--data": path, "--model": cfg.model, "--adapter": cfg.adapter}
+    inputs["--chat-template"] = cfg.chat_template
+    for written, what in ((out, "--output"), (out.with_suffix(".stats.json"), "--output's stats file")):
+        check_apart(written, inputs, what=what)  # no file written is one of the inputs
     records = [r for _, r in read_jsonl(path)][: cfg.limit or None]
     for i, r in enumerate(records, 1):
         if cfg.question_field not in r:

@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dft.architectures import ARCHITECTURES
 from mlx_dft.errors import UserError
-from mlx_dft.files import atomic_write_json, staged_folder
+from mlx_dft.files import TMP_PREFIX, atomic_write_json, check_apart, staged_folder
 from mlx_dft.gguf import names
 from mlx_dft.gguf.reader import GROUP_SIZE, GGUFHeader, load_tensors, read_header
 from mlx_dft.gguf.tokenizer import build_tokenizer, token_id_list, write_tokenizer
@@ -191,6 +191,7 @@ def convert_gguf(
     path: str | Path, out: str | Path, dequantize: bool = False, overwrite: bool = False
 ) -> Path:
     """Convert the GGUF file ``path`` into the model folder ``out``; returns ``out``."""
+    check_apart(Path(out).expanduser(), {"GGUF file": path}, what="--out")
     header = read_header(path)
     cfg = model_config(header)
     meta = header.metadata
@@ -241,7 +242,7 @@ def cached_conversion(path: str | Path, dequantize: bool, root: Path | None = No
     if (out / "config.json").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}."))
+    work = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{out.name}."))
     try:
         convert_gguf(path, work / "model", dequantize)
         try:

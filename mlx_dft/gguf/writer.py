@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_dft.files import TMP_PREFIX
 from mlx_dft.gguf import quants
 
 MAGIC = b"GGUF"
@@ -172,7 +173,7 @@ class GGUFWriter:
     def write(self, path: str | Path) -> Path:
         """Write the file: under a temporary name beside ``path``, renamed into place once whole."""
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(self._header())

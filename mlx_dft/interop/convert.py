@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from mlx_dft import adapters
 from mlx_dft.errors import UserError
-from mlx_dft.files import local_or_hub, read_json, read_safetensors, staged_folder
+from mlx_dft.files import TMP_PREFIX, check_apart, local_or_hub, read_json, read_safetensors, staged_folder
 
 RUN_FILE = "mlx_dft_run.json"  # training settings and final metrics, for model cards
 ADAPTER_FILES = ("*.json", "*.safetensors", "*.pth", "*.md")
@@ -83,6 +83,7 @@ def export_adapter(
     """Write the Hugging Face folder of an adapter in one of its method's ``export_formats``
     (``auto``: the first: PEFT for LoRA/DoRA, our HF format for the Aligner)."""
     adapter_dir, out = Path(adapter_dir).expanduser(), Path(out).expanduser()
+    check_apart(out, {"adapter": adapter_dir, "--base-model": base_model}, what="--out")
     config = adapters.read_adapter_config(adapter_dir)
     if "peft_type" in config:
         raise UserError(f"{adapter_dir} is already a Hugging Face PEFT folder: nothing to export")
@@ -95,7 +96,7 @@ def export_adapter(
     (out / RUN_FILE).write_text(json.dumps(run_summary(adapter_dir, config), indent=2) + "\n")
     for name in TOKENIZER_FILES if fmt != "gguf" else ():  # the run's tokenizer travels with it
         if (adapter_dir / name).is_file():
-            tmp = out / f".{name}.tmp"
+            tmp = out / f"{TMP_PREFIX}{name}"
             shutil.copyfile(adapter_dir / name, tmp)
             os.replace(tmp, out / name)
     return out
@@ -131,4 +132,6 @@ def write_adapter(config: dict, out: Path, overwrite: bool = False) -> Path:
 
 
 def import_adapter(src: str, out: str | Path, model: str | None = None) -> Path:
-    return write_adapter(read_source(src, model), Path(out).expanduser())
+    out = Path(out).expanduser()
+    check_apart(out, {"adapter source": src, "--model": model}, what="--out")
+    return write_adapter(read_source(src, model), out)

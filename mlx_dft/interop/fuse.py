@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mlx_dft import adapters
-from mlx_dft.files import staged_folder
+from mlx_dft.files import check_apart, staged_folder
 from mlx_dft.interop.convert import read_source
 from mlx_dft.models import is_quantized, load_model
 
@@ -31,7 +31,9 @@ def fuse(
     from mlx_dft.gguf.export import file_name, write_model_gguf
 
     gguf_file = file_name(gguf) if gguf is not None else None  # an unknown type fails before any work
+    check_apart(Path(out).expanduser(), {"adapter": adapter, "--model": model}, what="--out")
     source = read_source(adapter, model)
+    check_apart(Path(out).expanduser(), {"base model": model or source.get("base_model")}, what="--out")
     method = adapters.method_of(source)
     method.check_fusable()  # before the base model loads
     net, tokenizer, model_cfg, _ = load_model(

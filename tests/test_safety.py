@@ -1,0 +1,320 @@
+"""Pointing mlx_dft at a real folder, and at folders from strangers, loses nothing and reads
+nothing it should not: a battery by class, each case a crafted folder made in the test.
+
+- Outputs: only what mlx_dft created (temporary names, its lock file) is ever removed; a folder
+  holding anything else is refused as a run's output; no output is an input or lies inside one;
+  a staged output replaces only what was there when it started, and two writers never share one.
+- Names from a plan become folder names only when they are plain names.
+- Reading: a template that travels with an adapter is text; no link out of a model or adapter
+  folder is followed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import mlx_dft
+from conftest import BUNDLED, run_cli
+from mlx_dft import api
+from mlx_dft.checkpoint import OutputFolder
+from mlx_dft.errors import UserError
+from mlx_dft.evaluation import compare
+from mlx_dft.evaluation.sample import run_sample
+from mlx_dft.files import LOCK_FILE, TMP_PREFIX, staged_folder
+from mlx_dft.interop import convert
+
+SECRET = "TOP-SECRET-7f3a9c: the text of a file outside every folder given"
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """{relative path: sha256 or 'dir' or 'link -> target'} of everything under ``folder``."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(folder))
+            if p.is_symlink():
+                out[rel] = f"link -> {os.readlink(p)}"
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def a_project(root: Path) -> Path:
+    """A user's project folder: a git repository, a virtual environment, sources, and dot-files
+    that look like temporaries of other tools."""
+    proj = root / "project"
+    (proj / ".git" / "objects").mkdir(parents=True)
+    (proj / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (proj / ".venv" / "bin").mkdir(parents=True)
+    (proj / ".venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (proj / ".tokenizer.abc").mkdir()  # named like an old mlx_dft temporary: still not ours
+    (proj / ".notes.tmp").write_text("mine\n")
+    (proj / "README.md").write_text("# my project\n")
+    return proj
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model, arith_data) -> Path:
+    out = tmp_path_factory.mktemp("safety") / "run"
+    mlx_dft.train(
+        model=str(tiny_model), data=str(arith_data), output=str(out), iters=1, batch_size=2,
+        steps_per_report=1, progress=False, accuracy_problems=0,
+    )  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def test_a_project_folder_is_refused_as_output_and_stays_byte_identical(tmp_path):
+    proj = a_project(tmp_path)
+    before = tree_digest(proj)
+    p = run_cli("train", "--output", proj, "--iters", "1")
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mlx_dft: error: --output {proj} holds files")
+    assert "that are not an mlx_dft run" in lines[0] and ".git" in lines[0]
+    assert tree_digest(proj) == before
+
+
+def test_only_mlx_dft_temporaries_are_cleaned_from_a_killed_runs_folder(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "adapter_config.json").write_text(json.dumps({"mlx_dft_version": "0.1.0"}))
+    ours = [
+        run / f"{TMP_PREFIX}adapters.123.safetensors",
+        run / f"{TMP_PREFIX}metrics.jsonl.ab12cd34.tmp",
+        run / "checkpoints" / f"{TMP_PREFIX}step-0000004.k2j4h5g6",
+        run / f"{TMP_PREFIX}tokenizer.x1y2z3w4",
+    ]
+    for p in ours:
+        p.mkdir() if "." not in p.name[len(TMP_PREFIX) + 5 :] else p.write_text("partial")
+    theirs = [run / ".git", run / ".tokenizer.abc", run / ".cache.tmp", run / "checkpoints" / ".step-1.tmp"]
+    for p in theirs:
+        p.mkdir()
+    out = OutputFolder(run)
+    out.check(overwrite=False, resuming=run)
+    out.release()
+    assert [p for p in ours if p.exists()] == []
+    assert [p for p in theirs if not p.exists()] == []
+
+
+@pytest.mark.parametrize(
+    "where,message",
+    [
+        ("model", "is the --model"),
+        ("model/out", "lies inside the --model"),
+        ("data", "is the --data"),
+        ("data/run", "lies inside the --data"),
+        ("adapter", "is the --adapter-from"),
+        ("adapter/sub", "lies inside the --adapter-from"),
+        ("parent", "holds the --model"),
+    ],
+)
+def test_an_output_is_never_an_input_nor_inside_one(tmp_path, tiny_model, arith_data, adapter, where, message):  # noqa: E501
+    import shutil
+
+    model = tmp_path / "parent" / "model"
+    shutil.copytree(tiny_model, model)
+    data = tmp_path / "data"
+    shutil.copytree(arith_data, data)
+    ada = tmp_path / "adapter"
+    shutil.copytree(adapter, ada)
+    out = {"model": model, "model/out": model / "out", "data": data, "data/run": data / "run",
+           "adapter": ada, "adapter/sub": ada / "sub", "parent": tmp_path / "parent"}[where]  # fmt: skip
+    before = tree_digest(tmp_path)
+    kw = {"adapter_from": str(ada)} if where.startswith("adapter") else {}
+    with pytest.raises(UserError, match=message):
+        mlx_dft.train(model=str(model), data=str(data), output=str(out), iters=1, progress=False, **kw)
+    assert tree_digest(tmp_path) == before
+
+
+def test_resuming_in_place_is_still_allowed(adapter, tmp_path):
+    from mlx_dft.files import check_apart
+
+    check_apart(adapter, {"--resume": adapter}, same_ok=("--resume",))
+    with pytest.raises(UserError, match="lies inside the --resume"):
+        check_apart(adapter / "x", {"--resume": adapter}, same_ok=("--resume",))
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "a/b", ".hidden", "..", "", "x" * 101, "a..b", 7])
+def test_compare_names_are_plain_names(tmp_path, arith_data, name):
+    plan = tmp_path / "plan.yaml"
+    import yaml
+
+    plan.write_text(yaml.safe_dump({"common": {"data": str(arith_data), "iters": 1}, "runs": {name: {}}}))
+    with pytest.raises(UserError, match="is not a valid name"):
+        compare.load_plan(plan)
+    problems = {"common": {"data": str(arith_data)}, "runs": {"ok": {}},
+                "eval": {"problems": {name: {"file": str(arith_data / "test.jsonl")}}}}  # fmt: skip
+    plan.write_text(yaml.safe_dump(problems))
+    with pytest.raises(UserError, match="is not a valid name"):
+        compare.load_plan(plan)
+
+
+def test_compare_refuses_a_foreign_output_folder(tmp_path, arith_data):
+    import yaml
+
+    proj = a_project(tmp_path)
+    before = tree_digest(proj)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"common": {"data": str(arith_data), "iters": 1}, "runs": {"a": {}}}))
+    with pytest.raises(UserError, match="holds files that are not a compare run's"):
+        compare.run_compare(plan, output=proj, progress=False, log=lambda *_: None)
+    assert tree_digest(proj) == before
+
+
+def test_sample_never_writes_over_its_inputs(tmp_path):
+    data = tmp_path / "x.stats.json"
+    data.write_text(json.dumps({"question": "1 + 1 = ?", "answer": "2"}) + "\n")
+    before = data.read_bytes()
+    for output, what in ((tmp_path / "x.jsonl", "stats file"), (data, "--output")):
+        with pytest.raises(UserError, match=f"{what}.*is the --data"):
+            run_sample(str(data), str(output), generate=lambda ps: ["2"] * len(ps))
+    assert data.read_bytes() == before
+
+
+def test_a_staged_output_replaces_only_what_it_started_with(tmp_path):
+    out = tmp_path / "out"
+    with staged_folder(out) as tmp:
+        (tmp / "result.txt").write_text("one")
+    assert sorted(p.name for p in out.iterdir()) == ["result.txt"]  # no lock file left in a result
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)] == []
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(UserError, match=r"theirs\.txt appeared in it"):
+        with staged_folder(fresh) as tmp:
+            (tmp / "result.txt").write_text("two")
+            (fresh / "theirs.txt").write_text("another writer's")
+    assert (fresh / "theirs.txt").read_text() == "another writer's" and not (fresh / "result.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)] == []
+
+    with pytest.raises(UserError, match="was moved or replaced"):
+        with staged_folder(tmp_path / "moved") as tmp:
+            os.rename(tmp_path / "moved", tmp_path / "elsewhere")
+            (tmp_path / "moved").mkdir()
+    assert (tmp_path / "elsewhere").is_dir()
+
+
+def test_two_writers_of_one_output_do_not_both_succeed(tmp_path, adapter):
+    """A second writer (another process holds the output's lock) is refused; what the first wrote
+    is kept; once the first is done the output can be written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "peft"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time\n"
+         "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('process 424242'); f.flush()\n"
+         "print('locked', flush=True); time.sleep(120)",
+         str(out / LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match="is in use by process 424242"):
+            convert.export_adapter(adapter, out, fmt="peft")
+        with pytest.raises(UserError, match="is in use by process 424242"):
+            with staged_folder(out, overwrite=True):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    convert.export_adapter(adapter, out, fmt="peft")  # free again: the export goes through
+    assert (out / "adapter_config.json").is_file() and not (out / LOCK_FILE).exists()
+
+
+def test_a_killed_stage_is_cleaned_up_by_the_next_writer_of_that_output_only(tmp_path):
+    mine = tmp_path / f"{TMP_PREFIX}out.ab12cd34"
+    other = tmp_path / f"{TMP_PREFIX}out2.ab12cd34"
+    for p in (mine, other):
+        p.mkdir()
+    with staged_folder(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert not mine.exists() and other.exists()
+
+
+# ------------------------------------------------------------------ reading
+
+
+def test_an_adapters_chat_template_is_text_never_a_path(tmp_path, tiny_model, adapter):
+    import shutil
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    evil = tmp_path / "evil"
+    shutil.copytree(adapter, evil)
+    (evil / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((evil / "adapter_config.json").read_text())
+    cfg["training"]["chat_template"] = str(secret)
+    (evil / "adapter_config.json").write_text(json.dumps(cfg))
+    _, tok = api.load(str(tiny_model), evil)
+    assert getattr(tok, "_tokenizer", tok).chat_template == str(secret)
+    p = run_cli("generate", "--model", tiny_model, "--adapter-path", evil, "--prompt", "hi", "--max-tokens", "4")
+    assert SECRET not in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize(
+    "folder,member",
+    [("adapter", "chat_template.jinja"), ("adapter", "tokenizer_config.json"), ("model", "tokenizer.json"),
+     ("model", "sub/config.json")],
+)  # fmt: skip
+def test_links_out_of_a_model_or_adapter_folder_are_refused(tmp_path, tiny_model, adapter, folder, member):
+    import shutil
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    evil = tmp_path / folder
+    shutil.copytree(adapter if folder == "adapter" else tiny_model, evil)
+    link = evil / member
+    link.parent.mkdir(exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(secret)
+    args = ["--model", tiny_model, "--adapter-path", evil] if folder == "adapter" else ["--model", evil]
+    p = run_cli("generate", *args, "--prompt", "hi", "--max-tokens", "2")
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{member} links outside the folder" in lines[0], p.stderr
+    assert SECRET not in p.stdout + p.stderr
+
+
+def test_links_inside_a_folder_and_into_the_hub_cache_are_fine(tmp_path, tiny_model):
+    from mlx_dft.files import check_links
+
+    repo = tmp_path / "hub" / "models--org--name"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in Path(tiny_model).iterdir():
+        (repo / "blobs" / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / f.name)
+    check_links(snap, "model")
+    (snap / "alias.json").symlink_to(snap / "config.json")
+    check_links(snap, "model")
+    net, _ = api.load(str(snap))
+    assert net is not None
+    (snap / "leak.json").symlink_to(tmp_path / "hub")
+    with pytest.raises(UserError, match="leak.json links outside the folder"):
+        check_links(snap, "model")
+
+
+def test_a_template_file_beside_an_adapter_is_bounded_text(tmp_path, adapter):
+    from mlx_dft.files import read_member
+
+    (tmp_path / "t.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_member(tmp_path, "t.jinja", "chat template")
+    (tmp_path / "big.jinja").write_text("x" * 2000)
+    with pytest.raises(UserError, match="the limit is 1,000"):
+        read_member(tmp_path, "big.jinja", "chat template", limit=1000)
+    assert read_member(BUNDLED, "absent.jinja", "chat template") is None
