@@ -116,11 +116,11 @@ def check_apart(out: Path, sources: dict[str, object], what: str = "--output", s
         if out_in_src and src_in_out:
             if option in same_ok:
                 continue
-            raise UserError(f"{what} {out} is the {option}: choose a folder of its own")
+            raise UserError(f"{what} {out} would overwrite the input {option} {src}: choose another output")
         if out_in_src:
-            raise UserError(f"{what} {out} lies inside the {option} {src}: choose a folder of its own")
+            raise UserError(f"{what} {out} lies inside the input {option} {src}: choose an output outside it")
         if src_in_out:
-            raise UserError(f"{what} {out} holds the {option} {src}: choose a folder of its own")
+            raise UserError(f"{what} {out} holds the input {option} {src}: choose an output that does not")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -228,11 +228,18 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path} not found")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e.strerror})") from None
+    except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -254,6 +261,8 @@ def read_jsonl(path: Path, what: str = "data") -> list[tuple[int, dict]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UserError(f"{path} line {lineno}: invalid JSON (nested too deeply)") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{path} line {lineno}: expected a JSON object, got {type(rec).__name__}")
             records.append((lineno, rec))

@@ -15,6 +15,8 @@ from mlx.utils import tree_flatten
 
 from mlx_dft.tasks import arith
 
+pytest_plugins = ["crash_report"]  # a native crash fails one test, naming the library (xdist)
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "tiny-llama"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

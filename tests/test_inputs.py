@@ -171,13 +171,18 @@ def test_resuming_into_a_folder_of_another_run_is_refused(tiny_model, arith_data
 def test_the_next_run_removes_what_a_killed_run_left(tiny_model, arith_data, tmp_path):
     out = tmp_path / "r"
     assert run_cli(*_train_args(tiny_model, arith_data, out)).returncode == 0
-    junk = [out / ".adapters.999.tmp.safetensors", out / ".metrics.jsonl.abc.tmp"]
+    junk = [out / ".mlx_dft-tmp.adapters.999.safetensors", out / ".mlx_dft-tmp.metrics.jsonl.abc.tmp"]
     for j in junk:
         j.write_text("partial")
-    (out / "checkpoints" / ".step-0000003.xyz").mkdir()
+    stage = out / "checkpoints" / ".mlx_dft-tmp.step-0000003.xyz"
+    stage.mkdir()
+    kept = [out / ".adapters.999.tmp.safetensors", out / "checkpoints" / ".step-0000003.xyz"]
+    kept[0].write_text("not named as mlx_dft names its temporaries: not ours to delete")
+    kept[1].mkdir()
     p = run_cli("train", "--resume", out, "--iters", 3)
     assert p.returncode == 0, p.stderr
-    assert not any(j.exists() for j in junk) and not (out / "checkpoints" / ".step-0000003.xyz").exists()
+    assert not any(j.exists() for j in junk) and not stage.exists()
+    assert all(k.exists() for k in kept)
     assert (out / "checkpoints" / "step-0000003").is_dir()
 
 

@@ -110,13 +110,13 @@ def test_only_mlx_dft_temporaries_are_cleaned_from_a_killed_runs_folder(tmp_path
 @pytest.mark.parametrize(
     "where,message",
     [
-        ("model", "is the --model"),
-        ("model/out", "lies inside the --model"),
-        ("data", "is the --data"),
-        ("data/run", "lies inside the --data"),
-        ("adapter", "is the --adapter-from"),
-        ("adapter/sub", "lies inside the --adapter-from"),
-        ("parent", "holds the --model"),
+        ("model", "would overwrite the input --model"),
+        ("model/out", "lies inside the input --model"),
+        ("data", "would overwrite the input --data"),
+        ("data/run", "lies inside the input --data"),
+        ("adapter", "would overwrite the input --adapter-from"),
+        ("adapter/sub", "lies inside the input --adapter-from"),
+        ("parent", "holds the input --model"),
     ],
 )
 def test_an_output_is_never_an_input_nor_inside_one(tmp_path, tiny_model, arith_data, adapter, where, message):  # noqa: E501
@@ -141,7 +141,7 @@ def test_resuming_in_place_is_still_allowed(adapter, tmp_path):
     from mlx_dft.files import check_apart
 
     check_apart(adapter, {"--resume": adapter}, same_ok=("--resume",))
-    with pytest.raises(UserError, match="lies inside the --resume"):
+    with pytest.raises(UserError, match="lies inside the input --resume"):
         check_apart(adapter / "x", {"--resume": adapter}, same_ok=("--resume",))
 
 
@@ -177,7 +177,7 @@ def test_sample_never_writes_over_its_inputs(tmp_path):
     data.write_text(json.dumps({"question": "1 + 1 = ?", "answer": "2"}) + "\n")
     before = data.read_bytes()
     for output, what in ((tmp_path / "x.jsonl", "stats file"), (data, "--output")):
-        with pytest.raises(UserError, match=f"{what}.*is the --data"):
+        with pytest.raises(UserError, match=f"{what}.*would overwrite the input --data"):
             run_sample(str(data), str(output), generate=lambda ps: ["2"] * len(ps))
     assert data.read_bytes() == before
 
@@ -260,7 +260,8 @@ def test_an_adapters_chat_template_is_text_never_a_path(tmp_path, tiny_model, ad
     (evil / "adapter_config.json").write_text(json.dumps(cfg))
     _, tok = api.load(str(tiny_model), evil)
     assert getattr(tok, "_tokenizer", tok).chat_template == str(secret)
-    p = run_cli("generate", "--model", tiny_model, "--adapter-path", evil, "--prompt", "hi", "--max-tokens", "4")
+    args = ["--model", tiny_model, "--adapter-path", evil, "--prompt", "hi", "--max-tokens", 4]
+    p = run_cli("generate", *args)
     assert SECRET not in p.stdout + p.stderr
 
 
@@ -318,3 +319,28 @@ def test_a_template_file_beside_an_adapter_is_bounded_text(tmp_path, adapter):
     with pytest.raises(UserError, match="the limit is 1,000"):
         read_member(tmp_path, "big.jinja", "chat template", limit=1000)
     assert read_member(BUNDLED, "absent.jinja", "chat template") is None
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"\xff\xfe{}", "not UTF-8 text (byte 1)"),
+        (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (b'{"a": ', "invalid JSON"),
+    ],
+)
+def test_a_malformed_config_json_is_a_one_line_error(tmp_path, tiny_model, content, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "config.json").write_bytes(content)
+    p = run_cli("generate", "--model", model, "--prompt", "hi", "--max-tokens", "1")
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "config.json" in lines[0], p.stderr
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_bytes(b'{"text": ' + b"[" * 100000 + b"]" * 100000 + b"}\n")
+    p = run_cli("train", "--data", tmp_path / "d", "--iters", "1", "--output", tmp_path / "o")
+    assert p.returncode == 1 and "line 1: invalid JSON (nested too deeply)" in p.stderr, p.stderr

@@ -231,8 +231,6 @@ def _same_settings(path: Path, settings: dict) -> bool:
 def run_one(
     name: str, seed: int, options: dict, evals: dict[str, EvalConfig], run_dir: Path, progress: bool
 ) -> dict:
-    from mlx_dft import api
-    from mlx_dft.evaluation.run import run_eval
 
     done, settings_file = run_dir / "results.json", run_dir / SETTINGS_FILE
     settings = run_settings(options, seed, evals)
@@ -241,6 +239,21 @@ def run_one(
     if done.is_file():
         return json.loads(done.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(run_dir)  # marks the folder as mlx_dft's for the run trained into it
+    try:
+        return _run_one(name, seed, options, evals, run_dir, progress, settings)
+    finally:
+        lock.close()
+
+
+def _run_one(
+    name: str, seed: int, options: dict, evals: dict[str, EvalConfig], run_dir: Path, progress: bool,
+    settings: dict,
+) -> dict:
+    from mlx_dft import api
+    from mlx_dft.evaluation.run import run_eval
+
+    done, settings_file = run_dir / "results.json", run_dir / SETTINGS_FILE
     atomic_write_json(settings_file, settings)
     from mlx_dft.checkpoint import read_state
 
