@@ -47,6 +47,16 @@ def _context_params(params) -> None:
         params.n_outputs_max_per_seq = 0
 
 
+def _one_sequence(batch, ids: list[int]):
+    """Fill a llama_batch (ctypes or cffi: the same fields) with one sequence, every position's
+    logits asked for."""
+    batch.n_tokens = len(ids)
+    for i, t in enumerate(ids):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
+        batch.seq_id[i][0] = 0
+    return batch
+
+
 def _has_field(struct, name: str) -> bool:
     fields = getattr(type(struct), "_fields_", None)
     if fields is not None:  # ctypes
@@ -76,11 +86,7 @@ def _ctypes_logits(model_path: str, ids: list[int], lora: str | None) -> np.ndar
             adapters = (type(adapter) * 1)(adapter)  # llama_adapter_lora_p[1]
             scales = (ctypes.c_float * 1)(1.0)
             assert L.llama_set_adapters_lora(ctx, adapters, 1, scales) == 0
-        batch = L.llama_batch_init(len(ids), 0, 1)
-        batch.n_tokens = len(ids)
-        for i, t in enumerate(ids):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
-            batch.seq_id[i][0] = 0
+        batch = _one_sequence(L.llama_batch_init(len(ids), 0, 1), ids)
         assert L.llama_decode(ctx, batch) == 0
         n = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
         rows = [
@@ -123,11 +129,7 @@ def _cffi_logits(model_path: str, ids: list[int], lora: str | None) -> np.ndarra
             assert adapter != ffi.NULL, f"llama.cpp refused the adapter {lora}"
             adapters = ffi.new("struct llama_adapter_lora *[1]", [adapter])
             assert lib.llama_set_adapters_lora(ctx, adapters, 1, ffi.new("float[1]", [1.0])) == 0
-        batch = lib.llama_batch_init(len(ids), 0, 1)
-        batch.n_tokens = len(ids)
-        for i, t in enumerate(ids):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
-            batch.seq_id[i][0] = 0
+        batch = _one_sequence(lib.llama_batch_init(len(ids), 0, 1), ids)
         assert lib.llama_decode(ctx, batch) == 0
         n = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
         rows = [
