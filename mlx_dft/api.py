@@ -282,6 +282,9 @@ def generate(
     from mlx_lm import generate as mlx_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from mlx_dft.evaluation.options import check_decoding
+
+    check_decoding(temperature, top_p, seed, max_tokens)  # before the model loads
     net, tokenizer = loaded or load(
         model, adapter, chat_template=chat_template, keep_quantized=keep_quantized
     )

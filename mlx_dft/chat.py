@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from mlx_dft import data
 from mlx_dft.errors import UserError
+from mlx_dft.evaluation.options import check_decoding
 
 
 class Chat:
@@ -37,10 +38,7 @@ class Chat:
     ):
         if not data.has_chat_template(tokenizer):
             raise UserError("chat: this model has no chat template; pass --chat-template FILE.jinja")
-        if max_tokens < 1:
-            raise UserError("--max-tokens must be at least 1")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+        check_decoding(temperature, top_p, seed, max_tokens)
         self.model, self.tokenizer = model, tokenizer
         self.system, self.max_tokens = system, max_tokens
         self.temperature, self.top_p = temperature, top_p
@@ -59,6 +57,10 @@ class Chat:
         """A chat with ``model`` and ``adapter`` as :func:`mlx_dft.load` gives them."""
         from mlx_dft.api import load
 
+        check_decoding(  # before the model loads
+            options.get("temperature", 0.0), options.get("top_p", 1.0), options.get("seed", 0),
+            options.get("max_tokens", 1),
+        )  # fmt: skip
         loaded = load(model, adapter, chat_template=chat_template, keep_quantized=keep_quantized)
         return cls(*loaded, **options)
 

@@ -227,8 +227,6 @@ def generate(**options):
     prompt = options.pop("prompt")
     if prompt == "-":
         prompt = sys.stdin.read()
-    if options["max_tokens"] < 1:
-        raise UserError("--max-tokens must be at least 1")
     click.echo(api.generate(prompt, **options))
 
 

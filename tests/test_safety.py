@@ -344,3 +344,40 @@ def test_a_malformed_config_json_is_a_one_line_error(tmp_path, tiny_model, conte
     (tmp_path / "d" / "train.jsonl").write_bytes(b'{"text": ' + b"[" * 100000 + b"]" * 100000 + b"}\n")
     p = run_cli("train", "--data", tmp_path / "d", "--iters", "1", "--output", tmp_path / "o")
     assert p.returncode == 1 and "line 1: invalid JSON (nested too deeply)" in p.stderr, p.stderr
+
+
+# ------------------------------------------------------------------ options outside their domain
+
+BAD_DECODING = [
+    (["--temperature", "nan"], "--temperature must be >= 0, not nan"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0, not -0.5"),
+    (["--temperature", "inf"], "--temperature must be >= 0, not inf"),
+    (["--top-p", "-1"], "--top-p must be in (0, 1], not -1.0"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1], not nan"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], not 0.0"),
+    (["--seed", "-1"], "--seed must be in [0, 2^64), not -1"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1, not 0"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_DECODING)
+def test_decoding_options_outside_their_domain_are_one_line_errors(tmp_path, args, message):
+    """generate and chat check before the model loads (no model given here would load fine); eval
+    and sample through their configs, --limit too."""
+    p = run_cli("generate", "--model", tmp_path / "no-model", "-p", "hi", *args)
+    assert p.returncode == 1 and p.stderr.strip() == f"mlx_dft: error: {message}", p.stderr
+    p = run_cli("chat", "--model", tmp_path / "no-model", *args, input_text="hi\n")
+    assert p.returncode == 1 and p.stderr.strip() == f"mlx_dft: error: {message}", p.stderr
+
+
+def test_eval_and_sample_check_the_same_domains(tmp_path):
+    from mlx_dft.evaluation.options import EvalConfig, SampleConfig
+
+    with pytest.raises(UserError, match=r"--top-p must be in \(0, 1\], not nan"):
+        EvalConfig.build(problems="x.jsonl", top_p=float("nan")).validate()
+    with pytest.raises(UserError, match="--limit must be >= 0"):
+        EvalConfig.build(problems="x.jsonl", limit=-3).validate()
+    with pytest.raises(UserError, match="--seed must be in"):
+        SampleConfig.build(data="x.jsonl", output="y.jsonl", seed=-1).validate()
+    with pytest.raises(UserError, match="--temperature must be >= 0, not nan"):
+        SampleConfig.build(data="x.jsonl", output="y.jsonl", temperature=float("nan")).validate()

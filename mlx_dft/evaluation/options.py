@@ -96,14 +96,31 @@ class GenerationConfig:
                 raise UserError(f"{_flag(f.name)} {value!r}: choose {' or '.join(choices)}")
         if self.prompt_template is not None:
             format_question("", self.prompt_template)
+        check_decoding(self.temperature, self.top_p, self.seed, self.max_tokens)
         checks = (
-            (self.temperature is None or self.temperature >= 0, "--temperature must be >= 0"),
-            (self.max_tokens >= 1, "--max-tokens must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.limit is None or self.limit >= 0, "--limit must be >= 0 (0: all)"),
         )
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+
+def check_decoding(temperature: float | None, top_p: float, seed: int, max_tokens: int) -> None:
+    """Refuse decoding settings outside their domain, NaN included (a NaN passes every comparison
+    but ``==``), in one line naming the option. Shared by generate, chat, eval and sample."""
+    import math
+
+    checks = (
+        (temperature is None or (math.isfinite(temperature) and temperature >= 0), "--temperature", ">= 0"),
+        (math.isfinite(top_p) and 0 < top_p <= 1, "--top-p", "in (0, 1]"),
+        (0 <= seed < 2**64, "--seed", "in [0, 2^64)"),
+        (max_tokens >= 1, "--max-tokens", "at least 1"),
+    )
+    values = {"--temperature": temperature, "--top-p": top_p, "--seed": seed, "--max-tokens": max_tokens}
+    for ok, flag, domain in checks:
+        if not ok:
+            raise UserError(f"{flag} must be {domain}, not {values[flag]}")
 
 
 @dataclass(kw_only=True)
