@@ -271,8 +271,17 @@ def read_jsonl(path: Path, what: str = "data") -> list[tuple[int, dict]]:
     return records
 
 
+# Bytes per element of the safetensors dtypes MLX reads.
+SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+
+
 def check_safetensors(path: Path) -> None:
-    """Refuse a safetensors file whose header is unreadable or describes more bytes than it holds."""
+    """Refuse a safetensors file whose header is unreadable, describes more bytes than it holds,
+    gives a tensor a byte range that does not match its dtype and shape, or lets two tensors share
+    bytes: checked from the header alone, before any tensor is read."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found")
@@ -280,13 +289,36 @@ def check_safetensors(path: Path) -> None:
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > size - 8:
+            if n <= 0 or n > size - 8 or n > 100 << 20:
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
-        ends = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
-        if any(not (0 <= a <= b) for a, b in ends):
-            raise ValueError("negative or reversed data offsets")
-        end = max((b for _, b in ends), default=0)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        ranges = []
+        for name, v in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (a, b) = v["dtype"], v["shape"], v["data_offsets"]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (*shape, a, b)):
+                raise ValueError(f"tensor {name}: non-integer shape or offsets")
+            if dtype not in SAFETENSORS_ITEMSIZE:
+                raise ValueError(f"tensor {name}: unknown dtype {dtype!r}")
+            if not (0 <= a <= b) or any(d < 0 for d in shape):
+                raise ValueError(f"tensor {name}: negative or reversed data offsets or shape")
+            count = 1
+            for d in shape:
+                count *= d
+            if b - a != count * SAFETENSORS_ITEMSIZE[dtype]:
+                raise ValueError(
+                    f"tensor {name}: {b - a} bytes for {dtype} {list(shape)} "
+                    f"({count * SAFETENSORS_ITEMSIZE[dtype]} expected)"
+                )
+            ranges.append((a, b, name))
+        ranges.sort()
+        for (_, b1, first), (a2, b2, second) in zip(ranges, ranges[1:]):
+            if a2 < b1 and b2 > a2:
+                raise ValueError(f"tensors {first} and {second} share bytes")
+        end = max((b for _, b, _ in ranges), default=0)
         if 8 + n + end > size:
             raise ValueError(f"truncated: {size} bytes, the header describes {8 + n + end}")
     except Exception as e:  # noqa: BLE001  (any parse failure is the same user-facing problem)

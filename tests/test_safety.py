@@ -381,3 +381,44 @@ def test_eval_and_sample_check_the_same_domains(tmp_path):
         SampleConfig.build(data="x.jsonl", output="y.jsonl", seed=-1).validate()
     with pytest.raises(UserError, match="--temperature must be >= 0, not nan"):
         SampleConfig.build(data="x.jsonl", output="y.jsonl", temperature=float("nan")).validate()
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+
+
+def _share_bytes(h: dict) -> None:
+    names = [k for k in h if k != "__metadata__"]
+    big = max(names, key=lambda k: h[k]["data_offsets"][1] - h[k]["data_offsets"][0])
+    small = next(k for k in names if k != big and h[k]["dtype"] == h[big]["dtype"] and h[k]["shape"])
+    a, _ = h[big]["data_offsets"]
+    length = h[small]["data_offsets"][1] - h[small]["data_offsets"][0]
+    h[small]["data_offsets"] = [a, a + length]
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda h: h[next(k for k in h if k != "__metadata__")].update(shape=[10**6, 10**6]), "expected)"),
+        (lambda h: h[next(k for k in h if k != "__metadata__")].update(dtype="Q4"), "unknown dtype 'Q4'"),
+        (_share_bytes, "share bytes"),
+        (lambda h: h[next(k for k in h if k != "__metadata__")].update(shape=["4"]), "non-integer"),
+    ],
+    ids=["shape vs bytes", "dtype", "shared bytes", "shape type"],
+)
+def test_safetensors_whose_header_lies_are_refused_before_reading(tmp_path, tiny_model, edit, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    _rewrite_header(model / "model.safetensors", edit)
+    p = run_cli("generate", "--model", model, "-p", "hi", "-m", "1")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert "corrupt or truncated safetensors file" in lines[0] and message in lines[0], p.stderr
