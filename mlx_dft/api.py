@@ -59,6 +59,11 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
         raise UserError(f"checkpoint {resume.checkpoint} was trained {how}: resume it the same way")
     world = mx.distributed.init()
     say = _rank0_print(world, bar)
+    if resume is not None:
+        changed = resume_changes(resume.config.get("training", {}), explicit)
+        if changed:
+            say(f"note: resuming with {changed}: from here on the run sees its data differently from an "
+                "uninterrupted run of the checkpoint's settings")  # fmt: skip
     if mx.default_device() == mx.cpu:
         say(_blas.info().describe())
 
@@ -224,6 +229,31 @@ def _recipe(cfg: TrainConfig, world: mx.distributed.Group) -> str:
     if cfg.sft_warmup_steps:
         loss += f" after {cfg.sft_warmup_steps} SFT steps"
     return f"{loss}, lr {cfg.resolved_learning_rate():g}, {workers}"
+
+
+# Options that decide which examples a step sees, in what order and how they are cut: changing
+# them on resume gives a different run than an uninterrupted one (said in a note).
+RESUME_DATA_OPTIONS = (
+    "data", "batch_size", "grad_accumulation_steps", "max_seq_length", "seed", "hf_config", "hf_splits",
+    "mask_prompt", "use_chat_template", "chat_template",
+)  # fmt: skip
+
+
+def resume_changes(training: dict, explicit: dict) -> str:
+    """'--batch-size 8 (the checkpoint: 4), ...' for the data options given on resume that differ
+    from the checkpoint's; '' when none do."""
+    from mlx_dft.checkpoint import absolute
+
+    out = []
+    for key in RESUME_DATA_OPTIONS:
+        if key not in explicit:
+            continue
+        now, then = explicit[key], training.get(key)
+        if key == "data":
+            now = absolute(str(now))
+        if now != then and not (isinstance(now, (list, tuple)) and list(now) == then):
+            out.append(f"--{key.replace('_', '-')} {now} (the checkpoint: {then})")
+    return ", ".join(out)
 
 
 def _default_output(cfg: TrainConfig) -> Path:

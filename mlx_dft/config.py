@@ -555,7 +555,9 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float):
             check(math.isfinite(value), f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
-    check(cfg.seed >= 0, "--seed must be >= 0")
+    check(0 <= cfg.seed < 2**64, "--seed must be >= 0 and below 2^64")
+    for flag, beta in (("--adam-beta1", cfg.adam_beta1), ("--adam-beta2", cfg.adam_beta2)):
+        check(0 <= beta < 1, f"{flag} must be in [0, 1), not {beta}")
     check(cfg.batch_size >= 1, "--batch-size must be at least 1")
     check(cfg.grad_accumulation_steps >= 1, "--grad-accumulation-steps must be at least 1")
     check(cfg.iters is None or cfg.iters >= 1, "--iters must be at least 1")
