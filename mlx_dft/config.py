@@ -408,21 +408,53 @@ def _mlx_lm_schedule(block: dict, source: str) -> dict:
     return out
 
 
+def read_yaml(path: Path, limit: int = 1 << 20):
+    """The YAML document in ``path`` (a config or a plan): at most ``limit`` bytes of UTF-8, safe
+    types only, ``1e-5`` read as a float (YAML 1.1 reads it as a string), and no aliases
+    (``*name``): a few hundred bytes of nested aliases expand to billions of items for whatever
+    walks the result. Every failure is one line naming the file."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    size = path.stat().st_size
+    if size > limit:
+        raise UserError(f"{path} is {size:,} bytes; a config is at most {limit:,}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return yaml.load(text, Loader=ConfigLoader)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML (nested too deeply)") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with ``1e-5`` read as a float and aliases refused."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            line = event.start_mark.line + 1
+            raise yaml.YAMLError(f"aliases (*{event.anchor}, line {line}) are not allowed in a config")
+        return super().compose_node(parent, index)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?\.?\d*(?:[eE][-+]?\d+)$"),
+    list("-+0123456789."),
+)
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
-    try:
-        # YAML 1.1 reads 1e-5 as a string; accept it as a float.
-        loader = yaml.SafeLoader
-        loader.add_implicit_resolver(
-            "tag:yaml.org,2002:float",
-            re.compile(r"^[-+]?(?:\d[\d_]*)?\.?\d*(?:[eE][-+]?\d+)$"),
-            list("-+0123456789."),
-        )
-        data = yaml.load(p.read_text(), Loader=loader)
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(p)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -205,8 +206,6 @@ def staged_folder(out: Path, overwrite: bool = False, what: str = "--out") -> It
 def _remove_stale_stages(out: Path) -> None:
     """Remove the staging folders a killed writer of ``out`` left beside it. Called with ``out``
     locked, so any such folder's writer is gone; other outputs' stages are never touched."""
-    import re
-
     pattern = re.compile(re.escape(f"{TMP_PREFIX}{out.name}.") + r"(?:[a-z0-9_]{8}|old\.\d+)")
     for p in out.parent.iterdir():
         if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():

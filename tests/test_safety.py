@@ -422,3 +422,67 @@ def test_safetensors_whose_header_lies_are_refused_before_reading(tmp_path, tiny
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1, p.stderr
     assert "corrupt or truncated safetensors file" in lines[0] and message in lines[0], p.stderr
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (BOMB, "aliases (*a, line 2) are not allowed"),
+        ("iters: [" * 5000 + "]" * 5000, "nested too deeply"),
+        (b"iters: \xff\n", "not UTF-8"),
+        ("iters: 3\n# " + "x" * (1 << 20), "a config is at most"),
+    ],
+    ids=["alias bomb", "deep", "not utf-8", "huge"],
+)
+def test_hostile_yaml_is_refused_in_one_line(tmp_path, arith_data, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    p = run_cli("train", "-c", cfg, "--output", tmp_path / "o")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and message in lines[0] and "c.yaml" in lines[0], p.stderr
+    with pytest.raises(UserError, match=re_escape(message)):
+        compare.load_plan(cfg)
+
+
+def test_yaml_floats_and_plain_configs_still_read(tmp_path):
+    from mlx_dft.config import load_yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 1e-5\niters: 3\nlora_parameters: {rank: 4}\n")
+    assert load_yaml(cfg) == {"learning_rate": 1e-5, "iters": 3, "lora_rank": 4}
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [("adam_beta1", 1.0, "--adam-beta1 must be in [0, 1), not 1.0"),
+     ("adam_beta2", -0.1, "--adam-beta2 must be in [0, 1), not -0.1"),
+     ("seed", -1, "--seed must be >= 0"), ("seed", 2**64, "below 2^64")],
+)  # fmt: skip
+def test_training_options_outside_their_domain(tiny_model, arith_data, tmp_path, option, value, message):
+    with pytest.raises(UserError, match=re_escape(message)):
+        mlx_dft.train(model=str(tiny_model), data=str(arith_data), output=str(tmp_path / "o"), **{option: value})  # noqa: E501
+    assert not (tmp_path / "o").exists()
+
+
+def test_resuming_with_other_data_options_says_so(tiny_model, arith_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    kw = dict(model=str(tiny_model), data=str(arith_data), batch_size=2, steps_per_report=1, progress=False)
+    mlx_dft.train(output=str(out), iters=2, save_every=1, accuracy_problems=0, **kw)
+    capsys.readouterr()
+    mlx_dft.train(resume=str(out), iters=3, batch_size=4, progress=False)
+    said = capsys.readouterr()
+    assert "note: resuming with --batch-size 4 (the checkpoint: 2)" in said.out + said.err
+    mlx_dft.train(resume=str(out), iters=4, progress=False)  # the same settings: no note
+    said = capsys.readouterr()
+    assert "note: resuming with" not in said.out + said.err

@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 from mlx_dft.checkpoint import list_checkpoints
-from mlx_dft.config import build_config, normalise
+from mlx_dft.config import build_config, normalise, read_yaml
 from mlx_dft.errors import UserError
 from mlx_dft.evaluation.benchmarks import load_jsonl
 from mlx_dft.evaluation.options import EvalConfig
@@ -84,10 +84,7 @@ def load_plan(path: str | Path) -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"compare config not found: {p}")
-    try:
-        plan = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    plan = read_yaml(p) or {}
     if not isinstance(plan, dict):
         raise UserError(f"{p}: expected a mapping with common, runs, seeds, eval, output")
     unknown = set(plan) - {"common", "runs", "seeds", "eval", "output", "baseline"}
