@@ -128,6 +128,24 @@ def load_optimizer_state(checkpoint: Path) -> dict:
     return tree_unflatten(list(flat.items()))
 
 
+def check_optimizer_state(fresh: dict, loaded: dict, checkpoint: Path) -> None:
+    """Refuse a checkpoint's optimizer state that does not fit the model being trained: every
+    entry the optimizer keeps, of the same shape (MLX would broadcast a wrong-shaped moment
+    silently), and nothing else."""
+    where = checkpoint / OPTIMIZER_FILE
+    missing = sorted(set(fresh) - set(loaded))
+    extra = sorted(set(loaded) - set(fresh))
+    if missing or extra:
+        which = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this model does not train"
+        raise UserError(f"{where}: the optimizer state {which} ({len(missing)} missing, {len(extra)} extra)")
+    for key, value in fresh.items():
+        if tuple(loaded[key].shape) != tuple(value.shape):
+            raise UserError(
+                f"{where}: optimizer state {key} has shape {tuple(loaded[key].shape)}, "
+                f"the model needs {tuple(value.shape)}"
+            )
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop records after ``step`` (a resumed run writes them again)."""
     if not path.is_file():
@@ -416,7 +434,10 @@ class Resume:
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{self.checkpoint / STATE_FILE}: incomplete checkpoint state ({e!r})") from None
         optimizer.init(model.trainable_parameters())
-        optimizer.state = load_optimizer_state(self.checkpoint)
+        loaded = load_optimizer_state(self.checkpoint)
+        fresh = dict(tree_flatten(optimizer.state))
+        check_optimizer_state(fresh, dict(tree_flatten(loaded)), self.checkpoint)
+        optimizer.state = loaded
         mx.random.seed(key)  # restores the exact key (dropout stream)
         return step
 

@@ -486,3 +486,25 @@ def test_resuming_with_other_data_options_says_so(tiny_model, arith_data, tmp_pa
     mlx_dft.train(resume=str(out), iters=4, progress=False)  # the same settings: no note
     said = capsys.readouterr()
     assert "note: resuming with" not in said.out + said.err
+
+
+@pytest.mark.parametrize("how", ["shape", "missing", "extra"])
+def test_optimizer_state_that_does_not_fit_the_model_is_refused(tiny_model, arith_data, tmp_path, how):
+    import mlx.core as mx
+
+    out = tmp_path / "run"
+    kw = dict(model=str(tiny_model), data=str(arith_data), batch_size=2, steps_per_report=1, progress=False)
+    mlx_dft.train(output=str(out), iters=2, save_every=1, accuracy_problems=0, **kw)
+    opt = out / "checkpoints" / "step-0000002" / "optimizer.safetensors"
+    state = dict(mx.load(str(opt)))
+    key = next(k for k in state if k.endswith(".m"))
+    if how == "shape":
+        state[key] = mx.zeros((1,) + tuple(state[key].shape[1:]))
+    elif how == "missing":
+        del state[key]
+    else:
+        state["model.layers.0.extra.m"] = mx.zeros((2,))
+    mx.save_safetensors(str(opt), state)
+    expected = {"shape": "has shape", "missing": "lacks", "extra": "does not train"}[how]
+    with pytest.raises(UserError, match=expected):
+        mlx_dft.train(resume=str(out), iters=3, progress=False)
