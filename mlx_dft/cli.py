@@ -226,8 +226,16 @@ def generate(**options):
     options = _given(options)
     prompt = options.pop("prompt")
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _stdin_text(sys.stdin.buffer.read())
     click.echo(api.generate(prompt, **options))
+
+
+def _stdin_text(raw: bytes) -> str:
+    """Bytes from standard input as text: UTF-8, else a one-line error (not a traceback)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"standard input is not UTF-8 text (byte {e.start + 1})") from None
 
 
 @cli.command("chat")
@@ -264,7 +272,7 @@ def chat_cmd(**options):
     while True:
         if interactive:
             click.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
+        line = _stdin_text(sys.stdin.buffer.readline())
         if not line or line.strip() == "/exit":
             break
         text = line.rstrip("\n")

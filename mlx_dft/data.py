@@ -150,24 +150,27 @@ class TemplateText(str):
 
 
 def read_chat_template(template: str) -> str:
-    """The text of a chat template given as text or as the path of a file holding it (a string
-    with a newline or a ``{`` is text: a Jinja template always has one). A :class:`TemplateText`
-    is text, whatever it holds."""
-    if isinstance(template, TemplateText) or "\n" in template or "{" in template or len(template) > 1024:
+    """The text of a chat template given as text or as the path of a file holding it. A string
+    with a ``{`` is text (a Jinja template that uses the conversation always has one), as is a
+    :class:`TemplateText`; anything else must be a file."""
+    if isinstance(template, TemplateText) or "{" in template:
         return template
     p = Path(template).expanduser()
     try:
         is_file = p.is_file()
-    except OSError:  # not a possible path
-        return template
-    if p.suffix in (".jinja", ".j2", ".txt") or is_file:
-        if not is_file:
-            raise UserError(f"chat template file not found: {p}")
+    except (OSError, ValueError):  # not a possible path
+        is_file = False
+    if is_file:
         try:
             return p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"chat template file {p}: unreadable ({e})") from None
-    return template
+    if p.suffix in (".jinja", ".j2", ".txt"):
+        raise UserError(f"chat template file not found: {p}")
+    # Neither a file nor a template: text without {{ }} or {% %} renders the same for every
+    # conversation (the prompt dropped), which is never what was meant.
+    shown = template if len(template) <= 60 else template[:57] + "..."
+    raise UserError(f"--chat-template {shown!r} is neither a file nor a chat template (no {{{{ }}}} in it)")
 
 
 def set_chat_template(tokenizer, template: str) -> None:

@@ -508,3 +508,18 @@ def test_optimizer_state_that_does_not_fit_the_model_is_refused(tiny_model, arit
     expected = {"shape": "has shape", "missing": "lacks", "extra": "does not train"}[how]
     with pytest.raises(UserError, match=expected):
         mlx_dft.train(resume=str(out), iters=3, progress=False)
+
+
+def test_non_utf8_standard_input_and_a_template_that_is_neither_are_one_line_errors(tmp_path):
+    import subprocess
+    import sys
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chat = ["chat", "--model", BUNDLED, "--chat-template", template]
+    for args in (["generate", "--model", BUNDLED, "-p", "-"], chat):
+        cmd = [sys.executable, "-m", "mlx_dft", *map(str, args)]
+        p = subprocess.run(cmd, input=b"caf\xe9\n", capture_output=True, timeout=300)
+        err = p.stderr.decode().strip()
+        assert p.returncode == 1 and err == "mlx_dft: error: standard input is not UTF-8 text (byte 4)", err
+    p = run_cli("generate", "--model", BUNDLED, "-p", "hi", "--chat-template", "chatml")
+    assert p.returncode == 1 and "is neither a file nor a chat template" in p.stderr, p.stderr
