@@ -89,8 +89,9 @@ def library_of(text: str) -> str | None:
     owners = _file_owners()
     current = text.split("Current thread", 1)[-1] if "Current thread" in text else text
     for path in re.findall(r'File "([^"]+)", line \d+', current):  # innermost first
-        in_stdlib = any(path.startswith(s) for s in stdlib) and not any(path.startswith(s) for s in site)
-        if in_stdlib or path.startswith(here) or path.startswith("<"):
+        in_site = any(path.startswith(s) for s in site)  # (the venv may lie inside the project)
+        in_stdlib = any(path.startswith(s) for s in stdlib) and not in_site
+        if in_stdlib or (path.startswith(here) and not in_site) or path.startswith("<"):
             continue
         for root, dist in owners:
             if path.startswith(root):
