@@ -21,6 +21,7 @@ from mlx_dft import compat
 from mlx_dft.architectures import ARCHITECTURES as ARCHITECTURES  # the table, one floor down
 from mlx_dft.architectures import Architecture as Architecture
 from mlx_dft.architectures import architecture as architecture
+from mlx_dft.architectures import check_sizes
 from mlx_dft.errors import UserError
 from mlx_dft.files import check_safetensors, local_or_hub, read_json
 
@@ -83,7 +84,9 @@ def resolve_model_path(model: str) -> Path:
 
 
 def model_config(path: Path) -> dict:
-    return read_json(Path(path) / "config.json")
+    config = read_json(Path(path) / "config.json")
+    check_sizes(config, Path(path) / "config.json")
+    return config
 
 
 def build_model(config: dict, name: str) -> nn.Module:

@@ -523,3 +523,50 @@ def test_non_utf8_standard_input_and_a_template_that_is_neither_are_one_line_err
         assert p.returncode == 1 and err == "mlx_dft: error: standard input is not UTF-8 text (byte 4)", err
     p = run_cli("generate", "--model", BUNDLED, "-p", "hi", "--chat-template", "chatml")
     assert p.returncode == 1 and "is neither a file nor a chat template" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("num_hidden_layers", 10**8, "num_hidden_layers 100000000 must be an integer from 1 to 2,048"),
+        ("hidden_size", 0, "hidden_size 0 must be an integer"),
+        ("num_attention_heads", -4, "num_attention_heads -4 must be"),
+        ("vocab_size", "512", "vocab_size '512' must be"),
+        ("rms_norm_eps", float("nan"), "rms_norm_eps nan must be a finite positive number"),
+        ("rope_theta", -1.0, "rope_theta -1.0 must be a finite positive number"),
+    ],
+)
+def test_model_sizes_out_of_range_are_refused_before_allocating(tmp_path, tiny_model, key, value, message):
+    """plan, generate and train read every config.json through one check (10^8 layers made plan
+    abort in std::bad_alloc, 0 heads divided by zero)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg[key] = value
+    (model / "config.json").write_text(json.dumps(cfg))
+    for args in (["plan", "--model", model], ["generate", "--model", model, "-p", "hi", "-m", "1"]):
+        p = run_cli(*args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and message in lines[0], (args[0], p.stderr)
+        assert "config.json" in lines[0]
+
+
+def test_a_nested_text_config_is_checked_too(tmp_path):
+    from mlx_dft.architectures import check_sizes
+
+    check_sizes({"model_type": "x", "text_config": {"num_hidden_layers": 24, "rms_norm_eps": 1e-6}}, "c")
+    with pytest.raises(UserError, match="c: num_hidden_layers 1000000000 must be"):
+        check_sizes({"model_type": "x", "text_config": {"num_hidden_layers": 10**9}}, "c")
+
+
+def test_an_aligner_config_with_a_billion_layers_is_refused_at_once(tmp_path):
+    from mlx_dft.adapters.aligner.hf import HF_CONFIG, import_hf
+
+    (tmp_path / HF_CONFIG).write_text(json.dumps({
+        "format": "mlx_dft.aligner", "format_version": 1, "num_tokens": 1, "start_layer": 0, "gate": "head",
+        "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 10**9,
+    }))  # fmt: skip
+    with pytest.raises(UserError, match="num_hidden_layers 1000000000 must be an integer from 1 to 2,048"):
+        import_hf(tmp_path)

@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_dft.architectures import ARCHITECTURES
+from mlx_dft.architectures import ARCHITECTURES, check_sizes
 from mlx_dft.errors import UserError
 from mlx_dft.files import TMP_PREFIX, atomic_write_json, check_apart, staged_folder
 from mlx_dft.gguf import names
@@ -78,6 +78,7 @@ def model_config(header: GGUFHeader) -> dict:
     cfg["num_key_value_heads"] = _number(meta, prefix + keys["num_key_value_heads"], int, heads)
     cfg["rms_norm_eps"] = _number(meta, prefix + keys["rms_norm_eps"], float)
     cfg["rope_theta"] = _number(meta, prefix + keys["rope_theta"], float, 10000.0)
+    check_sizes(cfg, header.path)  # before any size is divided by or allocated from
     cfg["max_position_embeddings"] = _number(meta, prefix + keys["max_position_embeddings"], int, 4096)
     head_dim = _number(meta, prefix + keys["head_dim"], int, cfg["hidden_size"] // heads)
     if _number(meta, f"{prefix}attention.value_length", int, head_dim) != head_dim:
@@ -105,6 +106,7 @@ def model_config(header: GGUFHeader) -> dict:
     if model_type in ("llama", "mistral"):
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
         cfg["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    check_sizes(cfg, header.path)
     return cfg
 
 

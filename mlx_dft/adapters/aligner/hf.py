@@ -31,6 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_dft.architectures import check_sizes
 from mlx_dft.errors import UserError
 from mlx_dft.files import read_json, read_safetensors, staged_folder
 from mlx_dft.interop import torch_pickle
@@ -76,9 +77,15 @@ def import_hf(src: Path) -> dict:
         raise UserError(
             f"{src}: Aligner format version {hf['format_version']} is newer than this mlx_dft reads"
         )
+    check_sizes(hf, src / HF_CONFIG)
+    try:
+        start, n_layers = int(hf["start_layer"]), int(hf["num_hidden_layers"])
+        heads, tokens = int(hf["num_attention_heads"]), int(hf["num_tokens"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{src / HF_CONFIG}: missing or malformed size ({e!r})") from None
+    if not (0 <= start < n_layers) or not 1 <= tokens <= 1 << 16:
+        raise UserError(f"{src / HF_CONFIG}: start_layer {start} or num_tokens {tokens} out of range")
     tensors = read_safetensors(src / HF_WEIGHTS)
-    start, n_layers = int(hf["start_layer"]), int(hf["num_hidden_layers"])
-    heads = int(hf["num_attention_heads"])
     per = heads if hf.get("gate", "head") == "head" else 1
     expected = {"prefix"} | {f"layers.{i}.gate" for i in range(start, n_layers)}
     if set(tensors) != expected:
