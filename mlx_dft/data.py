@@ -347,8 +347,10 @@ def encode_split(records: list, path: Path | str, name: str, tokenizer, cfg: Dat
     for lineno, rec in records:
         try:
             ids, mask = encode_record(rec, fmt, tokenizer, cfg, warn)
-        except UserError:
-            raise
+        except UserError as e:  # about this record (its template, its fields): say which it is
+            if str(e).startswith(str(path)):
+                raise
+            raise UserError(f"{path} line {lineno}: {e}") from None
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise UserError(f"{path} line {lineno}: cannot encode {fmt} record ({e})") from None
         longest = max(longest, len(ids))

@@ -570,3 +570,21 @@ def test_an_aligner_config_with_a_billion_layers_is_refused_at_once(tmp_path):
     }))  # fmt: skip
     with pytest.raises(UserError, match="num_hidden_layers 1000000000 must be an integer from 1 to 2,048"):
         import_hf(tmp_path)
+
+
+def test_a_chat_template_that_raises_on_one_record_names_the_file_and_line(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad = {"messages": [{"role": "user", "content": "STOP"}, {"role": "assistant", "content": "yo"}]}
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (ok, ok, bad, ok)))
+    template = (
+        "{% for m in messages %}{% if m['content'] == 'STOP' %}{{ raise_exception('no STOP') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    p = run_cli("train", "--data", d, "--iters", 1, "--output", tmp_path / "o", "--chat-template", template)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and lines[-1] == (
+        f"mlx_dft: error: {d / 'train.jsonl'} line 3: the chat template failed: TemplateError: no STOP"
+    ), p.stderr
+    assert not (tmp_path / "o").exists()
