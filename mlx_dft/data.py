@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_dft.errors import UserError
-from mlx_dft.files import read_jsonl
+from mlx_dft.files import read_jsonl, time_limit
 
 SPLITS = ("train", "valid", "test")
 PAD_INPUTS_TO = 16  # input lengths are padded to a multiple of this (fewer recompiles)
@@ -198,13 +198,20 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     return _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
 
+# The longest one conversation may take to render (a real template takes milliseconds; a template
+# from a stranger may loop for hours: transformers' sandbox bounds range() but not nested loops).
+TEMPLATE_SECONDS = 10.0
+
+
 def _render(tokenizer, messages, tools=None, add_generation_prompt=False) -> str:
     from jinja2 import TemplateError
 
     try:
-        return _hf(tokenizer).apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        limit = f"the chat template ran past {TEMPLATE_SECONDS:g} s on one conversation"
+        with time_limit(TEMPLATE_SECONDS, limit):
+            return _hf(tokenizer).apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
     except TemplateError as e:  # a syntax error, or the template's own raise_exception()
         raise UserError(f"the chat template failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 

@@ -212,6 +212,35 @@ def _remove_stale_stages(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def time_limit(seconds: float, message: str) -> Iterator[None]:
+    """Raise :class:`UserError` (``message``) if the block runs longer than ``seconds``: for code
+    that a file from outside drives (a chat template). Uses SIGALRM, so it bounds the main thread
+    on POSIX; elsewhere the block runs unbounded."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise UserError(message)
+
+    import time
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer > 0:  # someone else's timer was running: give it back what is left of it
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 1e-3))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

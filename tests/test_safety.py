@@ -588,3 +588,21 @@ def test_a_chat_template_that_raises_on_one_record_names_the_file_and_line(tmp_p
         f"mlx_dft: error: {d / 'train.jsonl'} line 3: the chat template failed: TemplateError: no STOP"
     ), p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_chat_template_that_loops_is_stopped_by_a_time_limit(monkeypatch):
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_dft import data
+
+    tok = load_tokenizer(BUNDLED)
+    data.set_chat_template(
+        tok, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ x }}"
+    )
+    monkeypatch.setattr(data, "TEMPLATE_SECONDS", 0.5)
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(UserError, match="the chat template ran past 0.5 s on one conversation"):
+        data.chat_prompt(tok, "hi", True)
+    assert time.monotonic() - t < 10
