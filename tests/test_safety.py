@@ -606,3 +606,19 @@ def test_a_chat_template_that_loops_is_stopped_by_a_time_limit(monkeypatch):
     with pytest.raises(UserError, match="the chat template ran past 0.5 s on one conversation"):
         data.chat_prompt(tok, "hi", True)
     assert time.monotonic() - t < 10
+
+
+def test_peft_patterns_from_a_stranger_are_bounded(monkeypatch):
+    from mlx_dft.adapters.lora import peft
+
+    module = "model.layers.0.self_attn." + "a" * 40 + "b"
+    assert peft._pattern_value({"q_proj": 4}, "model.layers.0.self_attn.q_proj", 8) == 4
+    monkeypatch.setattr(peft, "PATTERN_LIMITS", (1000, 1000, 0.5))
+    with pytest.raises(UserError, match="ran past 0.5 s"):
+        peft._pattern_value({"(a+)+": 4}, module, 8, "cfg.json")
+    with pytest.raises(UserError, match="is not a regular expression"):
+        peft._pattern_value({"(q_proj": 4}, module, 8, "cfg.json")
+    with pytest.raises(UserError, match="at most 1000 patterns"):
+        peft._pattern_value({f"p{i}": 1 for i in range(1001)}, module, 8, "cfg.json")
+    with pytest.raises(UserError, match="longer than 1000 characters"):
+        peft._pattern_value({"x" * 1001: 1}, module, 8, "cfg.json")

@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_dft.errors import UserError
-from mlx_dft.files import read_json, read_safetensors, safetensors_metadata, staged_folder
+from mlx_dft.files import read_json, read_safetensors, safetensors_metadata, staged_folder, time_limit
 from mlx_dft.models import (
     block_linear_paths,
     build_model,
@@ -193,10 +193,27 @@ def _refuse(config: dict, src: Path) -> None:
             raise UserError(f"{src}: unsupported PEFT variant: {name}")
 
 
-def _pattern_value(patterns: dict, full: str, default):
+# A PEFT config's rank_pattern / alpha_pattern keys are regular expressions from a stranger: at most
+# this many, this long, and all the matching of one import within this many seconds (a pattern
+# like (a+)+$ backtracks for hours).
+PATTERN_LIMITS = (1000, 1000, 5.0)
+
+
+def _pattern_value(patterns: dict, full: str, default, where: object = "adapter_config.json"):
+    count, length, seconds = PATTERN_LIMITS
+    if not isinstance(patterns, dict) or len(patterns) > count:
+        raise UserError(f"{where}: rank_pattern/alpha_pattern must map at most {count} patterns to values")
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", full):
-            return value
+        if not isinstance(key, str) or len(key) > length:
+            raise UserError(f"{where}: pattern {str(key)[:40]!r}... is longer than {length} characters")
+        try:
+            regex = re.compile(rf"(.*\.)?({key})$")
+        except re.error as e:
+            raise UserError(f"{where}: pattern {key!r} is not a regular expression ({e})") from None
+        slow = f"{where}: pattern {key[:40]!r} ran past {seconds:g} s (catastrophic backtracking)"
+        with time_limit(seconds, slow):
+            if regex.match(full):
+                return value
     return default
 
 
@@ -264,10 +281,10 @@ def import_lora(src: Path, model_cfg: dict, base_model: str, block_paths: list[s
             raise UserError(f"{src}: {module} lacks lora_A or lora_B")
         if dora and "m" not in parts:
             raise UserError(f"{src}: {module} lacks the DoRA magnitude vector")
-        rank = int(_pattern_value(rank_pattern, module, r))
+        rank = int(_pattern_value(rank_pattern, module, r, src / "adapter_config.json"))
         if parts["lora_a"].shape[0] != rank or parts["lora_b"].shape[1] != rank:
             raise UserError(f"{src}: {module} has rank {parts['lora_a'].shape[0]}, the config says {rank}")
-        a = float(_pattern_value(alpha_pattern, module, alpha))
+        a = float(_pattern_value(alpha_pattern, module, alpha, src / "adapter_config.json"))
         scale = float(meta.get("module_scales", {}).get(module, default_scale)) if meta else scale_of(rank, a)
         if rank != r:
             module_ranks[module] = rank
