@@ -622,3 +622,20 @@ def test_peft_patterns_from_a_stranger_are_bounded(monkeypatch):
         peft._pattern_value({f"p{i}": 1 for i in range(1001)}, module, 8, "cfg.json")
     with pytest.raises(UserError, match="longer than 1000 characters"):
         peft._pattern_value({"x" * 1001: 1}, module, 8, "cfg.json")
+
+
+def test_a_gguf_with_a_billion_blocks_is_refused_before_any_tensor(tmp_path):
+    import struct
+
+    from mlx_dft.gguf.export import write_model_gguf
+
+    path = write_model_gguf(BUNDLED, tmp_path / "m.gguf", "f32")
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"llama.block_count") + len(b"llama.block_count")
+    assert struct.unpack("<I", raw[at : at + 4])[0] == 4  # GGUF_TYPE_UINT32
+    raw[at + 4 : at + 8] = struct.pack("<I", 10**9)
+    path.write_bytes(raw)
+    p = run_cli("convert", path, "--out", tmp_path / "out")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert "num_hidden_layers 1000000000 must be" in lines[0] and not (tmp_path / "out").exists()
