@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -133,3 +134,43 @@ def test_a_peft_folder_cannot_choose_the_module_either(tiny_model, tmp_path):
     )
     with pytest.raises(UserError, match="is not an architecture mlx-lm supports"):
         read_source(str(peft), None)
+
+
+def test_a_zip_bomb_is_refused_without_inflating_it(tmp_path):
+    """A .pth whose 4-element storage member inflates to 1 GiB: refused after reading 17 bytes of
+    it, under a 400 MB address-space cap (the whole file used to be inflated before any check)."""
+    path = tmp_path / "bomb.pth"
+    write_pth(path, {"a": _Tensor(0, (4,), (1,))}, numel=4)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        names = zf.namelist()
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in names if n != "archive/data/0"}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for n, b in members.items():
+            zf.writestr(n, b)
+        with zf.open("archive/data/0", "w", force_zip64=True) as f:
+            chunk = bytes(1 << 24)
+            for _ in range(64):  # 1 GiB of zeros, about 1 MB compressed
+                f.write(chunk)
+    assert path.stat().st_size < 8 << 20
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (400 << 20, 400 << 20))\n"
+        "from mlx_dft.interop import torch_pickle\n"
+        "from mlx_dft.errors import UserError\n"
+        "try:\n"
+        "    torch_pickle.load(sys.argv[1])\n"
+        "except UserError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", code, str(path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "archive/data/0 holds more bytes, 16 expected" in p.stdout, p.stdout
+
+
+def test_tensors_that_claim_more_than_a_checkpoint_may_hold_are_refused(tmp_path):
+    path = write_pth(tmp_path / "big.pth", {"a": _Tensor(0, (4,), (1,))}, numel=10**12, data=b"")
+    with pytest.raises(UserError, match="its tensors claim 4,000,000,000,000 bytes"):
+        torch_pickle.load(path)

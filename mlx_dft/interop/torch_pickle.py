@@ -78,6 +78,23 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks
     return np.array(view)
 
 
+# What one checkpoint may inflate to (the official Aligner checkpoints hold a few MB): a zip member
+# is read only up to the size its tensors need, and never past these, whatever the zip claims.
+MAX_PICKLE_BYTES = 64 << 20
+MAX_TENSOR_BYTES = 1 << 30
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, size: int) -> bytes:
+    """Exactly ``size`` bytes of the member ``name``, decompressing at most ``size + 1``: a member
+    that inflates to more (a zip bomb) or less is refused without holding more than it should."""
+    with zf.open(name) as f:
+        raw = f.read(size + 1)
+    if len(raw) != size:
+        more = "more" if len(raw) > size else f"{len(raw)}"
+        raise pickle.UnpicklingError(f"{name} holds {more} bytes, {size} expected")
+    return raw
+
+
 def load(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
@@ -92,6 +109,7 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
             raise UserError(f"{path}: not a PyTorch checkpoint (no single data.pkl)")
         root = pkls[0][: -len("data.pkl")]
         cache: dict[str, np.ndarray] = {}
+        total = [0]
 
         class Unpickler(pickle.Unpickler):
             def find_class(self, module, name):
@@ -110,13 +128,13 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
                 if not isinstance(storage, _Storage) or type(numel) is not int or numel < 0:
                     raise pickle.UnpicklingError(f"malformed storage record {pid!r}")
                 if key not in cache:
-                    raw = zf.read(f"{root}data/{key}")
                     itemsize = 2 if storage.dtype == "bfloat16" else np.dtype(storage.dtype).itemsize
-                    if len(raw) != numel * itemsize:
+                    total[0] += numel * itemsize
+                    if total[0] > MAX_TENSOR_BYTES:
                         raise pickle.UnpicklingError(
-                            f"storage {key} holds {len(raw)} bytes, "
-                            f"its {numel} elements need {numel * itemsize}"
+                            f"its tensors claim {total[0]:,} bytes, over the {MAX_TENSOR_BYTES:,} allowed"
                         )
+                    raw = _read_member(zf, f"{root}data/{key}", numel * itemsize)
                     if storage.dtype == "bfloat16":
                         bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
                         cache[key] = bits.view(np.float32)
@@ -125,8 +143,14 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
                 return cache[key]
 
         try:
-            obj = Unpickler(io.BytesIO(zf.read(pkls[0]))).load()
-        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, OverflowError) as e:
+            size = zf.getinfo(pkls[0]).file_size
+            if size > MAX_PICKLE_BYTES:
+                raise pickle.UnpicklingError(f"data.pkl is {size:,} bytes, more than {MAX_PICKLE_BYTES:,}")
+            obj = Unpickler(io.BytesIO(_read_member(zf, pkls[0], size))).load()
+        except (
+            pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, OverflowError,
+            zipfile.BadZipFile,
+        ) as e:  # fmt: skip
             raise UserError(f"{path}: cannot read checkpoint safely ({e})") from None
     if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
         raise UserError(f"{path}: expected a dict of tensors")
