@@ -33,6 +33,8 @@ SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_
 SIGNATURE_KEYS = ("model_type", *SHAPE_KEYS, "intermediate_size", "vocab_size")
 # LLaMA-2 base models by (hidden size, layers): the bases of the official Aligner checkpoints.
 LLAMA2_BY_SHAPE = {(4096, 32): "meta-llama/Llama-2-7b-hf", (5120, 40): "meta-llama/Llama-2-13b-hf"}
+# The tokenizer's JSON files, checked (UTF-8, a JSON object) before transformers reads them.
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 MODEL_FILES = ("*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja")
 
@@ -151,7 +153,14 @@ def load_model(
     except ValueError as e:
         msg = str(e).splitlines()[0]
         raise UserError(f"cannot load model {model}: {msg}") from None
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    for name in TOKENIZER_JSON:  # transformers' own errors on these are tracebacks, not lines
+        if (path / name).exists():
+            read_json(path / name)
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot load the tokenizer of {path}: {type(e).__name__}: {first}") from None
     if chat_template:
         from mlx_dft.data import set_chat_template
 

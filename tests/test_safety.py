@@ -639,3 +639,36 @@ def test_a_gguf_with_a_billion_blocks_is_refused_before_any_tensor(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1, p.stderr
     assert "num_hidden_layers 1000000000 must be" in lines[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("tokenizer.json", b"\xff\xfe{}", "tokenizer.json: not UTF-8 text (byte 1)"),
+        ("tokenizer.json", b'{"a": ', "tokenizer.json: invalid JSON"),
+        ("tokenizer_config.json", b"[1, 2]", "tokenizer_config.json: expected a JSON object, got list"),
+        ("special_tokens_map.json", b"\xff", "special_tokens_map.json: not UTF-8"),
+    ],
+)
+def test_malformed_tokenizer_files_are_one_line_errors(tmp_path, tiny_model, name, content, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / name).write_bytes(content)
+    p = run_cli("generate", "--model", model, "-p", "hi", "-m", "1")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and message in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{}", b"[1]", b'{"a": '])
+def test_a_malformed_adapter_config_is_a_one_line_error(tmp_path, tiny_model, adapter, content):
+    import shutil
+
+    evil = tmp_path / "adapter"
+    shutil.copytree(adapter, evil)
+    (evil / "adapter_config.json").write_bytes(content)
+    p = run_cli("generate", "--model", tiny_model, "--adapter-path", evil, "-p", "hi", "-m", "1")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and "adapter_config.json" in lines[0], p.stderr
+    assert "MLX_DFT_DEBUG" not in lines[0]  # a named error, not the catch-all
