@@ -43,6 +43,7 @@ from mlx_dft.files import (
     foreign_entries,
     lock_folder,
     remove_temporaries,
+    save_safetensors,
     staged_folder,
 )
 from mlx_dft.models import model_signature
@@ -71,8 +72,8 @@ def save_checkpoint(
     final = Path(output) / CHECKPOINTS / checkpoint_name(step)
     with staged_folder(final, overwrite=True) as tmp:
         for fname, arrays in weight_files.items():
-            mx.save_safetensors(str(tmp / fname), arrays)
-        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer_state)))
+            save_safetensors(tmp / fname, arrays)
+        save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer_state)))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
     if keep > 0:

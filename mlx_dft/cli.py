@@ -473,6 +473,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"mlx_dft: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:
+        if debug or e.errno is None:
+            raise
+        # The file system said no (no space left, read-only, permission, a name too long...):
+        # atomic writes leave nothing half-written, so the line says what and where.
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"mlx_dft: error: {e.strerror or os.strerror(e.errno)}{where}", file=sys.stderr)
+        sys.exit(1)
     except MemoryError:
         print(
             "mlx_dft: error: out of memory: lower --batch-size or --max-seq-length, or use --grad-checkpoint",

@@ -143,12 +143,24 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def save_safetensors(path: Path | str, arrays: dict, metadata: dict | None = None) -> None:
+    """``mx.save_safetensors``, whose write failures (a full disk, a read-only file system) are
+    RuntimeErrors, as a one-line error naming the file."""
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata or {})
+    except RuntimeError as e:
+        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip(".")
+        free = shutil.disk_usage(Path(path).parent).free if Path(path).parent.is_dir() else None
+        hint = f"; {free:,} bytes free there" if free is not None else ""
+        raise UserError(f"cannot write {path}: {msg}{hint}") from None
+
+
 def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
     path = Path(path)
     # mx.save_safetensors appends ".safetensors" unless the name already ends with it.
     tmp = path.parent / f"{TMP_PREFIX}{path.stem}.{os.getpid()}.safetensors"
     try:
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        save_safetensors(tmp, arrays, metadata)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -170,11 +182,13 @@ def staged_folder(out: Path, overwrite: bool = False, what: str = "--out") -> It
         raise UserError(f"{what} {out} exists and is not a folder")
     if not overwrite and foreign_entries(out):
         raise UserError(f"{what} {out} already exists and is not empty (choose another {what})")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{what} {out}: cannot create it ({e.strerror})") from None
     lock = lock_folder(out, what)
+    done = False
     try:
         if not overwrite and foreign_entries(out):  # filled between the check and the lock
             raise UserError(f"{what} {out} already exists and is not empty (choose another {what})")
@@ -195,12 +209,18 @@ def staged_folder(out: Path, overwrite: bool = False, what: str = "--out") -> It
             old = out.parent / f"{TMP_PREFIX}{out.name}.old.{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)
+            done = True
             shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     finally:
         lock.close()
+        if created and not done and out.is_dir() and not foreign_entries(out):
+            # made here only to hold the lock: a failed run leaves no empty folder under the name
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def _remove_stale_stages(out: Path) -> None:

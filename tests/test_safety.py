@@ -672,3 +672,32 @@ def test_a_malformed_adapter_config_is_a_one_line_error(tmp_path, tiny_model, ad
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and "adapter_config.json" in lines[0], p.stderr
     assert "MLX_DFT_DEBUG" not in lines[0]  # a named error, not the catch-all
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 KiB file system (tmpfs), where a run's files cannot fit; skips where mounting is
+    not allowed (not root, or no tmpfs)."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(where)]
+    mounted = subprocess.run(cmd, capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(small_disk, tiny_model, arith_data):
+    out = small_disk / "run"
+    p = run_cli("train", "--model", tiny_model, "--data", arith_data, "--iters", 2, "--output", out)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("mlx_dft: error: ") and ("cannot write" in lines[0] or "No space" in lines[0])
+    assert "MLX_DFT_DEBUG" not in lines[0]
+    ckpts = out / "checkpoints"
+    assert not ckpts.exists() or [p.name for p in ckpts.iterdir() if not p.name.startswith(".")] == []

@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dft.architectures import ARCHITECTURES, check_sizes
 from mlx_dft.errors import UserError
-from mlx_dft.files import TMP_PREFIX, atomic_write_json, check_apart, staged_folder
+from mlx_dft.files import TMP_PREFIX, atomic_write_json, check_apart, save_safetensors, staged_folder
 from mlx_dft.gguf import names
 from mlx_dft.gguf.reader import GROUP_SIZE, GGUFHeader, load_tensors, read_header
 from mlx_dft.gguf.tokenizer import build_tokenizer, token_id_list, write_tokenizer
@@ -218,7 +218,7 @@ def convert_gguf(
         cfg["torch_dtype"] = str(sizes.most_common(1)[0][0]).rpartition(".")[2]
     out = Path(out)
     with staged_folder(out, overwrite=overwrite) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+        save_safetensors(tmp / "model.safetensors", weights, metadata={"format": "pt"})
         write_tokenizer(meta, tmp, cfg["max_position_embeddings"])
         atomic_write_json(tmp / "config.json", cfg)
     return out

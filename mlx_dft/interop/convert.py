@@ -14,11 +14,17 @@ import os
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
-
 from mlx_dft import adapters
 from mlx_dft.errors import UserError
-from mlx_dft.files import TMP_PREFIX, check_apart, local_or_hub, read_json, read_safetensors, staged_folder
+from mlx_dft.files import (
+    TMP_PREFIX,
+    check_apart,
+    local_or_hub,
+    read_json,
+    read_safetensors,
+    save_safetensors,
+    staged_folder,
+)
 
 RUN_FILE = "mlx_dft_run.json"  # training settings and final metrics, for model cards
 ADAPTER_FILES = ("*.json", "*.safetensors", "*.pth", "*.md")
@@ -125,7 +131,7 @@ def write_adapter(config: dict, out: Path, overwrite: bool = False) -> Path:
     """Write an mlx_dft folder (``adapter_config.json`` + weight files) atomically."""
     with staged_folder(out, overwrite=overwrite) as tmp:
         for fname, arrays in config["weights"].items():
-            mx.save_safetensors(str(tmp / fname), arrays)
+            save_safetensors(tmp / fname, arrays)
         settings = {k: v for k, v in config.items() if k != "weights"}
         (tmp / adapters.CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return out

@@ -33,7 +33,7 @@ import numpy as np
 
 from mlx_dft.architectures import check_sizes
 from mlx_dft.errors import UserError
-from mlx_dft.files import read_json, read_safetensors, staged_folder
+from mlx_dft.files import read_json, read_safetensors, save_safetensors, staged_folder
 from mlx_dft.interop import torch_pickle
 from mlx_dft.models import LLAMA2_BY_SHAPE, SHAPE_KEYS
 
@@ -63,7 +63,7 @@ def export_hf(config: dict, tensors: dict[str, mx.array], out: Path, base_model:
     for i in range(start, n_layers):
         out_tensors[f"layers.{i}.gate"] = tensors[f"model.layers.{i}.self_attn.aligner_gate"]
     with staged_folder(out) as tmp:
-        mx.save_safetensors(str(tmp / HF_WEIGHTS), out_tensors, metadata={"format": "pt"})
+        save_safetensors(tmp / HF_WEIGHTS, out_tensors, metadata={"format": "pt"})
         (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
     return out
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from mlx_dft.adapters.lora.peft import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 from mlx_dft.errors import UserError
-from mlx_dft.files import staged_folder
+from mlx_dft.files import save_safetensors, staged_folder
 from mlx_dft.models import ARCHITECTURES
 
 
@@ -56,6 +56,6 @@ def export_adaption_prompt(
         "revision": None,
     }
     with staged_folder(out) as tmp:
-        mx.save_safetensors(str(tmp / PEFT_WEIGHTS), out_tensors, metadata={"format": "pt"})
+        save_safetensors(tmp / PEFT_WEIGHTS, out_tensors, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     return out

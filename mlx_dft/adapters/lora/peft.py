@@ -22,7 +22,14 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_dft.errors import UserError
-from mlx_dft.files import read_json, read_safetensors, safetensors_metadata, staged_folder, time_limit
+from mlx_dft.files import (
+    read_json,
+    read_safetensors,
+    safetensors_metadata,
+    save_safetensors,
+    staged_folder,
+    time_limit,
+)
 from mlx_dft.models import (
     block_linear_paths,
     build_model,
@@ -139,7 +146,7 @@ def export_lora(adapter_dir: Path, config: dict, out: Path, base_model: str | No
         ),
     }
     with staged_folder(out) as tmp:
-        mx.save_safetensors(str(tmp / PEFT_WEIGHTS), out_tensors, metadata=meta)
+        save_safetensors(tmp / PEFT_WEIGHTS, out_tensors, metadata=meta)
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     return out
 
