@@ -23,6 +23,7 @@ loss turns segments into a block-diagonal causal attention mask
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,6 +420,28 @@ def load_hf_datasets(
         raise UserError(
             f"--data {name} is a Hugging Face dataset: install the datasets library (pip install datasets)"
         ) from None
+    with _quiet_libraries():
+        return _load_hf_datasets(datasets, name, tokenizer, cfg, config, splits)
+
+
+@contextlib.contextmanager
+def _quiet_libraries(names=("datasets", "huggingface_hub", "fsspec", "filelock", "urllib3")):
+    """Only errors from these libraries' loggers while we call them: their warnings (retries, cache
+    notes) would come before our own one-line error, or bury it."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _load_hf_datasets(datasets, name, tokenizer, cfg, config, splits) -> dict[str, Dataset]:
     wanted: dict[str, str] = {}
     try:
         if splits:

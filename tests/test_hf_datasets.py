@@ -110,3 +110,27 @@ def test_several_hf_datasets_are_refused(tmp_path):
     p = run_cli("train", "-c", plan)
     assert p.returncode == 1
     assert "hf_dataset lists 2 datasets; mlx_dft trains on one" in p.stderr
+
+
+def test_the_libraries_warnings_do_not_come_before_our_one_line(monkeypatch, caplog):
+    """huggingface_hub logs each retry and datasets its cache notes on stderr: while mlx_dft loads a
+    dataset only their errors pass, so a failure reads as one line."""
+    import logging
+
+    from mlx_dft import data
+    from mlx_dft.errors import UserError
+
+    def noisy(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 4/5].")
+        logging.getLogger("datasets.load").warning("Using the latest cached version of the dataset")
+        raise ConnectionError("Couldn't reach 'someorg/x' on the Hub")
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", noisy)
+    names = ("datasets", "huggingface_hub")
+    before = {n: logging.getLogger(n).level for n in names}
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(UserError, match="cannot load Hugging Face dataset someorg/x: Couldn't reach"):
+        data.load_hf_datasets("someorg/x", None, data.DataConfig())
+    logged = " ".join(r.getMessage() for r in caplog.records)  # what the libraries' handlers got
+    assert "Retrying" not in logged and "latest cached" not in logged, logged
+    assert {n: logging.getLogger(n).level for n in names} == before  # the libraries' levels restored
