@@ -413,8 +413,6 @@ def read_yaml(path: Path, limit: int = 1 << 20):
     types only, ``1e-5`` read as a float (YAML 1.1 reads it as a string), and no aliases
     (``*name``): a few hundred bytes of nested aliases expand to billions of items for whatever
     walks the result. Every failure is one line naming the file."""
-    import yaml
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{path} not found")
