@@ -81,6 +81,8 @@ for line in open(sys.argv[1]):
         name, version = line.split("==", 1)
         pins[norm(name)] = version
 seen = {norm(d.metadata["Name"]): d.version for d in md.distributions()}
+for tool in ("pip", "setuptools", "wheel"):  # the venv's own seeds; build environments use the pins
+    seen.pop(tool, None)
 changed = [(n, pins[n], seen[n]) for n in sorted(pins) if n in seen and seen[n].split("+")[0] != pins[n]]
 added = sorted(n for n in seen if n not in pins and n != "mlx-dft")
 for name, old, new in changed:
