@@ -17,6 +17,9 @@ import importlib.metadata
 import os
 import sys
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
 from mlx_dft.errors import UserError
 
 ENV = "MLX_DFT_ALLOW_UNTESTED"
@@ -30,24 +33,10 @@ TESTED: dict[str, tuple[str, str]] = {
 _warned: set[str] = set()
 
 
-def _key(version: str) -> tuple:
-    """Release segment of a version as a comparable tuple ('0.32.2rc1' -> (0, 32, 2), '1.0+cpu' ->
-    (1, 0)); a pre-release sorts with its release, which is what a range of releases means here."""
-    parts = []
-    for piece in version.split("+", 1)[0].split("."):
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        parts.append(int(digits))
-        if len(digits) < len(piece):
-            break
-    while len(parts) > 1 and parts[-1] == 0:
-        parts.pop()
-    return tuple(parts)
+def in_range(version: str, low: str, high: str) -> bool:
+    """Whether ``version`` is in [low, high) under PEP 440 (``packaging``): a local build label
+    (``+cpu``) is ignored, and ``<0.33`` excludes 0.33's pre-releases."""
+    return Version(version) in SpecifierSet(f">={low},<{high}")
 
 
 def installed(name: str) -> str | None:
@@ -62,7 +51,7 @@ def untested() -> list[str]:
     found = []
     for name, (low, high) in TESTED.items():
         version = installed(name)
-        if version is not None and not (_key(low) <= _key(version) < _key(high)):
+        if version is not None and not in_range(version, low, high):
             found.append(name)
     return found
 
