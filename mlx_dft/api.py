@@ -112,6 +112,7 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
         adapters.load_weights(model, source["weights"], cfg.adapter_from)
         say(f"starting from the {cfg.adapter} adapter {cfg.adapter_from}")
     say(f"model {cfg.model} ({models.model_type(model)}): {adapters.summary(model, method, settings)}")
+    say(models.split_model(model).describe())
 
     steps = total_steps(cfg, n_batches)
     check_run_length(cfg, steps)

@@ -46,18 +46,73 @@ def model_type(model: nn.Module | dict) -> str:
     return getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", "?")
 
 
+def text_config(config: dict) -> dict:
+    """A config.json with its nested ``text_config`` (qwen3_5, gemma3/4 multimodal checkpoints)
+    read into the top level: the text model's sizes, the outer ``model_type``."""
+    inner = config.get("text_config")
+    if not isinstance(inner, dict):
+        return config
+    return {**config, **inner, "model_type": config.get("model_type", inner.get("model_type"))}
+
+
 def model_signature(config: dict) -> dict:
-    """The config.json values that identify a model (a resumed run must match them)."""
-    return {k: config.get(k) for k in SIGNATURE_KEYS if k in config}
+    """The config.json values that identify a model (a resumed run must match them), read through
+    a nested ``text_config``."""
+    flat = text_config(config)
+    return {k: flat.get(k) for k in SIGNATURE_KEYS if k in flat}
 
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
 
-def block_linear_paths(model: nn.Module, layer_index: int = -1) -> list[str]:
-    """Paths (relative to a block, ``self_attn.q_proj``) of the linear layers of one transformer block."""
-    block = model.layers[layer_index]
-    return sorted(p for p, m in block.named_modules() if isinstance(m, LINEAR_TYPES) or hasattr(m, "to_lora"))
+def expert_types() -> tuple[type, ...]:
+    """mlx-lm's mixture-of-experts linear layers (one weight per expert), which its LoRA adapts."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return (SwitchLinear, QuantizedSwitchLinear)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer LoRA can wrap: a linear layer, an expert layer, or one with mlx-lm's ``to_lora``."""
+    return isinstance(module, LINEAR_TYPES + expert_types()) or hasattr(module, "to_lora")
+
+
+def routers(block: nn.Module) -> set[str]:
+    """Paths of the block's expert routers: a linear layer beside expert layers (in the same
+    module) whose outputs number the experts (qwen3_moe's ``mlp.gate``, gpt_oss's ``mlp.router``).
+    PEFT recipes for mixture-of-experts models leave them frozen, and so does the default here."""
+    experts = expert_types()
+    out = set()
+    for path, module in block.named_modules():
+        counts = {m.weight.shape[0] for m in module.modules() if isinstance(m, experts)}
+        if not counts:
+            continue
+        for key, child in module.children().items():
+            if isinstance(child, LINEAR_TYPES) and child.weight.shape[0] in counts:
+                out.add(f"{path}.{key}" if path else key)
+    return out
+
+
+def block_linear_paths(model: nn.Module, with_routers: bool = False) -> list[str]:
+    """Paths (relative to a block, ``self_attn.q_proj``) of the layers LoRA can adapt, gathered
+    over every block (as mlx-lm does: hybrid models have linear-attention or convolution blocks
+    beside attention ones), expert layers included, routers only ``with_routers``."""
+    found: set[str] = set()
+    skip: set[str] = set()
+    for block in model.layers:
+        found.update(p for p, m in block.named_modules() if p and is_adaptable(m))
+        skip |= routers(block)
+    return sorted(found if with_routers else found - skip)
+
+
+def layers_prefix(model: nn.Module) -> str:
+    """The path of the model's block list in its parameter names: ``model.layers``, or
+    ``language_model.model.layers`` (qwen3_5)."""
+    first = model.layers[0]
+    for path, module in model.named_modules():
+        if module is first and path.endswith(".0"):
+            return path[:-2]
+    return "layers"
 
 
 def last_layers(n_layers: int, num_layers: int | None) -> list[int]:
@@ -121,7 +176,11 @@ def check_model_type(value, where: Path | str) -> None:
         module = importlib.import_module(f"mlx_lm.models.{name}")  # one of mlx-lm's own modules
         ok = hasattr(module, "Model") and hasattr(module, "ModelArgs")
     if not ok:
-        raise UserError(f"{where}: model_type {value!r} is not an architecture mlx-lm supports")
+        import mlx_lm
+
+        raise UserError(
+            f"{where}: model_type {value!r} is not an architecture mlx-lm {mlx_lm.__version__} supports"
+        )
 
 
 def load_model(
@@ -254,34 +313,157 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules())
 
 
-class _TiedHead(nn.Module):
-    """The output projection of a model whose head is its input embedding."""
+class _Given:
+    """Stands in for a model's body while its head runs: returns the hidden states it was given,
+    and reads as the body otherwise (a tied head reads ``body.embed_tokens``)."""
 
-    def __init__(self, embedding: nn.Module):
+    def __init__(self, body: nn.Module, hidden: mx.array):
+        self.body, self.hidden = body, hidden
+
+    def __call__(self, *args, **kwargs) -> mx.array:
+        return self.hidden
+
+    def __getattr__(self, name: str):
+        return getattr(self.body, name)
+
+
+class Head(nn.Module):
+    """The model's own output computation (projection, tied or scaled embeddings, soft-capping,
+    logit scaling: whatever its ``__call__`` does after the body), applied to given hidden states.
+
+    Runs the model's ``__call__`` with the body swapped for :class:`_Given`, so no architecture
+    needs its head written out here; :func:`split_model` checks the result against ``model(x)``.
+    Its children are the modules outside the body (the output projection) and the body's input
+    embedding (a tied head's weights), so that full fine-tuning sees what the head trains."""
+
+    def __init__(self, model: nn.Module, parent: nn.Module, key: str, parts: dict[str, nn.Module]):
         super().__init__()
-        self.embedding = embedding
+        for k, m in parts.items():
+            self[k] = m
+        object.__setattr__(self, "_where", (model, parent, key))  # references, not parameters
 
-    def __call__(self, h: mx.array) -> mx.array:
-        return self.embedding.as_linear(h)
+    def __call__(self, hidden: mx.array) -> mx.array:
+        model, parent, key = self._where
+        shape = hidden.shape
+        h3 = hidden.reshape(1, -1, shape[-1]) if hidden.ndim == 2 else hidden
+        body = parent[key]
+        parent[key] = _Given(body, h3)
+        try:
+            out = model(mx.zeros(h3.shape[:-1], dtype=mx.int32))
+        finally:
+            parent[key] = body
+        return out.reshape(*shape[:-1], out.shape[-1])
 
 
 def _identity(h: mx.array) -> mx.array:
     return h
 
 
-def split_model(model: nn.Module) -> tuple[Callable, nn.Module | Callable, bool]:
-    """(body, head, fast): ``head(body(inputs))`` equals ``model(inputs)``.
+def _locate_body(model: nn.Module) -> tuple[nn.Module, nn.Module, str] | None:
+    """(body, its parent module, its key there): the module ``model.model`` names (an attribute or
+    a property, as qwen3_5's ``language_model.model``) when it has ``layers`` and ``embed_tokens``."""
+    body = getattr(model, "model", None)
+    if not isinstance(body, nn.Module) or not isinstance(getattr(body, "layers", None), list):
+        return None
+    if not hasattr(body, "embed_tokens"):
+        return None
+    for path, module in model.named_modules():
+        if module is body and path:
+            parent_path, _, key = path.rpartition(".")
+            parent = model
+            for part in filter(None, parent_path.split(".")):
+                parent = parent[part]
+            return body, parent, key
+    return None
 
-    ``fast`` is True when ``body`` yields hidden states (so logits can be restricted to
-    supervised positions); otherwise ``body`` is the whole model and ``head`` the identity.
-    """
-    inner = getattr(model, "model", None)
-    if model_type(model) in ARCHITECTURES and inner is not None and hasattr(inner, "embed_tokens"):
-        if getattr(model, "args", None) is not None and model.args.tie_word_embeddings:
-            return inner, _TiedHead(inner.embed_tokens), True
-        if hasattr(model, "lm_head"):
-            return inner, model.lm_head, True
-    return model, _identity, False
+
+def _head_parts(node: nn.Module, body: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """The modules of ``node`` outside ``body`` (keys joined by ``_``), plus the body's input
+    embedding: the parameters a head can use."""
+    out: dict[str, nn.Module] = {}
+    for key, child in node.children().items():
+        if child is body:
+            out[f"{prefix}embed_tokens"] = body.embed_tokens
+        elif isinstance(child, nn.Module):
+            if any(m is body for m in child.modules()):
+                out.update(_head_parts(child, body, f"{prefix}{key}_"))
+            else:
+                out[f"{prefix}{key}"] = child
+    return out
+
+
+class Split:
+    """How the loss reaches a model's logits: ``head(body(inputs))`` equals ``model(inputs)``.
+
+    ``fast``: ``body`` yields the final hidden states, so logits are computed at supervised
+    positions only, in chunks; otherwise ``body`` is the whole model and ``head`` the identity
+    (full logits), and ``reason`` says why."""
+
+    def __init__(self, body: Callable, head: nn.Module | Callable, fast: bool, reason: str = ""):
+        self.body, self.head, self.fast, self.reason = body, head, fast, reason
+        self.probed = False
+
+    def __iter__(self):  # body, head, fast = split_model(model)
+        return iter((self.body, self.head, self.fast))
+
+    def describe(self) -> str:
+        if self.fast:
+            return "loss path: hidden states, logits at supervised positions only (checked on a probe batch)"
+        return f"loss path: full logits ({self.reason})"
+
+
+# A probe batch: 2 rows of this many tokens, drawn from a fixed key.
+PROBE_TOKENS = 12
+
+
+def _probe(model: nn.Module, body: Callable, head: Head) -> str:
+    """'' when ``head(body(x))`` gives ``model(x)`` on a short random batch, at every position and
+    with the positions gathered out of order (as the loss gathers them); else why not."""
+    vocab = vocab_size(model)
+    x = mx.random.randint(0, vocab, (2, PROBE_TOKENS), key=mx.random.key(0))
+    was_training = model.training
+    model.eval()
+    try:
+        full = model(x)
+        hidden = body(x)
+        if hidden.ndim != 3 or hidden.shape[:2] != x.shape:
+            return f"the body gives shape {tuple(hidden.shape)}, not hidden states"
+        order = mx.arange(x.size - 1, -1, -1)
+        want = full.reshape(-1, full.shape[-1])[order].astype(mx.float32)
+        got = head(hidden.reshape(-1, hidden.shape[-1])[order]).astype(mx.float32)
+        if got.shape != want.shape:
+            return f"the head gives shape {tuple(got.shape)}, the model {tuple(want.shape)}"
+        scale = max(float(mx.abs(want).max()), 1e-6)
+        err = float(mx.abs(got - want).max()) / scale
+    except Exception as e:  # an architecture whose head does not run on given states
+        return f"its head does not run apart from its body ({type(e).__name__}: {str(e)[:80]})"
+    finally:
+        if was_training:
+            model.train()
+    tol = 1e-5 if full.dtype == mx.float32 else 2e-2
+    if not err <= tol:
+        return f"head(body(x)) differs from model(x) by {err:.1e} of the logits' scale on a probe batch"
+    return ""
+
+
+def split_model(model: nn.Module, probe: bool = True) -> Split:
+    """The model's :class:`Split`: its body (``model.model``, the final hidden states) and
+    :class:`Head`, verified on a probe batch (``probe``; once per model), for every mlx-lm text
+    architecture; the whole model and full logits where that cannot be done or verified."""
+    cached = getattr(model, "_mlx_dft_split", None)
+    if cached is not None and (cached.probed or not probe):
+        return cached
+    where = _locate_body(model)
+    if where is None:
+        split = Split(model, _identity, False, f"{model_type(model)} has no model.model with layers")
+    else:
+        body, parent, key = where
+        head = Head(model, parent, key, _head_parts(model, body))
+        reason = _probe(model, body, head) if probe else ""
+        split = Split(model, _identity, False, reason) if reason else Split(body, head, True)
+    split.probed = probe
+    object.__setattr__(model, "_mlx_dft_split", split)
+    return split
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -297,10 +479,8 @@ def vocab_size(model: nn.Module) -> int:
 
 
 def grad_checkpoint(model: nn.Module) -> None:
-    """Recompute each block in the backward pass (mlx-lm's mechanism: patches the block class)."""
-    from mlx_lm.tuner.trainer import grad_checkpoint as patch
+    """Recompute each block in the backward pass of the training loss (see
+    :func:`mlx_dft.patches.wrapped_blocks`; no class of mlx-lm is patched)."""
+    from mlx_dft.patches import set_checkpointing
 
-    cls = type(model.layers[0])
-    if not getattr(cls, "_mlx_dft_checkpointed", False):
-        patch(model.layers[0])
-        cls._mlx_dft_checkpointed = True
+    set_checkpointing(model)

@@ -76,6 +76,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     terms: dict = field(default_factory=dict)  # activation and loss sizes before their constants
     known: float = 0.0  # the bytes that need no constant: weights, optimizer, checkpoints
+    layout: str = ""  # vocabulary, kinds of blocks, experts, loss path (:func:`layout`)
 
     @property
     def peak(self) -> float:
@@ -168,11 +169,12 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
     """The plan of a run of ``cfg`` (``cfg.model``; rows of ``length`` tokens, default
     --max-seq-length); ``gflops`` given skips measuring the matmul rate."""
     from mlx_dft import adapters
-    from mlx_dft.models import build_model, default_model_path, model_type, vocab_size
+    from mlx_dft.models import build_model, default_model_path, model_type, text_config, vocab_size
 
     name = cfg.model or str(default_model_path())
-    path, config = model_config_only(name)
-    model = build_model(config, str(path))  # lazy arrays: nothing is computed or loaded
+    path, outer = model_config_only(name)
+    config = text_config(outer)
+    model = build_model(outer, str(path))  # lazy arrays: nothing is computed or loaded
     kind = model_type(model)
     method = adapters.method(cfg.adapter)
     method.apply(model, method.settings(cfg, model))
@@ -189,7 +191,7 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
         notes.append("the quantized base computes in float32 on the CPU (--keep-quantized keeps it)")
     if kept and isinstance(quant, dict) and "bits" in quant:
         per = quant["bits"] / 8 + 4 / quant.get("group_size", 64)  # packed weight + fp16 scale, bias
-        quantized = _linear_params(model) + model.model.embed_tokens.weight.size
+        quantized = _linear_params(model) + model.model.embed_tokens.weight.size  # (every mlx-lm text model)
         weights = quantized * per + (total - trainable - quantized) * 2 + trainable * width
     else:
         weights = total * width
@@ -214,7 +216,7 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
 
     chunk = min(cfg.loss_chunk_tokens or auto_chunk_tokens(vocab), b * length)
     # supervised tokens whose softmax the loss keeps (every token of a row, at most)
-    keep = keep_tokens(split_model(model)[1], LossConfig.from_options(cfg), vocab)
+    keep = keep_tokens(split_model(model, probe=False).head, LossConfig.from_options(cfg), vocab)
     kept_softmax = b * length if b * length <= keep else 0
     tok, scores = width * b * length, width * b * heads * length**2
     terms = {
@@ -255,9 +257,36 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
     flops += sum((3 + again if i in span else 1) * attention for i in range(n_layers))
     if gflops is None:
         gflops = matmul_gflops(h, inter, tokens)
-    return Plan(name, kind, total, trainable, b, length, "cpu" if on_cpu else "gpu", dtype, weights,
+    plan = Plan(name, kind, total, trainable, b, length, "cpu" if on_cpu else "gpu", dtype, weights,
                 optimizer, activations, loss, usable_memory(), flops, gflops, notes, terms,
                 weights + optimizer + checkpoints)  # fmt: skip
+    plan.layout = layout(model, vocab)
+    return plan
+
+
+def layout(model: nn.Module, vocab: int) -> str:
+    """What the planner sees of an architecture: vocabulary, the kinds of blocks (attention,
+    sliding-window, linear-attention, convolution), experts, and the loss path."""
+    from mlx_dft.models import expert_types, split_model
+
+    kinds: dict[str, int] = {}
+    for block in model.layers:
+        names = {p.split(".")[0] for p, _ in block.named_modules() if p}
+        if "linear_attn" in names:
+            kind = "linear-attention"
+        elif "conv" in names:
+            kind = "convolution"
+        elif getattr(block, "use_sliding", False) or getattr(block, "is_sliding", False):
+            kind = "sliding-window attention"
+        else:
+            kind = "attention"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    blocks = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    experts = [m.weight.shape[0] for m in model.modules() if isinstance(m, expert_types())]
+    moe = f"; {max(experts)} experts a layer" if experts else ""
+    fast = split_model(model, probe=False).fast
+    path = "hidden states (logits at supervised positions only)" if fast else "full logits"
+    return f"vocabulary {vocab:,}; blocks: {blocks}{moe}; loss path: {path}"
 
 
 def _largest(cfg: TrainConfig, field_name: str, lo: int, hi: int, gflops: float, length: int | None) -> int:
@@ -320,6 +349,7 @@ def report(cfg: TrainConfig) -> tuple[Plan, list[str]]:
     p.notes.extend(notes)
     lines = [
         f"plan: {p.model} ({p.model_type}, {p.parameters / 1e6:,.1f}M parameters)",
+        f"  {p.layout}",
         f"  {cfg.adapter} trains {p.trainable:,}; batch {p.batch} x {p.length} tokens"
         f"{' (packed rows)' if cfg.pack else ''}, {p.dtype} on the {p.device}",
         f"  weights           {_gb(p.weights)}",

@@ -22,12 +22,11 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_dft import fused
 from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
 from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, loss_sums
 from mlx_dft.models import split_model, vocab_size
-from mlx_dft.packing import _StandIn, packed_attention
+from mlx_dft.patches import StandIn, gradient_checkpointing, lean_swiglu, wrapped_blocks
 from mlx_dft.progress import Progress
 
 if TYPE_CHECKING:
@@ -126,8 +125,10 @@ def make_loss_fn(
     adapter_off: AdapterOff | None = None,
 ):
     """loss(model, inputs, positions, targets, valid[, segments]) -> (objective, ce, prob, ntoks,
-    *parts) sums; ``segments`` (packed rows) makes attention block-diagonal (:func:`packed_attention`);
-    the MLPs use the SwiGLU with the leaner backward pass (:func:`mlx_dft.fused.lean_swiglu`).
+    *parts) sums; ``segments`` (packed rows) makes attention block-diagonal
+    (:func:`mlx_dft.patches.wrapped_blocks`);
+    the MLPs use the SwiGLU with the leaner backward pass (:func:`mlx_dft.patches.lean_swiglu`);
+    blocks are recomputed in the backward pass when the model asks for gradient checkpointing.
     The function's ``parts`` attribute names the parts (``loss_cfg.parts``); its ``state`` lists the
     arrays it reads besides the model's (a compiled function takes them as inputs).
 
@@ -144,7 +145,8 @@ def make_loss_fn(
         return mx.take(out.reshape(-1, out.shape[-1]), positions, axis=0)
 
     def loss_fn(model, inputs, positions, targets, valid, segments=None):
-        with packed_attention(body, segments), fused.lean_swiglu(model):
+        checkpoint = gradient_checkpointing(model)
+        with wrapped_blocks(body, segments, checkpoint), lean_swiglu(model):
             if loss_cfg.needs_reference:
                 first = adapter_off.first_layer if fast else 0
                 out, ref = _policy_and_reference(body, inputs, adapter_off, first)
@@ -172,29 +174,35 @@ def _policy_and_reference(
     (:func:`mlx_dft.models.split_model`) do; ``first`` = 0 runs the whole body twice.
     """
     layers = getattr(body, "layers", None)
-    if first <= 0 or not isinstance(layers, list):
+    if not isinstance(layers, list):
         out = body(inputs)
         with adapter_off():
             return out, body(inputs)
+    first = max(first, 0)
     block, seen = layers[first], {}
 
     def record(x, *args, **kwargs):
         seen["x"] = x
         return block(x, *args, **kwargs)
 
-    layers[first] = _StandIn(block, record)
+    layers[first] = StandIn(block, record)
     try:
         out = body(inputs)
     finally:
         layers[first] = block
-    x = mx.stop_gradient(seen["x"])
-    before = layers[:first]
+    # A distinct array (equal values): MLX 0.32's compile fails ("_Map_base::at") on a graph that
+    # runs a gated-delta layer twice on one input array (qwen3_5, qwen3_next; tests/
+    # test_architectures.py keeps the stock reproduction), and with ``first`` = 0 both passes would.
+    x = mx.stop_gradient(seen["x"]) + 0.0
+    before = layers[: first + 1]
     with adapter_off():
-        layers[:first] = [_StandIn(b, lambda *args, **kwargs: x) for b in before]
+        stand_ins = [StandIn(b, lambda *args, **kwargs: x) for b in before[:-1]]
+        at_first = StandIn(block, lambda _, *args, **kwargs: block(x, *args, **kwargs))
+        layers[: first + 1] = [*stand_ins, at_first]
         try:
             ref = body(inputs)
         finally:
-            layers[:first] = before
+            layers[: first + 1] = before
     return out, ref
 
 

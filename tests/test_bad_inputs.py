@@ -170,7 +170,7 @@ CASES = {
     ),
     "yaml invalid": (lambda d: [*TRAIN, "--config", _write(d / "c.yaml", "a: [1\n")], "invalid YAML"),
     "yaml missing": (lambda d: [*TRAIN, "--config", d / "none.yaml"], "config file not found"),
-    "lora keys": (lambda d: [*TRAIN, "--lora-keys", "nothing_proj"], "no linear module 'nothing_proj'"),
+    "lora keys": (lambda d: [*TRAIN, "--lora-keys", "nothing_proj"], "no adaptable layer 'nothing_proj'"),
     "aligner start layer": (
         lambda d: [*TRAIN, "--fine-tune-type", "aligner", "--aligner-start-layer", "9"],
         "--aligner-start-layer 9 must be below",

@@ -105,7 +105,7 @@ GOOD = '{"prompt": "Q: 1 + 1?", "completion": " 2"}'
             ["2 examples, fewer than --batch-size 4"],
         ),
         (lambda d: ["--config", write(d / "c.yaml", ["itres: 10"])], ["unknown option 'itres'"]),
-        (lambda d: ["--lora-keys", "nonexistent_proj"], ["no linear module 'nonexistent_proj'"]),
+        (lambda d: ["--lora-keys", "nonexistent_proj"], ["no adaptable layer 'nonexistent_proj'"]),
         (lambda d: ["--learning-rate", "-1"], ["--learning-rate must be positive"]),
         (lambda d: ["--resume", d / "nowhere"], ["resume path not found"]),
     ],

@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import activations
 
-from mlx_dft import adapters, fused
+from mlx_dft import adapters, fused, patches
 from mlx_dft.architectures import ARCHITECTURES
 from mlx_dft.config import TrainConfig
 from mlx_dft.data import DataConfig, collate, load_split
@@ -87,7 +87,7 @@ def test_model_loss_and_lora_gradients_unchanged(arch, tmp_path, arith_data, mon
         return fused._swiglu(g, u)
 
     monkeypatch.setattr(fused, "swiglu", counted)
-    with fused.lean_swiglu(model) as lean:
+    with patches.lean_swiglu(model) as lean:
         assert lean and module.swiglu is counted
     assert module.swiglu is activations.swiglu  # put back
     got_loss, got = loss_and_grads()
@@ -98,9 +98,18 @@ def test_model_loss_and_lora_gradients_unchanged(arch, tmp_path, arith_data, mon
         np.testing.assert_allclose(np.array(got[k]), np.array(want[k]), rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_unknown_architecture_is_left_alone():
-    class Other(nn.Module):
-        model_type = "gemma"
+def test_only_mlx_lms_own_swiglu_is_replaced(tmp_path):
+    """gemma3 (a GeGLU) keeps its MLP; gpt_oss's own clamped function (also named swiglu) is never
+    replaced, though the mlx-lm SwiGLU its expert layers reach is."""
+    from tests.arch_models import write_arch_model
 
-    with fused.lean_swiglu(Other()) as lean:
+    gemma, *_ = load_model(str(write_arch_model(tmp_path / "g", "gemma3_text")))
+    with patches.lean_swiglu(gemma) as lean:
         assert lean is False
+    oss, *_ = load_model(str(write_arch_model(tmp_path / "o", "gpt_oss")))
+    module = importlib.import_module("mlx_lm.models.gpt_oss")
+    own = module.__dict__.get("swiglu")
+    with patches.lean_swiglu(oss):
+        assert module.__dict__.get("swiglu") is own
+        assert activations.swiglu is fused.swiglu
+    assert activations.swiglu is not fused.swiglu

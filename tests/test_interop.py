@@ -75,7 +75,8 @@ def test_exported_lora_gives_our_logits_in_peft(models, arith_data, tmp_path, ar
     out = convert.export_adapter(run.output, tmp_path / "peft")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 80.0
-    assert cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"] and cfg["layers_to_transform"] == [1]
+    assert cfg["target_modules"] == ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    assert cfg["layers_to_transform"] == [1]
     assert cfg["use_dora"] == (kind == "dora") and cfg["task_type"] == "CAUSAL_LM"
     model = peft.PeftModel.from_pretrained(hf(models[arch]), str(out)).eval()
     ours = mlx_logits(models[arch], run.output)

@@ -29,6 +29,7 @@ from mlx_dft.errors import UserError
 from mlx_dft.losses import LossConfig
 from mlx_dft.models import load_model, split_model
 from mlx_dft.packing import packed_attention, prepare
+from mlx_dft.patches import set_checkpointing
 from mlx_dft.trainer import model_loss_fn
 from tests.conftest import llama_config, run_cli, write_model
 
@@ -40,10 +41,21 @@ ARCHS = {
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+# mlx-lm architectures with what packing must keep exact: sliding windows (gemma3/4, gpt_oss),
+# shared KV and soft-capping (gemma4), attention sinks and experts (gpt_oss), NoPE layers
+# (smollm3), fused projections (phi3), scaled embeddings/residuals/logits (granite), QK-norm
+# after projection (olmo2), experts (qwen3_moe).
+MORE = ("gemma3_text", "gemma4_text", "gpt_oss", "smollm3", "phi3", "granite", "olmo2", "qwen3_moe")
+
+
 @pytest.fixture(scope="module")
 def arch_models(tmp_path_factory):
+    from tests.arch_models import write_arch_model
+
     root = tmp_path_factory.mktemp("pack_models")
-    return {a: write_model(root / a, cfg, seed=3) for a, cfg in ARCHS.items()}
+    out = {a: write_model(root / a, cfg, seed=3) for a, cfg in ARCHS.items()}
+    out.update({a: write_arch_model(root / a, a, seed=3) for a in MORE})
+    return out
 
 
 def _split(arith_data, path, max_len=2048):
@@ -153,15 +165,24 @@ def _sums_and_grads(model, loss_fn, batch):
         ("qwen2", "aligner", "dft"),
         ("qwen3", "lora", "dft"),
         ("qwen3", "aligner", "sft"),
+        *[(a, "lora", "dft") for a in MORE],
+        ("gemma4_text", "lora", "asft"),
+        ("gpt_oss", "full", "sft"),
+        ("llama", "lora", "dft-checkpointed"),
+        ("gemma4_text", "lora", "dft-checkpointed"),
     ],
 )
 def test_a_packed_batch_has_the_losses_and_gradients_of_the_same_examples_unpacked(
     arch_models, arith_data, arch, adapter, loss
 ):
+    """Also with gradient checkpointing: the recomputed blocks mask and rotate as the forward did."""
     path = arch_models[arch]
     ds = _split(arith_data, path)
     packed = pack_dataset(ds, 400)
     model, method = _adapted(path, adapter)
+    if loss.endswith("-checkpointed"):
+        loss = loss.removesuffix("-checkpointed")
+        set_checkpointing(model)
     cfg = LossConfig(loss, asft_alpha=0.1) if loss == "asft" else LossConfig(loss)
     off = method.adapter_off(model, copy_weights=True) if cfg.needs_reference else None
     loss_fn = model_loss_fn(model, cfg, 0, off)
@@ -223,16 +244,15 @@ def test_packed_batches_are_rows_and_split_across_workers(tiny_model, arith_data
     assert whole.segments is not None and int(mx.max(whole.segments)) > 1
 
 
-def test_pack_refuses_an_architecture_without_the_hidden_state_path(tmp_path, arith_data):
-    cfg = {
-        **llama_config(),
-        "model_type": "starcoder2",
-        "architectures": ["Starcoder2ForCausalLM"],
-        "norm_epsilon": 1e-5,
-        "use_bias": True,
-        "sliding_window": None,
-    }
-    path = write_model(tmp_path / "sc2", cfg)
-    with pytest.raises(UserError, match="--pack supports model types llama"):
+@pytest.mark.parametrize(
+    ("kind", "layer"), [("qwen3_5", "linear_attn"), ("lfm2", "conv")]
+)
+def test_pack_refuses_layers_that_carry_state_across_examples(tmp_path, arith_data, kind, layer):
+    from tests.arch_models import write_arch_model
+
+    path = write_arch_model(tmp_path / kind, kind)
+    why = f"--pack cannot train this model exactly: {kind} block 0 has '{layer}'"
+    with pytest.raises(UserError, match=why):
         mlx_dft.train(model=str(path), data=str(arith_data), output=str(tmp_path / "o"), pack=True,
                       iters=1, **FAST)  # fmt: skip
+    assert not (tmp_path / "o").exists()

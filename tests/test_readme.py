@@ -116,3 +116,15 @@ def test_first_session_block_runs_as_written(tmp_path):
 ])  # fmt: skip
 def test_command_extraction(text, expected):
     assert commands(text) == expected
+
+
+def test_the_support_matrix_is_what_the_code_says():
+    """The README's model type x feature table is generated (scripts/support_matrix.py) from the
+    features' own checks; a change to what a feature supports fails here until it is regenerated."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import support_matrix
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    readme = (ROOT / "README.md").read_text()
+    assert support_matrix.section() in readme, "run: python scripts/support_matrix.py --write"

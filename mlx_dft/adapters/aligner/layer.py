@@ -140,7 +140,11 @@ def switched_off():
 
 
 def check_supported(model: nn.Module) -> str:
-    """The mlx-lm module whose attention this model uses; refuses other architectures."""
+    """The mlx-lm module whose attention this model uses; refuses other architectures in one line
+    naming the feature, the model type and why (:mod:`mlx_dft.support`)."""
+    from mlx_dft import support
+
+    support.require("aligner", model)
     return architecture(model_type(model), "--fine-tune-type aligner").mlx_module
 
 

@@ -8,6 +8,7 @@ export to and import from Hugging Face PEFT (:mod:`.peft`).
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 
 import mlx.nn as nn
@@ -16,24 +17,37 @@ from mlx.utils import tree_unflatten
 from mlx_dft.adapters.base import AdapterMethod, AdapterOff, Card
 from mlx_dft.adapters.lora import peft
 from mlx_dft.errors import UserError
-from mlx_dft.models import LINEAR_TYPES, block_linear_paths, last_layers
+from mlx_dft.models import (
+    LINEAR_TYPES,
+    block_linear_paths,
+    expert_types,
+    is_adaptable,
+    last_layers,
+    layers_prefix,
+)
 
 
 def resolve_keys(model: nn.Module, keys: list[str] | None) -> list[str]:
-    """Full block-relative paths for ``keys`` given as paths or short names (``q_proj``)."""
-    available = block_linear_paths(model)
+    """Full block-relative paths for ``keys`` given as paths or short names (``q_proj``),
+    matched over every block; the default is every adaptable layer but expert routers."""
     if not keys:
-        return available
+        return block_linear_paths(model)
+    available = block_linear_paths(model, with_routers=True)
     out = []
     for k in keys:
         matches = [p for p in available if p == k or p.endswith("." + k)]
         if not matches:
             raise UserError(
-                f"--lora-keys: no linear module '{k}' in the model's blocks; available: "
+                f"--lora-keys: no adaptable layer '{k}' in any of the model's blocks; available: "
                 + ", ".join(available)
             )
         out.extend(m for m in matches if m not in out)
     return out
+
+
+def expert_paths(model: nn.Module) -> set[str]:
+    """Block-relative paths of the mixture-of-experts layers of any block."""
+    return {p for b in model.layers for p, m in b.named_modules() if isinstance(m, expert_types())}
 
 
 def adapted_layers(model: nn.Module, s: dict) -> list[int]:
@@ -50,8 +64,17 @@ def adapted_layers(model: nn.Module, s: dict) -> list[int]:
     return last_layers(n, s["num_layers"])
 
 
+def _lora_classes() -> tuple[type, ...]:
+    """mlx-lm's adapter layers: LoRA and DoRA on linear layers, LoRA on expert layers."""
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+
+    return (LoRALinear, DoRALinear, LoRASwitchLinear)
+
+
 def apply_lora(model: nn.Module, s: dict) -> None:
-    """Replace the selected linear layers by mlx-lm's LoRALinear/DoRALinear.
+    """Replace the selected layers by mlx-lm's LoRALinear/DoRALinear (LoRASwitchLinear on the
+    experts of a mixture-of-experts block, as mlx-lm does; DoRA has none there).
 
     ``lora_parameters`` holds mlx-lm's rank/scale/dropout/keys, and optionally (mlx_dft
     extensions, from PEFT imports) ``layers`` and per-module ``module_ranks`` /
@@ -60,28 +83,42 @@ def apply_lora(model: nn.Module, s: dict) -> None:
     # mlx-lm is imported here, not at module level: importing mlx_lm imports transformers (and
     # torch where installed), which `mlx_dft --help` and the PyTorch Aligner runner need not pay for.
     from mlx_lm.tuner.dora import DoRALinear
-    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
     model.freeze()
     p = s["lora_parameters"]
     dora = s["fine_tune_type"] == "dora"
     keys = p.get("keys") or block_linear_paths(model)
     ranks, scales = p.get("module_ranks") or {}, p.get("module_scales") or {}
-    cls = DoRALinear if dora else LoRALinear
     count = 0
-    inner_prefix = "model.layers" if hasattr(model, "model") else "layers"
+    prefix = layers_prefix(model)
     for i in adapted_layers(model, s):
         block = model.layers[i]
         updates = []
         for path, module in block.named_modules():
             if path not in keys:
                 continue
-            if not isinstance(module, LINEAR_TYPES):
+            if not is_adaptable(module):
                 raise UserError(
                     f"cannot apply {s['fine_tune_type']} to {path} ({type(module).__name__}): only linear "
-                    "layers are supported (no MoE experts or embeddings)"
+                    "and expert layers are supported"
                 )
-            full = f"{inner_prefix}.{i}.{path}"
+            if isinstance(module, expert_types()):
+                if dora:
+                    raise UserError(
+                        f"dora cannot adapt {path}: it is a mixture-of-experts layer "
+                        f"({type(module).__name__}), which mlx-lm's DoRA does not support; use "
+                        "--fine-tune-type lora, or --lora-keys without the expert layers"
+                    )
+                cls = LoRASwitchLinear
+            elif isinstance(module, LINEAR_TYPES):
+                cls = DoRALinear if dora else LoRALinear
+            else:
+                raise UserError(
+                    f"cannot apply {s['fine_tune_type']} to {path} ({type(module).__name__}): mlx_dft adapts "
+                    "linear and expert layers only"
+                )
+            full = f"{prefix}.{i}.{path}"
             updates.append(
                 (
                     path,
@@ -102,15 +139,13 @@ def apply_lora(model: nn.Module, s: dict) -> None:
 
 @contextmanager
 def base_linears(model: nn.Module):
-    """Inside: every LoRA/DoRA layer of ``model`` is replaced by its base linear (``.linear``)."""
-    from mlx_lm.tuner.dora import DoRALinear
-    from mlx_lm.tuner.lora import LoRALinear
-
+    """Inside: every LoRA/DoRA layer of ``model`` is replaced by its base layer (``.linear``)."""
+    classes = _lora_classes()
     sites = [
         (parent, key, child)
         for parent in model.modules()
         for key, child in parent.items()
-        if isinstance(child, (LoRALinear, DoRALinear))
+        if isinstance(child, classes)
     ]
     for parent, key, child in sites:
         parent[key] = child.linear
@@ -130,6 +165,16 @@ class LoRA(AdapterMethod):
 
     def settings(self, cfg, model: nn.Module) -> dict:
         scale = cfg.lora_scale if cfg.lora_alpha is None else cfg.lora_alpha / cfg.lora_rank
+        keys = resolve_keys(model, cfg.lora_keys)
+        if self.name == "dora" and not cfg.lora_keys:
+            experts = expert_paths(model)
+            if experts:
+                keys = [k for k in keys if k not in experts]
+                print(
+                    f"note: dora leaves the expert layers ({', '.join(sorted(experts))}) frozen: mlx-lm's "
+                    "DoRA has no expert (SwitchLinear) form; --fine-tune-type lora adapts them",
+                    file=sys.stderr,
+                )
         return {
             "fine_tune_type": self.name,
             "num_layers": len(last_layers(len(model.layers), cfg.num_layers)),
@@ -137,7 +182,7 @@ class LoRA(AdapterMethod):
                 "rank": cfg.lora_rank,
                 "scale": float(scale),
                 "dropout": cfg.lora_dropout,
-                "keys": resolve_keys(model, cfg.lora_keys),
+                "keys": keys,
             },
         }
 
@@ -157,13 +202,9 @@ class LoRA(AdapterMethod):
     def adapter_off(self, model: nn.Module, copy_weights: bool = False) -> AdapterOff:
         """Each LoRA/DoRA layer replaced by the frozen base linear it wraps (quantized for QLoRA):
         exactly the base model, also for DoRA once its magnitude has trained (m W/|W| != W)."""
-        from mlx_lm.tuner.dora import DoRALinear
-        from mlx_lm.tuner.lora import LoRALinear
-
+        classes = _lora_classes()
         adapted = [
-            i
-            for i, block in enumerate(model.layers)
-            if any(isinstance(m, (LoRALinear, DoRALinear)) for m in block.modules())
+            i for i, block in enumerate(model.layers) if any(isinstance(m, classes) for m in block.modules())
         ]
         return AdapterOff(lambda: base_linears(model), first_layer=min(adapted, default=0))
 

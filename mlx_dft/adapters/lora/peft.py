@@ -37,6 +37,7 @@ from mlx_dft.models import (
     model_config,
     model_signature,
     resolve_model_path,
+    text_config,
 )
 
 PEFT_CONFIG = "adapter_config.json"
@@ -54,10 +55,6 @@ REFUSED = {
 }
 
 
-def _short(path: str) -> str:
-    return path.rsplit(".", 1)[-1]
-
-
 # ------------------------------------------------------------------ export
 
 
@@ -72,17 +69,30 @@ def export_lora(adapter_dir: Path, config: dict, out: Path, base_model: str | No
         layers = last_layers(n_layers, config["num_layers"])
     else:
         raise UserError(f"{adapter_dir}: cannot tell which layers are adapted (no model_signature)")
+    arch = (config.get("model_signature") or {}).get("model_type")
+    if arch is not None:
+        from mlx_dft.support import PEFT_PROVEN
+
+        why = PEFT_PROVEN.get(arch, "not yet proven against transformers + PEFT")
+        if why:
+            raise UserError(f"mlx_dft export (PEFT) does not support model type {arch!r}: {why}")
     weights = read_safetensors(adapter_dir / "adapters.safetensors")
+    experts = sorted({k.rsplit(".", 1)[0] for k, w in weights.items() if w.ndim == 3})
+    if experts:
+        raise UserError(
+            f"{adapter_dir}: LoRA on mixture-of-experts layers ({experts[0]}, ...) has no PEFT form "
+            "transformers loads (it stores experts fused); train with --lora-keys that leave the "
+            "experts out, or merge the adapter: `mlx_dft fuse`"
+        )
     keys = p.get("keys")
     if not keys:
         keys = sorted(
             {k.split(".", 3)[3].rsplit(".", 1)[0] for k in weights if k.startswith("model.layers.")}
         )
-    shorts = [_short(k) for k in keys]
-    if len(set(shorts)) != len(shorts):
-        raise UserError(
-            f"LoRA keys {keys} are not distinguishable by their last name in PEFT's target_modules"
-        )
+    # Block-relative paths (``self_attn.out_proj``), not last names: PEFT matches a target by the
+    # end of a module's name, and a last name can be shared by a layer that was not trained
+    # (lfm2's ``self_attn.out_proj`` and ``conv.out_proj``).
+    targets = sorted(set(keys))
     rank, scale = int(p["rank"]), float(p["scale"])
     out_tensors: dict[str, mx.array] = {}
     for name, w in weights.items():
@@ -118,7 +128,7 @@ def export_lora(adapter_dir: Path, config: dict, out: Path, base_model: str | No
         "r": rank,
         "lora_alpha": scale * rank,
         "lora_dropout": float(p.get("dropout", 0.0)),
-        "target_modules": sorted(set(shorts)),
+        "target_modules": targets,
         "layers_to_transform": None if n_layers is not None and len(layers) == n_layers else layers,
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
@@ -232,7 +242,7 @@ def import_lora(src: Path, model_cfg: dict, base_model: str, block_paths: list[s
     config = read_json(src / PEFT_CONFIG)
     _refuse(config, src)
     tensors = read_safetensors(src / PEFT_WEIGHTS)
-    n_layers = int(model_cfg["num_hidden_layers"])
+    n_layers = int(text_config(model_cfg)["num_hidden_layers"])
     # Which modules carry LoRA, from the tensors themselves (what PEFT actually saved).
     modules: dict[str, dict[str, mx.array]] = {}
     for name, w in tensors.items():
@@ -343,7 +353,7 @@ def import_folder(src: Path, model: str | None = None) -> dict:
     if not base:
         raise UserError(f"{src}: the PEFT config names no base model; pass --model")
     model_cfg = model_config(resolve_model_path(base))
-    block_paths = block_linear_paths(build_model(model_cfg, base))
+    block_paths = block_linear_paths(build_model(model_cfg, base), with_routers=True)
     out = import_lora(src, model_cfg, base, block_paths)
     out["model_signature"] = model_signature(model_cfg)
     return out

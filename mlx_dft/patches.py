@@ -1,0 +1,307 @@
+"""Where mlx_dft reaches into mlx-lm's models, all in one place.
+
+mlx_dft never copies or forks an mlx-lm model; it changes how a model runs from outside, at these
+points only, each undone when the training loss returns:
+
+- **the blocks** (:func:`wrapped_blocks`): while the loss runs, the body's list of blocks holds
+  stand-ins that call the real blocks: with a block-diagonal mask and per-example RoPE positions
+  for packed rows (:class:`Packed`), recomputed in the backward pass for gradient checkpointing,
+  or replaced by a recorded value for ASFT's reference pass (:class:`StandIn`). Nothing on a
+  class changes, so generation and other models in the process are untouched.
+- **RoPE** of each attention module (its ``rope`` entry) inside a packed block: rotated by each
+  token's position within its example (:class:`TokenPositions`).
+- **the SwiGLU** of the model's MLP modules (:func:`lean_swiglu`): one with a leaner backward pass
+  (:mod:`mlx_dft.fused`), the same forward values.
+- **the attention of the Aligner**: :mod:`mlx_dft.adapters.aligner.layer`.
+
+:func:`check_mlx_lm` (run on import) checks that the mlx-lm functions these points rely on have
+the signatures they were written for, so an mlx-lm release that changes them is refused in one
+line instead of training something else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_dft.errors import UserError
+
+# mlx-lm's functions (module, attribute path) and the parameters this module relies on.
+EXPECTED = {
+    ("mlx_lm.models.base", "scaled_dot_product_attention"): ("queries", "keys", "values", "cache", "mask"),
+    ("mlx_lm.models.base", "create_attention_mask"): ("h", "cache"),
+    ("mlx_lm.models.activations", "swiglu"): ("gate", "x"),
+    ("mlx_lm.tuner.lora", "LoRASwitchLinear.from_base"): ("linear", "r", "dropout", "scale"),
+}
+
+
+def check_mlx_lm() -> None:
+    """Refuse an mlx-lm whose patched functions lost the parameters mlx_dft passes or reads."""
+    import mlx_lm
+
+    for (module, path), names in EXPECTED.items():
+        obj: object = importlib.import_module(module)
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        params = set(inspect.signature(obj).parameters) if callable(obj) else set()
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise UserError(
+                f"mlx-lm {mlx_lm.__version__}: {module}.{path} lacks {', '.join(missing)}; mlx_dft was "
+                "written for mlx-lm's tested range (see mlx_dft.compat)"
+            )
+
+
+# ------------------------------------------------------------------ stand-ins
+
+
+class StandIn:
+    """Takes a block's place in the body's list of blocks: calls ``fn`` instead, and reads as the
+    block otherwise (mlx-lm's models read attributes such as ``use_sliding`` off their blocks)."""
+
+    def __init__(self, block: nn.Module, fn):
+        self.block, self.fn = block, fn
+
+    def __call__(self, x, *args, **kwargs):
+        return self.fn(x, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.block, name)
+
+
+# ------------------------------------------------------------------ packing
+
+
+def block_causal_mask(segments: mx.array) -> mx.array:
+    """[B, 1, T, T] boolean attention mask of packed rows: position i sees position j when j <= i
+    and both belong to the same example (padding, segment 0, sees only padding, so no row of the
+    mask is empty)."""
+    t = segments.shape[1]
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = mx.arange(t)[:, None] >= mx.arange(t)[None, :]
+    return (same & causal)[:, None]
+
+
+class TokenPositions(nn.Module):
+    """A RoPE module applied at one position per token: ``rope`` (mlx-lm's, any variant; NoPE
+    too) sees each token as a one-token sequence at its own offset."""
+
+    def __init__(self, rope: nn.Module, positions: mx.array):
+        super().__init__()
+        self.rope = rope
+        object.__setattr__(self, "_positions", positions)  # an input, not a parameter
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        b, h, t, d = x.shape
+        y = x.transpose(0, 2, 1, 3).reshape(b * t, h, 1, d)
+        y = self.rope(y, offset=self._positions.reshape(-1) + (0 if offset is None else offset))
+        return y.reshape(b, t, h, d).transpose(0, 2, 1, 3)
+
+
+def mask_index(block: nn.Module) -> int | None:
+    """The position of the ``mask`` parameter among a block's arguments after the hidden state
+    (ministral3 passes an attention scale first); None when it has none."""
+    names = list(inspect.signature(type(block).__call__).parameters)[2:]  # after self and x
+    return names.index("mask") if "mask" in names else None
+
+
+def combine(given, packed: mx.array) -> mx.array:
+    """The mask a block of a packed row uses: ``packed`` (block-causal) where the model asks for
+    plain causal attention, and both where it gives its own (a sliding window): each example sees
+    the window within itself, as it would alone."""
+    if given is None or isinstance(given, str):
+        return packed
+    if given.dtype == mx.bool_:
+        return given & packed
+    return mx.where(packed, given, mx.array(mx.finfo(given.dtype).min, dtype=given.dtype))
+
+
+class Packed:
+    """What a block of a packed batch needs: the block-causal mask and each token's position
+    within its example (``segments`` [B, T] numbers each position's example)."""
+
+    def __init__(self, segments: mx.array):
+        self.mask = block_causal_mask(segments)
+        self.positions = self.mask[:, 0].sum(axis=-1).astype(mx.int32) - 1  # [B, T]
+
+
+def _ropes(block: nn.Module) -> list[nn.Module]:
+    """The modules of ``block`` that own a ``rope`` (its attention)."""
+    return [m for _, m in block.named_modules() if isinstance(m, nn.Module) and "rope" in m]
+
+
+@contextmanager
+def _positions(block: nn.Module, positions: mx.array) -> Iterator[None]:
+    owners = _ropes(block)
+    ropes = [m["rope"] for m in owners]
+    for m, rope in zip(owners, ropes):
+        m["rope"] = TokenPositions(rope, positions)
+    try:
+        yield
+    finally:
+        for m, rope in zip(owners, ropes):
+            m["rope"] = rope
+
+
+def _run(block: nn.Module, packed: Packed | None, at: int | None, x, args: tuple, kwargs: dict):
+    """``block(x, *args, **kwargs)``, the packed way when ``packed``."""
+    if packed is None:
+        return block(x, *args, **kwargs)
+    args = list(args)
+    if "mask" in kwargs:
+        kwargs = {**kwargs, "mask": combine(kwargs["mask"], packed.mask)}
+    elif at is not None and at < len(args):
+        args[at] = combine(args[at], packed.mask)
+    else:
+        kwargs = {**kwargs, "mask": packed.mask}
+    with _positions(block, packed.positions):
+        return block(x, *args, **kwargs)
+
+
+class Wrapped(nn.Module):
+    """A block's stand-in that is a module holding the block, so that the model's module tree
+    still reaches the block's layers while it stands in (an adapter's switch to the base model
+    walks that tree); reads as the block otherwise."""
+
+    def __init__(self, block: nn.Module, fn):
+        super().__init__()
+        self.block = block
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, x, *args, **kwargs):
+        return self._fn(x, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name in self:
+            return self[name]
+        if "block" not in self:
+            raise AttributeError(name)
+        return getattr(self["block"], name)
+
+
+def _wrapped(block: nn.Module, packed: Packed | None, checkpoint: bool) -> Wrapped:
+    at = mask_index(block) if packed is not None else None
+    if not checkpoint:
+        return Wrapped(block, lambda x, *args, **kwargs: _run(block, packed, at, x, args, kwargs))
+
+    def checkpointed(x, *args, **kwargs):
+        # mx.checkpoint takes the arguments as they are (arrays differentiated, "causal" or None
+        # passed through) and recomputes the block in the backward pass by running ``inner``
+        # again: with the packed mask and positions it closes over, exactly as forward.
+        def inner(params, x, *args, **kwargs):
+            block.update(params)
+            return _run(block, packed, at, x, args, kwargs)
+
+        return mx.checkpoint(inner)(block.trainable_parameters(), x, *args, **kwargs)
+
+    return Wrapped(block, checkpointed)
+
+
+def gradient_checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` recomputes its blocks in the backward pass (:func:`set_checkpointing`)."""
+    return bool(getattr(model, "_mlx_dft_checkpoint", False))
+
+
+def set_checkpointing(model: nn.Module, on: bool = True) -> None:
+    """Recompute each block in the backward pass while the training loss runs (what mlx-lm's
+    ``grad_checkpoint`` does by patching the block class; here only inside :func:`wrapped_blocks`)."""
+    object.__setattr__(model, "_mlx_dft_checkpoint", bool(on))
+
+
+@contextmanager
+def wrapped_blocks(body: nn.Module, segments: mx.array | None, checkpoint: bool = False) -> Iterator[None]:
+    """While it lasts, every block of ``body`` runs the packed way when ``segments`` is given
+    (block-diagonal attention, each example's RoPE positions from 0; the model's own sliding
+    windows kept) and is recomputed in the backward pass when ``checkpoint``. Nothing changes
+    when neither is asked."""
+    layers = getattr(body, "layers", None)
+    if (segments is None and not checkpoint) or not isinstance(layers, list):
+        yield
+        return
+    packed = Packed(segments) if segments is not None else None
+    original = list(layers)
+    layers[:] = [_wrapped(b, packed, checkpoint) for b in original]
+    try:
+        yield
+    finally:
+        layers[:] = original
+
+
+# Layer kinds that carry state along the sequence, by the name of their module in a block, and
+# why a packed row cannot run them exactly yet.
+STATEFUL = {
+    "linear_attn": "gated-delta linear attention carries its state from one example into the next",
+    "conv": "its short convolutions read the previous example's last tokens",
+    "mamba": "its state-space layers carry their state from one example into the next",
+    "mixer": "its state-space layers carry their state from one example into the next",
+}
+
+
+def packing_refusal(kind: str, model: nn.Module, body: nn.Module | None) -> str:
+    """'' when every block of ``model`` (of model type ``kind``) can run packed rows exactly; else
+    why not."""
+    if body is None:
+        return f"{kind} has no body that yields hidden states"
+    for i, block in enumerate(body.layers):
+        names = set(block.keys()) if isinstance(block, nn.Module) else set()
+        for name, why in STATEFUL.items():
+            if name in names:
+                return f"{kind} block {i} has '{name}' layers: {why}"
+        if not _ropes(block):
+            return f"{kind} block {i} has no attention with a RoPE module mlx_dft can re-position"
+        if mask_index(block) is None:
+            return f"{kind} block {i} takes no attention mask"
+    args = getattr(model, "args", None)
+    rope = getattr(args, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and rope.get("llama_4_scaling_beta"):
+        return f"{kind} scales attention by each token's absolute position (llama 4 scaling)"
+    return ""
+
+
+# ------------------------------------------------------------------ the SwiGLU
+
+
+def _mlp_modules(model: nn.Module) -> list[ModuleType]:
+    """The mlx-lm modules of the model's layers that call mlx-lm's own ``swiglu`` (not another
+    function of that name: gpt_oss has a clamped one)."""
+    from mlx_lm.models.activations import swiglu
+
+    out: list[ModuleType] = []
+    for block in getattr(model, "layers", []):
+        for _, m in block.named_modules():
+            module = sys.modules.get(type(m).__module__)
+            if (
+                module is not None
+                and module.__name__.startswith("mlx_lm.models.")
+                and getattr(module, "swiglu", None) is swiglu
+                and module not in out
+            ):
+                out.append(module)
+    return out
+
+
+@contextmanager
+def lean_swiglu(model: nn.Module) -> Iterator[bool]:
+    """While it lasts, ``model``'s MLPs call :data:`mlx_dft.fused.swiglu` (a training step traced
+    inside keeps it); yields whether any does (architectures with a GeGLU or plain MLP keep theirs)."""
+    from mlx_dft.fused import swiglu
+
+    modules = _mlp_modules(model)
+    previous = [m.swiglu for m in modules]
+    for m in modules:
+        m.swiglu = swiglu
+    try:
+        yield bool(modules)
+    finally:
+        for m, p in zip(modules, previous):
+            m.swiglu = p
+
+
+check_mlx_lm()
