@@ -39,6 +39,22 @@ EXPECTED = {
     ("mlx_lm.models.base", "create_attention_mask"): ("h", "cache"),
     ("mlx_lm.models.activations", "swiglu"): ("gate", "x"),
     ("mlx_lm.tuner.lora", "LoRASwitchLinear.from_base"): ("linear", "r", "dropout", "scale"),
+    ("mlx_lm.models.gated_delta", "gated_delta_update"): (
+        "q",
+        "k",
+        "v",
+        "a",
+        "b",
+        "A_log",
+        "dt_bias",
+        "state",
+        "mask",
+        "use_kernel",
+        "lower_bound",
+        "allow_neg_eigval",
+    ),
+    ("mlx_lm.models.gated_delta", "gated_delta_ops"): ("q", "k", "v", "g", "beta", "state", "mask"),
+    ("mlx_lm.models.gated_delta", "compute_g"): ("A_log", "a", "dt_bias"),
 }
 
 
@@ -128,8 +144,17 @@ class Packed:
     within its example (``segments`` [B, T] numbers each position's example)."""
 
     def __init__(self, segments: mx.array):
+        self.segments = segments
         self.mask = block_causal_mask(segments)
         self.positions = self.mask[:, 0].sum(axis=-1).astype(mx.int32) - 1  # [B, T]
+        # 0 at each example's first token: a gated-delta state decays to nothing there
+        self.keep = (self.positions > 0).astype(mx.float32)
+
+    def same_back(self, shift: int) -> mx.array:
+        """[B, T] bool: position t and position t - ``shift`` belong to the same example."""
+        b, t = self.segments.shape
+        earlier = mx.concatenate([mx.full((b, shift), -1, self.segments.dtype), self.segments[:, :-shift]], 1)
+        return self.segments == earlier
 
 
 def _ropes(block: nn.Module) -> list[nn.Module]:
@@ -150,10 +175,116 @@ def _positions(block: nn.Module, positions: mx.array) -> Iterator[None]:
             m["rope"] = rope
 
 
+class SegmentConv(nn.Module):
+    """A causal depthwise ``nn.Conv1d`` (lfm2's short convolution, the gated-delta layers' conv)
+    applied to a packed row: each output reads only inputs of its own example. Called as mlx-lm
+    calls the conv, on the input with its ``kernel - 1`` leading (zero) positions:
+
+        out[t] = conv(x)[t] - sum_{s >= 1} W[:, K-1-s] * x[t - s] * [t - s is in another example]
+    """
+
+    def __init__(self, conv: nn.Conv1d, packed: Packed):
+        super().__init__()
+        self.conv = conv
+        object.__setattr__(self, "_packed", packed)
+
+    def __call__(self, padded: mx.array) -> mx.array:
+        # mlx-lm's own convolution, less the terms that reach into an earlier example: bitwise
+        # the convolution wherever a position's window lies within its example, which is all
+        # but the first kernel - 1 positions of each.
+        out = self.conv(padded)
+        w = self.conv.weight  # [C, K, 1]
+        k = w.shape[1]
+        t = padded.shape[1] - (k - 1)
+        for i in range(k - 1):
+            shift = k - 1 - i
+            xs = padded[:, i : i + t]
+            leak = mx.where(self._packed.same_back(shift)[..., None], mx.zeros_like(xs), xs * w[:, i, 0])
+            out = out - leak
+        return out
+
+
+def _depthwise(conv: object) -> bool:
+    """An ``nn.Conv1d`` that :class:`SegmentConv` computes exactly: one channel a group, stride,
+    dilation and padding as mlx-lm's short convolutions use them."""
+    if not isinstance(conv, nn.Conv1d):
+        return False
+    w = conv.weight
+    return (
+        w.shape[2] == 1
+        and conv.stride == 1
+        and conv.dilation == 1
+        and conv.padding == 0
+        and conv.groups == w.shape[0]
+    )
+
+
+def _gated_delta_update(packed: Packed):
+    """mlx-lm's ``gated_delta_update`` for a packed row: the same gates and recurrence
+    (``gated_delta_ops``), the decay set to 0 at each example's first token, so no state crosses
+    into the next example (``state * 0`` is exactly the zero state an example starts from)."""
+    from mlx_lm.models import gated_delta as gd
+
+    def update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, *, use_kernel=True,
+               lower_bound=None, allow_neg_eigval=False):  # fmt: skip
+        beta = mx.sigmoid(b)
+        if allow_neg_eigval:
+            beta = beta * 2.0
+        if lower_bound is None:
+            g = gd.compute_g(A_log, a, dt_bias)
+        else:
+            g = gd.compute_lower_bound_g(A_log, a, dt_bias, lower_bound)
+        keep = packed.keep.reshape(*packed.keep.shape, *([1] * (g.ndim - 2)))
+        g = g * keep.astype(g.dtype)
+        return gd.gated_delta_ops(q, k, v, g, beta, state, mask)
+
+    return update
+
+
+def _stateful(block: nn.Module) -> tuple[list[tuple[nn.Module, str]], list[nn.Module]]:
+    """The block's causal convolutions (owner, key) and its gated-delta layers."""
+    convs, deltas = [], []
+    for _, m in block.named_modules():
+        if not isinstance(m, nn.Module):
+            continue
+        for key, child in m.children().items():
+            if isinstance(child, nn.Conv1d):
+                convs.append((m, key))
+        if "A_log" in m and "dt_bias" in m:
+            deltas.append(m)
+    return convs, deltas
+
+
+@contextmanager
+def _segmented(block: nn.Module, packed: Packed) -> Iterator[None]:
+    """Inside: the block's convolutions read only their own example, and its gated-delta layers
+    restart their state at each example (their mlx-lm module's ``gated_delta_update`` replaced)."""
+    convs, deltas = _stateful(block)
+    originals = [owner[key] for owner, key in convs]
+    modules = {sys.modules[type(m).__module__] for m in deltas}
+    updates = [(mod, mod.gated_delta_update) for mod in modules]
+    for owner, key in convs:
+        owner[key] = SegmentConv(owner[key], packed)
+    for mod, _ in updates:
+        mod.gated_delta_update = _gated_delta_update(packed)
+    try:
+        yield
+    finally:
+        for (owner, key), conv in zip(convs, originals):
+            owner[key] = conv
+        for mod, update in updates:
+            mod.gated_delta_update = update
+
+
 def _run(block: nn.Module, packed: Packed | None, at: int | None, x, args: tuple, kwargs: dict):
-    """``block(x, *args, **kwargs)``, the packed way when ``packed``."""
+    """``block(x, *args, **kwargs)``, the packed way when ``packed``: attention blocks with the
+    block-diagonal mask and per-example positions, convolution and gated-delta blocks with their
+    state kept within each example (their own mask, for padding, left as the model gives it)."""
     if packed is None:
         return block(x, *args, **kwargs)
+    if not _ropes(block):
+        with _segmented(block, packed):
+            return block(x, *args, **kwargs)
     args = list(args)
     if "mask" in kwargs:
         kwargs = {**kwargs, "mask": combine(kwargs["mask"], packed.mask)}
@@ -234,30 +365,29 @@ def wrapped_blocks(body: nn.Module, segments: mx.array | None, checkpoint: bool 
         layers[:] = original
 
 
-# Layer kinds that carry state along the sequence, by the name of their module in a block, and
-# why a packed row cannot run them exactly yet.
-STATEFUL = {
-    "linear_attn": "gated-delta linear attention carries its state from one example into the next",
-    "conv": "its short convolutions read the previous example's last tokens",
-    "mamba": "its state-space layers carry their state from one example into the next",
-    "mixer": "its state-space layers carry their state from one example into the next",
-}
-
-
 def packing_refusal(kind: str, model: nn.Module, body: nn.Module | None) -> str:
     """'' when every block of ``model`` (of model type ``kind``) can run packed rows exactly; else
-    why not."""
+    why not: attention blocks need a RoPE module and a mask argument; convolution blocks a causal
+    depthwise ``nn.Conv1d``; gated-delta blocks mlx-lm's ``gated_delta_update`` in their module;
+    anything else that carries state along the sequence (state-space layers) is refused."""
     if body is None:
         return f"{kind} has no body that yields hidden states"
     for i, block in enumerate(body.layers):
+        convs, deltas = _stateful(block)
+        if any(not _depthwise(owner[key]) for owner, key in convs):
+            return f"{kind} block {i} has a convolution other than a causal depthwise one"
+        for m in deltas:
+            module = sys.modules.get(type(m).__module__)
+            if not callable(getattr(module, "gated_delta_update", None)):
+                return f"{kind} block {i}: its gated-delta layer calls no mlx-lm gated_delta_update"
         names = set(block.keys()) if isinstance(block, nn.Module) else set()
-        for name, why in STATEFUL.items():
-            if name in names:
-                return f"{kind} block {i} has '{name}' layers: {why}"
-        if not _ropes(block):
+        if names & {"mamba", "mixer", "ssm"}:
+            return f"{kind} block {i} has state-space layers: their state runs from one example into the next"
+        if _ropes(block):
+            if mask_index(block) is None:
+                return f"{kind} block {i} takes no attention mask"
+        elif not (convs or deltas):
             return f"{kind} block {i} has no attention with a RoPE module mlx_dft can re-position"
-        if mask_index(block) is None:
-            return f"{kind} block {i} takes no attention mask"
     args = getattr(model, "args", None)
     rope = getattr(args, "rope_parameters", None) or {}
     if isinstance(rope, dict) and rope.get("llama_4_scaling_beta"):

@@ -22,10 +22,9 @@ from mlx_dft.errors import UserError
 # transformers' for them. Others are refused by name until a test proves them.
 PEFT_PROVEN = {
     "llama": "", "mistral": "", "qwen2": "", "qwen3": "", "qwen3_moe": "", "phi3": "", "smollm3": "",
-    "lfm2": "", "granite": "", "olmo2": "", "gemma3_text": "", "ministral3": "",
+    "lfm2": "", "granite": "", "olmo2": "", "gemma3_text": "", "ministral3": "", "gemma4_text": "",
     "qwen3_5": "mlx-lm and transformers name its blocks differently (language_model.model vs "
     "model.language_model) and its conversion is not yet proven against transformers",
-    "gemma4_text": "transformers 5.25 cannot build a small gemma4_text model to prove the export against",
     "gpt_oss": "mlx-lm and transformers store its experts differently; the export is not yet proven",
 }  # fmt: skip
 

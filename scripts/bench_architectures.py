@@ -99,6 +99,19 @@ def make_data(dst: Path, length: int, n: int = 64, seed: int = 0) -> Path:
     return dst
 
 
+def cpu_name() -> str:
+    """The CPU's model name and core count (/proc/cpuinfo on Linux; platform's words elsewhere)."""
+    import os
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="gemma3-1b:4,qwen35-0.8b:2", help="SHAPE:BATCH,...")
@@ -141,7 +154,7 @@ def main() -> None:
     import mlx.core as mx
     import mlx_lm
 
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": cpu_name(),
             "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}  # fmt: skip
     print("\n| shape | batch x tokens | stock tokens/s | mlx_dft tokens/s | stock peak GB | "
           "mlx_dft peak GB | memory ratio |\n|---|---|---|---|---|---|---|")  # fmt: skip

@@ -102,7 +102,12 @@ def write_arch_model(path: Path, model_type: str, seed: int = 0, **overrides) ->
 HF_OVERRIDES = {
     "gemma3_text": {"sliding_window": 5},
     "ministral3": {"layer_types": None, "sliding_window": None},
-}
+    # transformers builds gemma4's shared-KV layers only when each reuses a layer of its own type
+    "gemma4_text": {
+        "num_kv_shared_layers": 2, "sliding_window": 5,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    },
+}  # fmt: skip
 
 
 def write_hf_model(path: Path, model_type: str, seed: int = 0) -> Path:
