@@ -12,7 +12,10 @@ points only, each undone when the training loss returns:
   token's position within its example (:class:`TokenPositions`).
 - **the SwiGLU** of the model's MLP modules (:func:`lean_swiglu`): one with a leaner backward pass
   (:mod:`mlx_dft.fused`), the same forward values.
-- **the attention of the Aligner**: :mod:`mlx_dft.adapters.aligner.layer`.
+- **attention hooks** (:func:`hook_attention`): an mlx-lm module's attention class marks the layer
+  running, and its ``scaled_dot_product_attention`` adds the terms hooks give for that layer (the
+  Aligner's prefix term, :mod:`mlx_dft.adapters.aligner.layer`); a pass-through elsewhere. These
+  are the only class-level patches, installed once per module and inert without a hook's term.
 
 :func:`check_mlx_lm` (run on import) checks that the mlx-lm functions these points rely on have
 the signatures they were written for, so an mlx-lm release that changes them is refused in one
@@ -21,10 +24,12 @@ line instead of training something else.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import importlib
 import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
@@ -395,6 +400,49 @@ def packing_refusal(kind: str, model: nn.Module, body: nn.Module | None) -> str:
     return ""
 
 
+# ------------------------------------------------------------------ attention hooks
+
+_RUNNING: contextvars.ContextVar = contextvars.ContextVar("mlx_dft_attention", default=None)
+_HOOKS: dict[str, dict[str, Callable]] = {}  # mlx-lm module -> {hook name: term}
+
+
+def hook_attention(module_name: str, name: str, term: Callable) -> None:
+    """Add ``term(attention_module, queries, scale) -> array | None`` to the output of every
+    attention of mlx-lm's ``mlx_lm.models.<module_name>`` (the queries as the layer rotated them;
+    None adds nothing). Patches the module's ``Attention.__call__`` and its
+    ``scaled_dot_product_attention`` once; a hook of the same name is replaced."""
+    hooks = _HOOKS.get(module_name)
+    if hooks is not None:
+        hooks[name] = term
+        return
+    mod = importlib.import_module(f"mlx_lm.models.{module_name}")
+    attention_cls = mod.Attention
+    original_call = attention_cls.__call__
+    original_sdpa = mod.scaled_dot_product_attention
+    hooks = _HOOKS[module_name] = {name: term}
+
+    def __call__(self, x, mask=None, cache=None):
+        token = _RUNNING.set(self)
+        try:
+            return original_call(self, x, mask, cache)
+        finally:
+            _RUNNING.reset(token)
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
+        out = original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
+        attn = _RUNNING.get()
+        if attn is None:
+            return out
+        for fn in hooks.values():
+            extra = fn(attn, queries, scale)
+            if extra is not None:
+                out = out + extra.astype(out.dtype)
+        return out
+
+    attention_cls.__call__ = __call__
+    mod.scaled_dot_product_attention = scaled_dot_product_attention
+
+
 # ------------------------------------------------------------------ the SwiGLU
 
 
@@ -417,21 +465,47 @@ def _mlp_modules(model: nn.Module) -> list[ModuleType]:
     return out
 
 
+@functools.cache
+def _calls_gelu_approx(module_name: str) -> bool:
+    module = sys.modules.get(module_name)
+    if module is None or not module_name.startswith("mlx_lm.models."):
+        return False
+    if getattr(module, "nn", None) is not nn:
+        return False
+    try:
+        return "nn.gelu_approx(" in inspect.getsource(module)
+    except OSError:
+        return False
+
+
+def _uses_gelu_approx(model: nn.Module) -> bool:
+    """Whether the model's layers come from mlx-lm modules that call ``nn.gelu_approx`` (gemma)."""
+    names = {type(m).__module__ for block in getattr(model, "layers", []) for _, m in block.named_modules()}
+    return any(_calls_gelu_approx(n) for n in names)
+
+
 @contextmanager
 def lean_swiglu(model: nn.Module) -> Iterator[bool]:
     """While it lasts, ``model``'s MLPs call :data:`mlx_dft.fused.swiglu` (a training step traced
-    inside keeps it); yields whether any does (architectures with a GeGLU or plain MLP keep theirs)."""
-    from mlx_dft.fused import swiglu
+    inside keeps it), and MLX's ``nn.gelu_approx`` is :data:`mlx_dft.fused.gelu_approx` where the
+    model's modules call it (gemma's GeGLU); both compute the same values with a leaner backward
+    pass. Yields whether anything was swapped."""
+    from mlx_dft import fused
 
     modules = _mlp_modules(model)
     previous = [m.swiglu for m in modules]
+    gelu = _uses_gelu_approx(model)
+    before = nn.gelu_approx
     for m in modules:
-        m.swiglu = swiglu
+        m.swiglu = fused.swiglu
+    if gelu:
+        nn.gelu_approx = fused.gelu_approx
     try:
-        yield bool(modules)
+        yield bool(modules) or gelu
     finally:
         for m, p in zip(modules, previous):
             m.swiglu = p
+        nn.gelu_approx = before
 
 
 check_mlx_lm()

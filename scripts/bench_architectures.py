@@ -1,8 +1,8 @@
 """LoRA + DFT with mlx_dft against stock ``mlx_lm lora`` on today's architectures, at realistic
 shapes with random weights: peak memory and tokens/s, one invocation, each run in its own process.
 
-    python scripts/bench_architectures.py       # gemma3-1b at batch 4, qwen35-0.8b at batch 2
-    python scripts/bench_architectures.py --shapes gemma3-1b:8 --iters 5 --json out.json
+    python scripts/bench_architectures.py       # gemma3-1b at 4 x 512, qwen35-0.8b at 2 x 128
+    python scripts/bench_architectures.py --shapes gemma3-1b:8:256 --iters 5 --json out.json
 
 Shapes (random weights, the bundled 512-token tokenizer; the vocabulary is the model's):
   gemma3-1b    Gemma-3-1B: gemma3_text, hidden 1152, 26 layers (5 of 6 sliding-window), 4 heads
@@ -11,7 +11,7 @@ Shapes (random weights, the bundled 512-token tokenizer; the vocabulary is the m
                full attention), MLP 3584, vocabulary 248,320 (tied)
 
 Both tools: LoRA rank 8 scale 20 on the same layers (mlx-lm's default keys: every linear layer of
-every block), AdamW at a constant rate, the same batch of rows of about ``--length`` tokens
+every block), AdamW at a constant rate, the same batch of rows of about LENGTH tokens
 (synthetic prompt/completion records, the prompt masked), validation reduced to one batch. Stock
 is ``mlx_lm lora``'s own train_model (scripts/stock_lora.py) with OpenBLAS preloaded (the BLAS
 mlx_dft uses); tokens/s from each tool's own step rate, the first report (compilation) left out.
@@ -89,7 +89,7 @@ def make_data(dst: Path, length: int, n: int = 64, seed: int = 0) -> Path:
 
     rng = np.random.default_rng(seed)
     dst.mkdir(parents=True)
-    words = max(8, length // 3)  # the bundled BPE gives ~3 tokens a word of this list, with spaces
+    words = max(8, int(length * 0.38))  # the bundled BPE gives ~2.5 tokens a word of this list
     for split, count in (("train", n), ("valid", 8)):
         with open(dst / f"{split}.jsonl", "w") as f:
             for _ in range(count):
@@ -114,23 +114,24 @@ def cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="gemma3-1b:4,qwen35-0.8b:2", help="SHAPE:BATCH,...")
+    ap.add_argument(
+        "--shapes", default="gemma3-1b:4:512,qwen35-0.8b:2:128", help="SHAPE:BATCH:LENGTH,..."
+    )
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--length", type=int, default=512, help="tokens a row, about")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     openblas = bench._find_openblas()
     results = []
     for item in args.shapes.split(","):
-        shape, _, batch = item.partition(":")
-        batch_size = int(batch or 4)
+        shape, batch, length = (item.split(":") + ["4", "512"])[:3]
+        batch_size, length = int(batch), int(length)
         work = bench.work_dir(f"mlx_dft_bench_{shape}_")
         model = make_model(shape, work / "model")
-        data = make_data(work / "data", args.length)
-        tokens = bench.avg_tokens(model, data, args.length) * batch_size
+        data = make_data(work / "data", length)
+        tokens = bench.avg_tokens(model, data, length) * batch_size
         run = argparse.Namespace(
             iters=args.iters, batch_size=batch_size, num_layers=-1, rank=8, scale=20.0,
-            learning_rate=1e-4, max_seq_length=args.length, report=1,
+            learning_rate=1e-4, max_seq_length=length, report=1,
         )  # fmt: skip
         print(f"{shape}: batch {batch_size}, {tokens:.0f} tokens a step; logs in {work}", flush=True)
         row = {"shape": shape, "batch": batch_size, "tokens_per_step": tokens}

@@ -13,10 +13,11 @@ grouped-query attention each query head reads the prefix keys of its KV group. T
 value per query head (``head``, the paper) or one per layer (``layer``, PEFT adaption-prompt's
 flavour). The result is added to the attention output before ``o_proj``.
 
-How it enters mlx-lm's attention without copying it: the attention classes of the supported
-architectures get a ``__call__`` that marks which layer is running, and their modules'
-``scaled_dot_product_attention`` a wrapper that adds the prefix term to the output of the real
-one. Both are pass-throughs for layers without an Aligner. The queries are the ones the layer
+How it enters mlx-lm's attention without copying it (:func:`mlx_dft.patches.hook_attention`, where
+every patch point of mlx_dft lives): the attention classes of the supported architectures get a
+``__call__`` that marks which layer is running, and their modules' ``scaled_dot_product_attention``
+a wrapper that adds the prefix term to the output of the real one. Both are pass-throughs for
+layers without an Aligner. The queries are the ones the layer
 already rotated: no second projection, no second attention pass. Prefix keys and values are
 computed in each forward pass (N tokens) and never enter the KV cache.
 """
@@ -24,7 +25,6 @@ computed in each forward pass (N tokens) and never enter the KV cache.
 from __future__ import annotations
 
 import contextvars
-import importlib
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -36,9 +36,7 @@ from mlx_dft.models import SHAPE_KEYS, architecture, model_type
 GATES = ("head", "layer")
 GATE_LEAF = "aligner_gate"
 
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mlx_dft_aligner_layer", default=None)
 _OFF: contextvars.ContextVar = contextvars.ContextVar("mlx_dft_aligner_off", default=False)
-_PATCHED: set[str] = set()
 
 
 class AlignerPrefix(nn.Module):
@@ -95,35 +93,19 @@ def prefix_term(attn: nn.Module, queries: mx.array, scale: float) -> mx.array:
 # ------------------------------------------------------------------ hooking mlx-lm
 
 
+def _term(attn: nn.Module, queries: mx.array, scale: float) -> mx.array | None:
+    """The prefix term of an attention layer with an Aligner (None for the others, and while the
+    adapter is switched off): what :func:`mlx_dft.patches.hook_attention` adds to its output."""
+    if GATE_LEAF not in attn or _OFF.get():
+        return None
+    return prefix_term(attn, queries, scale)
+
+
 def _install(arch_module_name: str) -> None:
-    """Patch one mlx-lm model module (idempotent): its Attention marks the running layer, its
-    scaled_dot_product_attention adds the prefix term of the marked layer."""
-    if arch_module_name in _PATCHED:
-        return
-    mod = importlib.import_module(f"mlx_lm.models.{arch_module_name}")
-    attention_cls = mod.Attention
-    original_call = attention_cls.__call__
-    original_sdpa = mod.scaled_dot_product_attention
+    """Hook one mlx-lm model module's attention (idempotent; :mod:`mlx_dft.patches` owns the patch)."""
+    from mlx_dft.patches import hook_attention
 
-    def __call__(self, x, mask=None, cache=None):
-        if GATE_LEAF not in self:
-            return original_call(self, x, mask, cache)
-        token = _ACTIVE.set(self)
-        try:
-            return original_call(self, x, mask, cache)
-        finally:
-            _ACTIVE.reset(token)
-
-    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
-        out = original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
-        attn = _ACTIVE.get()
-        if attn is None or _OFF.get():
-            return out
-        return out + prefix_term(attn, queries, scale).astype(out.dtype)
-
-    attention_cls.__call__ = __call__
-    mod.scaled_dot_product_attention = scaled_dot_product_attention
-    _PATCHED.add(arch_module_name)
+    hook_attention(arch_module_name, "aligner", _term)
 
 
 @contextmanager
