@@ -1,4 +1,4 @@
-"""The one table of architecture facts mlx_dft relies on, on the floor below everything that
+"""The table of the architectures the Aligner and GGUF cover, on the floor below everything that
 uses it (:mod:`mlx_dft.models`, which re-exports it, the adapters, and :mod:`mlx_dft.gguf`, which
 :mod:`mlx_dft.models` calls to open GGUF files)."""
 
@@ -54,9 +54,10 @@ class Architecture:
     ``gguf``: its GGUF ``general.architecture``; ``gguf_reorders_qk``: llama.cpp stores its q/k
     projection rows in rotary order (see :mod:`mlx_dft.gguf.names`). ``hf_class``: the
     transformers class a config.json names in ``architectures``.
-    Every listed architecture has the hidden-state loss path, the Aligner, and the PyTorch
-    Aligner runner; keys/values may carry biases (qwen2) and keys a per-head norm (qwen3), which
-    the code reads off the layers themselves.
+    Every listed architecture has the Aligner, the PyTorch Aligner runner and GGUF (the
+    hidden-state loss, LoRA and packing cover every mlx-lm architecture: :mod:`mlx_dft.support`);
+    keys/values may carry biases (qwen2) and keys a per-head norm (qwen3), which the code reads off
+    the layers themselves.
     """
 
     mlx_module: str

@@ -1,10 +1,9 @@
-"""Models: loading mlx-lm models, and every architecture fact mlx_dft relies on, in one table.
+"""Models: loading mlx-lm models, their layout, and the split the loss needs.
 
-The loss needs the final hidden states and the output projection separately (so logits
-are computed at supervised positions only). For the architectures in :data:`ARCHITECTURES`
-(mlx-lm's llama, mistral, qwen2, qwen3) that is ``model.model(inputs)`` and ``lm_head`` or the
-tied embedding. Other mlx-lm architectures train LoRA/DoRA/full through a generic path that
-takes the full logits from ``model(inputs)``: correct, but without the memory saving.
+The loss needs the final hidden states and the output computation separately (so logits are
+computed at supervised positions only): :func:`split_model` gives both for every mlx-lm text
+architecture (the body ``model.model``, and the model's own ``__call__`` run on given hidden states
+as the head), checked on a probe batch; a model that fails the probe trains on full logits.
 """
 
 from __future__ import annotations

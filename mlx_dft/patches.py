@@ -82,18 +82,26 @@ def check_mlx_lm() -> None:
 # ------------------------------------------------------------------ stand-ins
 
 
-class StandIn:
+class StandIn(nn.Module):
     """Takes a block's place in the body's list of blocks: calls ``fn`` instead, and reads as the
-    block otherwise (mlx-lm's models read attributes such as ``use_sliding`` off their blocks)."""
+    block otherwise (mlx-lm's models read attributes such as ``use_sliding`` off their blocks). A
+    module holding the block, so that the model's module tree still reaches the block's layers
+    while it stands in (an adapter's switch to the base model walks that tree)."""
 
     def __init__(self, block: nn.Module, fn):
-        self.block, self.fn = block, fn
+        super().__init__()
+        self.block = block
+        object.__setattr__(self, "_fn", fn)
 
     def __call__(self, x, *args, **kwargs):
-        return self.fn(x, *args, **kwargs)
+        return self._fn(x, *args, **kwargs)
 
     def __getattr__(self, name: str):
-        return getattr(self.block, name)
+        if name in self:
+            return self[name]
+        if "block" not in self:
+            raise AttributeError(name)
+        return getattr(self["block"], name)
 
 
 # ------------------------------------------------------------------ packing
@@ -300,31 +308,10 @@ def _run(block: nn.Module, packed: Packed | None, at: int | None, x, args: tuple
         return block(x, *args, **kwargs)
 
 
-class Wrapped(nn.Module):
-    """A block's stand-in that is a module holding the block, so that the model's module tree
-    still reaches the block's layers while it stands in (an adapter's switch to the base model
-    walks that tree); reads as the block otherwise."""
-
-    def __init__(self, block: nn.Module, fn):
-        super().__init__()
-        self.block = block
-        object.__setattr__(self, "_fn", fn)
-
-    def __call__(self, x, *args, **kwargs):
-        return self._fn(x, *args, **kwargs)
-
-    def __getattr__(self, name: str):
-        if name in self:
-            return self[name]
-        if "block" not in self:
-            raise AttributeError(name)
-        return getattr(self["block"], name)
-
-
-def _wrapped(block: nn.Module, packed: Packed | None, checkpoint: bool) -> Wrapped:
+def _wrapped(block: nn.Module, packed: Packed | None, checkpoint: bool) -> StandIn:
     at = mask_index(block) if packed is not None else None
     if not checkpoint:
-        return Wrapped(block, lambda x, *args, **kwargs: _run(block, packed, at, x, args, kwargs))
+        return StandIn(block, lambda x, *args, **kwargs: _run(block, packed, at, x, args, kwargs))
 
     def checkpointed(x, *args, **kwargs):
         # mx.checkpoint takes the arguments as they are (arrays differentiated, "causal" or None
@@ -336,7 +323,7 @@ def _wrapped(block: nn.Module, packed: Packed | None, checkpoint: bool) -> Wrapp
 
         return mx.checkpoint(inner)(block.trainable_parameters(), x, *args, **kwargs)
 
-    return Wrapped(block, checkpointed)
+    return StandIn(block, checkpointed)
 
 
 def gradient_checkpointing(model: nn.Module) -> bool:

@@ -55,10 +55,6 @@ def _packing(model: nn.Module, config: dict) -> str:
     return refusal(model)
 
 
-def _dora(model: nn.Module, config: dict) -> str:
-    return ""  # expert layers stay frozen under DoRA, with a note (mlx-lm's DoRA has no expert form)
-
-
 def _table(what: str) -> Callable[[nn.Module, dict], str]:
     def check(model: nn.Module, config: dict) -> str:
         if _kind(model) in ARCHITECTURES:
@@ -78,7 +74,8 @@ def _peft(model: nn.Module, config: dict) -> str:
 FEATURES = {
     "loss": Feature("hidden-state loss", "(automatic)", _loss_path),
     "lora": Feature("LoRA", "--fine-tune-type lora", lambda m, c: ""),
-    "dora": Feature("DoRA", "--fine-tune-type dora", _dora),
+    # (under DoRA expert layers stay frozen, with a note: mlx-lm's DoRA has no expert form)
+    "dora": Feature("DoRA", "--fine-tune-type dora", lambda m, c: ""),
     "full": Feature("full", "--fine-tune-type full", lambda m, c: ""),
     "pack": Feature("packing", "--pack", _packing),
     "aligner": Feature("Aligner", "--fine-tune-type aligner", _table("the Aligner's attention hook")),
