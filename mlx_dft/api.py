@@ -126,6 +126,7 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
     out = OutputFolder(output, writer=world.rank() == 0)
     finished = resume is not None and not resume.check_unfinished(start_step, steps, out.path)
     out.check(cfg.overwrite, resume.run_folder if resume else None, world)
+    closing.append(out.release)  # the lock goes however the run ends (a failed run in a notebook too)
     if finished:
         run = Run(model, tokenizer, cfg, out.path, step=start_step, last_checkpoint=resume.checkpoint)
         out.finish(resume.checkpoint, method)

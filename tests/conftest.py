@@ -121,20 +121,75 @@ def smollm2() -> dict[str, Path]:
     return paths
 
 
-def run_cli(*args, cwd=None, env=None, timeout=300, input_text=None):
-    """Run ``python -m mlx_dft ARGS`` (``input_text`` on its standard input); returns the
-    CompletedProcess."""
+class CliResult:
+    """What :func:`run_cli` returns: subprocess.CompletedProcess's fields."""
+
+    def __init__(self, args: list[str], returncode: int, stdout: str, stderr: str):
+        self.args, self.returncode, self.stdout, self.stderr = args, returncode, stdout, stderr
+
+    def __repr__(self) -> str:
+        return f"CliResult(args={self.args!r}, returncode={self.returncode}, stderr={self.stderr[-500:]!r})"
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300, input_text=None, subprocess: bool | None = None):
+    """Run ``mlx_dft ARGS`` (``input_text``, text or bytes, on its standard input) and return its exit status,
+    standard output and standard error.
+
+    By default the command runs in this process, through the same ``main`` the console script
+    calls (one-line errors, exit statuses), with its streams and working folder swapped for the
+    call: a subprocess would pay the import of MLX, mlx-lm and transformers again for every call.
+    It runs in a child process (``python -m mlx_dft``) when ``subprocess=True`` or when ``env``
+    sets variables, which mlx_dft and its libraries may read at import time; tests of signals,
+    start-up and of what a fresh interpreter prints ask for one."""
+    if subprocess is None:
+        subprocess = bool(env)
+    if subprocess:
+        return _run_subprocess(args, cwd, env, timeout, input_text)
+    return _run_in_process([str(a) for a in args], cwd, input_text)
+
+
+def _run_subprocess(args, cwd, env, timeout, input_text):
     import os
     import subprocess
     import sys
 
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
+    p = subprocess.run(
         [sys.executable, "-m", "mlx_dft", *map(str, args)],
         cwd=cwd,
         env=full_env,
         capture_output=True,
-        text=True,
         timeout=timeout,
-        input=input_text,
+        input=input_text.encode() if isinstance(input_text, str) else input_text,
     )
+    decode = lambda b: b.decode(errors="replace")  # noqa: E731
+    return CliResult(p.args, p.returncode, decode(p.stdout), decode(p.stderr))
+
+
+def _run_in_process(args: list[str], cwd, input_text) -> CliResult:
+    import contextlib
+    import io
+    import os
+    import sys
+
+    from mlx_dft.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    raw = input_text if isinstance(input_text, bytes) else (input_text or "").encode()
+    stdin = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")
+    saved = os.getcwd(), sys.stdin, sys.argv
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.stdin, sys.argv = stdin, ["mlx_dft", *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(saved[0])
+        sys.stdin, sys.argv = saved[1], saved[2]
+        mx.clear_cache()
+    return CliResult(["mlx_dft", *args], code, out.getvalue(), err.getvalue())

@@ -54,6 +54,7 @@ def test_bundled_task_splits():
             assert arith.extract_answer(r["completion"]) == int(r["answer"])
 
 
+@pytest.mark.slow
 def test_the_first_command_teaches_the_task(tmp_path):
     """`mlx_dft train` with no arguments (DFT + LoRA, one epoch, about 1.5 minutes here): held-out
     answer accuracy up by at least 20 points, and validation CE down, on the bundled model."""
@@ -64,6 +65,7 @@ def test_the_first_command_teaches_the_task(tmp_path):
     assert val[-1] < 0.5 * val[0], val
 
 
+@pytest.mark.slow
 def test_the_base_model_recaps_task_stories_in_its_own_format():
     """What the task builds on: the pretrained model works a task story out in its own words (the
     pretraining probe, recomputed), which it could not before its corpus had recaps."""
@@ -81,6 +83,7 @@ def test_the_base_model_recaps_task_stories_in_its_own_format():
     assert correct >= 10 and info["recap_probe_accuracy"] >= 0.5
 
 
+@pytest.mark.slow
 def test_default_run_lowers_validation_loss(tmp_path):
     run = mlx_dft.train(output=str(tmp_path / "default"), iters=40, steps_per_eval=20, progress=False)
     val = [r["val_loss"] for r in run.history if "val_loss" in r]
@@ -88,6 +91,7 @@ def test_default_run_lowers_validation_loss(tmp_path):
     assert len(val) == 3 and val[-1] < 0.8 * val[0]
 
 
+@pytest.mark.slow
 def test_aligner_with_dft_lowers_validation_loss(tmp_path):
     run = mlx_dft.train(
         output=str(tmp_path / "al"),

@@ -40,6 +40,7 @@ def trained(arith_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("system", [None, "You answer word problems."])
 def test_each_reply_is_the_full_recompute_reply_and_earlier_turns_come_from_the_cache(trained, system):
     chat = Chat.load(adapter=str(trained), max_tokens=12, system=system)  # the adapter's template
@@ -61,6 +62,7 @@ def test_each_reply_is_the_full_recompute_reply_and_earlier_turns_come_from_the_
     assert chat.messages == ([{"role": "system", "content": system}] if system else []) and chat.cached == []
 
 
+@pytest.mark.slow
 def test_a_real_chat_template_on_smollm2(smollm2):
     """ChatML with SmolLM2's default system prompt: turn two feeds only its own tokens."""
     chat = Chat.load(model=str(smollm2["float32"]), max_tokens=12)

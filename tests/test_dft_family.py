@@ -381,6 +381,7 @@ def assert_same_weights(a, b, atol=1e-6):
         np.testing.assert_allclose(np.array(wa[k]), np.array(wb[k]), atol=atol, rtol=0)
 
 
+@pytest.mark.slow
 def test_sft_warmup_switches_and_resume_crosses_the_switch(tiny_model, arith_data, tmp_path):
     """Steps 1..N are plain SFT, then EAFT: a run resumed before or after the switch ends with the
     weights of the uninterrupted run; the warm-up steps equal an SFT run's, and the steps after

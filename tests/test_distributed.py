@@ -12,6 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # two processes over the ring backend
+
 HERE = Path(__file__).parent
 
 

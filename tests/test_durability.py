@@ -118,6 +118,7 @@ def test_a_kill_between_the_final_checkpoint_and_the_top_level_adapter_is_finish
 # ------------------------------------------------------------------ Ctrl-C
 
 
+@pytest.mark.slow
 def test_ctrl_c_names_the_real_output_folder_to_resume(tiny_model, arith_data, tmp_path):
     out = tmp_path / "run"
     # Ctrl-C as a terminal sends it: with SIGINT's default disposition (a test runner started in

@@ -85,6 +85,7 @@ PROMPTS = [
 # ------------------------------------------------------------------ SmolLM2 vs transformers
 
 
+@pytest.mark.slow
 def test_float32_logits_match_transformers_gguf_loader(smol_float32, hf_reference, our_tokenizer):
     ours = _mlx_model(smol_float32)
     ref, _ = hf_reference
@@ -360,6 +361,7 @@ def test_4bit_conversion_is_mlx_quantized_and_close_to_float(smol_4bit, smol_flo
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_4bit_model_answers_through_our_pipeline(smol_4bit):
     answer = mlx_dft.generate(
         "What is the capital of France?", model=str(smol_4bit), max_tokens=10, chat=True
@@ -367,6 +369,7 @@ def test_4bit_model_answers_through_our_pipeline(smol_4bit):
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow
 def test_model_gguf_file_everywhere_via_the_cache(smollm2, smol_float32, smol_cache):
     """``--model FILE.gguf``: converted once into the cache (float32 on CPU), reused after."""
     weights = smol_float32 / "model.safetensors"

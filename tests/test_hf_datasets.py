@@ -9,6 +9,8 @@ import pytest
 from conftest import BUNDLED, run_cli
 from mlx_dft.tasks import ARITH_DIR
 
+pytestmark = pytest.mark.slow  # the datasets library and its cache
+
 datasets = pytest.importorskip("datasets")
 
 

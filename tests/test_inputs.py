@@ -145,14 +145,15 @@ def _train_args(model, data, out, *extra):
             "--save-every", 1, "--steps-per-eval", 100, "--val-batches", 1, *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_folder_in_use_by_another_process_is_refused(tiny_model, arith_data, tmp_path):
     from mlx_dft.files import lock_folder
 
     out = tmp_path / "busy"
     out.mkdir()
     held = lock_folder(out)
-    try:
-        p = run_cli(*_train_args(tiny_model, arith_data, out))
+    try:  # a lock is per process: the run must be another one
+        p = run_cli(*_train_args(tiny_model, arith_data, out), subprocess=True)
     finally:
         held.close()
     assert p.returncode == 1 and f"in use by process {os.getpid()}" in p.stderr, p.stderr

@@ -59,6 +59,7 @@ def mlx_logits(model_path, adapter=None):
     return np.array(net(mx.array(IDS)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_exported_lora_gives_our_logits_in_peft(models, arith_data, tmp_path, arch, kind):
@@ -205,6 +206,7 @@ OFFICIAL = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,tokens,hidden,layers", OFFICIAL)
 def test_official_checkpoints_import(official_dir, tmp_path, name, tokens, hidden, layers):
     from mlx_lm.models import llama
@@ -330,6 +332,7 @@ def fill_cache(cache, repo, src, commit="89abcdef0123456789abcdef0123456789abcde
     (base / "refs" / "main").write_text(commit)
 
 
+@pytest.mark.slow
 def test_hub_repo_ids_resolve_offline(models, arith_data, tmp_path):
     run = mlx_dft.train(
         model=str(models["llama"]), data=str(arith_data), output=str(tmp_path / "run"), **FAST

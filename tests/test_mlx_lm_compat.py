@@ -34,6 +34,7 @@ def test_stock_mlx_lm_loads_our_adapter(tiny_model, trained):
     assert float(mx.abs(a - c).max()) > 1e-4  # the adapter changes the model
 
 
+@pytest.mark.slow
 def test_stock_mlx_lm_fuses_and_generates(tiny_model, trained, tmp_path):
     fused = tmp_path / "fused"
     p = subprocess.run(

@@ -76,6 +76,7 @@ def test_plan_without_a_tokenizer_plans_at_max_seq_length_and_says_so(tmp_path):
     assert "note: no tokenizer to read the data with" in p.stdout
 
 
+@pytest.mark.slow
 def test_plan_suggests_what_to_change_when_it_does_not_fit(tmp_path):
     model = _config_only(tmp_path / "big", "qwen3-0.6b")  # ~1 TB of activations: fits no machine
     p = run_cli("plan", "--model", model, "--batch-size", "512", "--max-seq-length", "8192", "--pack")
@@ -84,6 +85,7 @@ def test_plan_suggests_what_to_change_when_it_does_not_fit(tmp_path):
     assert "largest that fit:\n  no batch fits at 8192 tokens\n  --max-seq-length" in p.stdout
 
 
+@pytest.mark.slow
 def test_plan_resolves_a_hub_id_from_the_offline_cache(tiny_model, tmp_path):
     fill_cache(tmp_path / "hub", "someone/tiny-model", tiny_model)
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}

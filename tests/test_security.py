@@ -136,6 +136,7 @@ def test_a_peft_folder_cannot_choose_the_module_either(tiny_model, tmp_path):
         read_source(str(peft), None)
 
 
+@pytest.mark.slow
 def test_a_zip_bomb_is_refused_without_inflating_it(tmp_path):
     """A .pth whose 4-element storage member inflates to 1 GiB: refused after reading 17 bytes of
     it, under a 400 MB address-space cap (the whole file used to be inflated before any check)."""

@@ -37,6 +37,8 @@ from mlx_dft.adapters import aligner
 from mlx_dft.config import TrainConfig
 from mlx_dft.data import DataConfig, chat_prompt, load_split
 
+pytestmark = pytest.mark.slow  # the real model, SmolLM2-135M-Instruct
+
 # Made-up facts the model cannot know: their cross-entropy starts high and has room to fall.
 FACTS = [
     ("What is the capital of Zorblatt?", "The capital of Zorblatt is Quenvik."),

@@ -55,6 +55,7 @@ def _wandb_finished(path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_wandb_offline_gets_every_metric_and_the_config(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
