@@ -185,6 +185,7 @@ def fused(trained, tmp_path_factory):
     return files
 
 
+@pytest.mark.slow
 def test_fused_gguf_reads_back_with_llama_cpp_conventions(fused):
     folder = fused["folder"]
     config = json.loads((folder / "config.json").read_text())
@@ -298,6 +299,7 @@ def test_every_architecture_loads_in_transformers_with_our_logits(arch, tmp_path
     np.testing.assert_allclose(torch_logits(model, ids), mlx_logits(folder, ids), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2.is_dir(), reason=f"{SMOLLM2} absent (made by the GGUF import script)")
 def test_smollm2_round_trips_through_gguf(tmp_path):
     """A real model that came from a GGUF file goes back with llama.cpp's own tokenizer metadata."""
@@ -484,3 +486,23 @@ def test_tokenizers_gguf_cannot_hold_are_refused_by_name(tiny_model, tmp_path):
     with pytest.raises(UserError, match="SentencePiece-style BPE tokenizer"):
         write_model_gguf(folder, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
+@pytest.mark.parametrize("module,a_shape,b_shape,message", [
+    ("model.layers.0.self_attn.q_proj", (32, 8), (8, 64), r"lora_a reads 32 features, the model's layer 64"),
+    ("model.layers.0.mlp.down_proj", (128, 8), (8, 65), r"lora_b writes 65 features, the model's layer 64"),
+    ("model.layers.0.self_attn.k_proj", (64, 8), (8, 31), r"not whole heads \(2 in all\)"),
+    ("model.layers.7.self_attn.v_proj", (64, 8), (8, 32), r"the model has 2 blocks"),
+    ("model.layers.0.self_attn.v_proj", (64, 8), (4, 32), r"do not make a LoRA pair"),
+])  # fmt: skip
+def test_lora_tensors_that_do_not_fit_the_model_are_refused(module, a_shape, b_shape, message):
+    """A crafted adapter whose shapes cannot belong to its base model is refused in one line, not
+    written as a GGUF adapter llama.cpp would reject or apply to the wrong rows (mlx stores A as
+    (in, rank) and B as (rank, out))."""
+    from mlx_dft.gguf.adapter import lora_tensors
+
+    config = llama_config()  # hidden 64, 4 heads of 16, 2 KV heads, intermediate 128, 2 blocks
+    weights = {f"{module}.lora_a": mx.zeros(a_shape), f"{module}.lora_b": mx.zeros(b_shape)}
+    rank = min(a_shape[1], b_shape[0])
+    with pytest.raises(UserError, match=message):
+        lora_tensors(weights, {"rank": rank, "scale": 1.0}, config)

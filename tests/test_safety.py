@@ -511,15 +511,11 @@ def test_optimizer_state_that_does_not_fit_the_model_is_refused(tiny_model, arit
 
 
 def test_non_utf8_standard_input_and_a_template_that_is_neither_are_one_line_errors(tmp_path):
-    import subprocess
-    import sys
-
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     chat = ["chat", "--model", BUNDLED, "--chat-template", template]
     for args in (["generate", "--model", BUNDLED, "-p", "-"], chat):
-        cmd = [sys.executable, "-m", "mlx_dft", *map(str, args)]
-        p = subprocess.run(cmd, input=b"caf\xe9\n", capture_output=True, timeout=300)
-        err = p.stderr.decode().strip()
+        p = run_cli(*args, input_text=b"caf\xe9\n")
+        err = p.stderr.strip()
         assert p.returncode == 1 and err == "mlx_dft: error: standard input is not UTF-8 text (byte 4)", err
     p = run_cli("generate", "--model", BUNDLED, "-p", "hi", "--chat-template", "chatml")
     assert p.returncode == 1 and "is neither a file nor a chat template" in p.stderr, p.stderr
@@ -701,3 +697,27 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(small_dis
     assert "MLX_DFT_DEBUG" not in lines[0]
     ckpts = out / "checkpoints"
     assert not ckpts.exists() or [p.name for p in ckpts.iterdir() if not p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("tokens,message", [
+    (["<unk>", "a", "b", "a" * 1_000_000], r"tokens\[3\] is 1,000,000 characters long \(at most 4,096"),
+    (["<unk>", *(f"{i:05d}" + "x" * 4000 for i in range(5100))], r"split 20,\d{3},\d{3} ways"),
+])  # fmt: skip
+def test_a_sentencepiece_vocabulary_that_asks_for_quadratic_work_is_refused(tokens, message):
+    """Rebuilding SentencePiece merges tries every split of every piece: a million-character token
+    (a 1 MB GGUF) used to take time quadratic in its length. Token lengths and the splits are
+    bounded before any work, in one line."""
+    import time
+
+    from mlx_dft.gguf.tokenizer import build_tokenizer
+
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [0.0] * len(tokens),
+        "tokenizer.ggml.token_type": [2] + [1] * (len(tokens) - 1),
+    }
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=message):
+        build_tokenizer(meta)
+    assert time.perf_counter() - start < 5

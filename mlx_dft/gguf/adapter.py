@@ -17,6 +17,7 @@ before this module is reached; a stray ``.m`` tensor is refused here too).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -70,6 +71,7 @@ def lora_tensors(weights: dict[str, mx.array], params: dict, model_config: dict)
         a = np.asarray(parts["lora_a"].astype(mx.float32)).T  # (r, in)
         b = np.asarray(parts["lora_b"].astype(mx.float32)).T  # (out, r)
         r = a.shape[0]
+        _check_fits(module, a.shape, b.shape, model_config)
         if r != int(ranks.get(module, rank)):
             raise UserError(
                 f"{module}: lora_a has rank {r}, the adapter config says {ranks.get(module, rank)}"
@@ -86,6 +88,37 @@ def lora_tensors(weights: dict[str, mx.array], params: dict, model_config: dict)
     if not out:
         raise UserError("the adapter has no LoRA tensors")
     return alpha, out
+
+
+def _check_fits(module: str, a_shape: tuple, b_shape: tuple, cfg: dict) -> None:
+    """Refuse LoRA tensors that cannot belong to the model (llama.cpp would reject the file, or
+    apply it to the wrong rows): A is (rank, in), B (out, rank), the block exists, and the sides
+    the config fixes are the config's (hidden and intermediate sizes; whole heads)."""
+    if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0]:
+        pair = f"lora_a {tuple(a_shape)} and lora_b {tuple(b_shape)}"
+        raise UserError(f"{module}: {pair} do not make a LoRA pair")
+    out_f, in_f = b_shape[0], a_shape[1]
+    m = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$", module)
+    layers = cfg.get("num_hidden_layers")
+    if m is None:
+        return  # to_gguf_name already refused what has no llama.cpp name
+    if isinstance(layers, int) and int(m.group(1)) >= layers:
+        raise UserError(f"{module}: the model has {layers} blocks")
+    hidden, inter = cfg.get("hidden_size"), cfg.get("intermediate_size")
+    heads = cfg.get("num_attention_heads")
+    kv = cfg.get("num_key_value_heads") or heads
+    expect_in = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "gate_proj": hidden, "up_proj": hidden,
+                 "down_proj": inter}.get(m.group(2))  # fmt: skip
+    expect_out = {"o_proj": hidden, "down_proj": hidden, "gate_proj": inter, "up_proj": inter}.get(m.group(2))
+    per_head = {"q_proj": heads, "k_proj": kv, "v_proj": kv}.get(m.group(2))
+    if m.group(2) == "o_proj" and isinstance(heads, int) and heads > 0 and in_f % heads:
+        raise UserError(f"{module}: lora_a reads {in_f} features, not whole heads of the model's {heads}")
+    if isinstance(expect_in, int) and in_f != expect_in:
+        raise UserError(f"{module}: lora_a reads {in_f} features, the model's layer {expect_in}")
+    if isinstance(expect_out, int) and out_f != expect_out:
+        raise UserError(f"{module}: lora_b writes {out_f} features, the model's layer {expect_out}")
+    if isinstance(per_head, int) and per_head > 0 and out_f % per_head:
+        raise UserError(f"{module}: lora_b writes {out_f} features, not whole heads ({per_head} in all)")
 
 
 def export_lora_gguf(adapter_dir: Path, config: dict, out: Path, base_model: str | None = None) -> Path:

@@ -74,6 +74,12 @@ SPECIAL_IDS = {
 }
 
 
+# Bounds on what a vocabulary from a file may cost (real ones: tokens of at most a few hundred
+# characters, ~2 million ways to split the pieces of a 256k SentencePiece vocabulary).
+MAX_TOKEN_CHARS = 4096
+MAX_MERGE_CUTS = 20_000_000
+
+
 def _meta(meta: dict, key: str, kind: type | tuple, default=None):
     value = meta.get(f"tokenizer.ggml.{key}", default)
     if value is not None and not isinstance(value, kind):
@@ -91,6 +97,12 @@ def _tokens(meta: dict) -> list[str]:
         )
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise UserError("GGUF metadata tokenizer.ggml.tokens is not a list of strings")
+    longest = max(range(len(tokens)), key=lambda i: len(tokens[i]))
+    if len(tokens[longest]) > MAX_TOKEN_CHARS:
+        raise UserError(
+            f"GGUF metadata tokenizer.ggml.tokens[{longest}] is {len(tokens[longest]):,} characters long "
+            f"(at most {MAX_TOKEN_CHARS:,}: no real vocabulary has such a token)"
+        )
     return tokens
 
 
@@ -155,6 +167,12 @@ def _sentencepiece(meta: dict, tokens: list[str], types: list[int] | None, unk: 
     # SentencePiece merges the adjacent pair whose joined piece scores highest; as BPE merges:
     # every split of a normal piece into two normal pieces, best joined score first.
     mergeable = {t for i, t in enumerate(tokens) if types is None or types[i] in (1, USER_DEFINED)}
+    cuts = sum(max(len(piece) - 1, 0) for piece in mergeable)
+    if cuts > MAX_MERGE_CUTS:  # each cut is two slices and two look-ups: bound the work up front
+        raise UserError(
+            f"the GGUF SentencePiece vocabulary's pieces split {cuts:,} ways (at most {MAX_MERGE_CUTS:,}): "
+            "too long to rebuild its merges from"
+        )
     ranked = []
     for piece in mergeable:
         for cut in range(1, len(piece)):
