@@ -125,7 +125,10 @@ def _help_panels() -> None:
     rich_click.rich_click.SHOW_ARGUMENTS = True
     # Types go after the help text, so that the option names have the room they need at 80 columns.
     rich_click.rich_click.OPTIONS_TABLE_COLUMN_TYPES = ["required", "opt_long", "opt_short", "help"]
-    rich_click.rich_click.APPEND_METAVARS_HELP = True
+    # the metavar after the help text (rich-click 1.9 spelling of the older APPEND_METAVARS_HELP)
+    rich_click.rich_click.OPTIONS_TABLE_HELP_SECTIONS = [
+        "help", "deprecated", "envvar", "default", "required", "metavar",
+    ]  # fmt: skip
 
 
 _help_panels()

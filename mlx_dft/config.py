@@ -109,7 +109,8 @@ class TrainConfig:
     lora_dropout: float = option(0.0, "Dropout on the LoRA input.")
     lora_keys: list[str] | None = option(
         None,
-        "Modules to adapt, e.g. q_proj,v_proj (default: every linear layer of the block, as mlx-lm).",
+        "Modules to adapt, e.g. q_proj,v_proj (default: every linear layer of every block kind, experts "
+        "included, routers frozen).",
         is_list=True,
     )
     aligner_tokens: int = option(1, "Aligner: number of shared prefix tokens N.")

@@ -545,9 +545,9 @@ def pack_dataset(ds: Dataset, max_seq_length: int) -> Dataset:
     A row is its examples' tokens one after another (each keeps its BOS and EOS). A row's first
     position is never a target, and each later example's first token is not one either, so every
     target is a target of its own example, predicted from its own example's positions (the mask
-    keeps the rest out). Positions run on across the row: RoPE makes attention scores depend on
-    the distance between positions only, so within an example they are unchanged
-    (tests/test_packing.py compares packed and unpacked losses and gradients)."""
+    keeps the rest out). The row's segments (one number per example) let the model restart RoPE
+    positions, convolutions and recurrent state at every example (mlx_dft.packing;
+    tests/test_packing.py compares packed and unpacked losses and gradients)."""
     groups = pack_rows([len(t) for t in ds.tokens], max_seq_length)
     tokens, supervised, segments = [], [], []
     for idx in groups:
