@@ -12,6 +12,10 @@ points only, each undone when the training loss returns:
   token's position within its example (:class:`TokenPositions`).
 - **the SwiGLU** of the model's MLP modules (:func:`lean_swiglu`): one with a leaner backward pass
   (:mod:`mlx_dft.fused`), the same forward values.
+- **the gated delta rule** of gated-delta layers (qwen3_5, qwen3_next, olmo_hybrid...;
+  :func:`chunked_gated_delta`): their mlx-lm module's ``gated_delta_update`` computes the
+  recurrence in chunks (:mod:`mlx_dft.gated_delta`) instead of a step at a time, and in a packed
+  row restarts the state at each example.
 - **attention hooks** (:func:`hook_attention`): an mlx-lm module's attention class marks the layer
   running, and its ``scaled_dot_product_attention`` adds the terms hooks give for that layer (the
   Aligner's prefix term, :mod:`mlx_dft.adapters.aligner.layer`); a pass-through elsewhere. These
@@ -231,26 +235,65 @@ def _depthwise(conv: object) -> bool:
     )
 
 
-def _gated_delta_update(packed: Packed):
-    """mlx-lm's ``gated_delta_update`` for a packed row: the same gates and recurrence
-    (``gated_delta_ops``), the decay set to 0 at each example's first token, so no state crosses
-    into the next example (``state * 0`` is exactly the zero state an example starts from)."""
+def _log_gates(a: mx.array, A_log: mx.array, dt_bias: mx.array, lower_bound: float | None) -> mx.array:
+    """The logarithm of mlx-lm's gates (``compute_g``, ``compute_lower_bound_g``), computed without
+    the exponential, which rounds strong decays to 0."""
+    if lower_bound is None:
+        return -mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias)
+    return lower_bound * mx.sigmoid(mx.exp(A_log.astype(mx.float32)) * (a.astype(mx.float32) + dt_bias))
+
+
+def _gated_delta_update(packed: Packed | None = None) -> Callable:
+    """mlx-lm's ``gated_delta_update`` for training: the same gates and betas, the recurrence
+    computed in chunks (:func:`mlx_dft.gated_delta.chunk_gated_delta`; scalar gates and no padding
+    mask, as training has) instead of a step at a time; per-dimension gates and masked inputs keep
+    mlx-lm's ``gated_delta_ops``. For a packed row the gate is 0 at each example's first token,
+    so no state crosses into the next example (``state * 0`` is exactly the zero state an example
+    starts from)."""
     from mlx_lm.models import gated_delta as gd
+
+    from mlx_dft.gated_delta import LOG_ZERO, chunk_gated_delta
 
     def update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, *, use_kernel=True,
                lower_bound=None, allow_neg_eigval=False):  # fmt: skip
         beta = mx.sigmoid(b)
         if allow_neg_eigval:
             beta = beta * 2.0
-        if lower_bound is None:
-            g = gd.compute_g(A_log, a, dt_bias)
-        else:
-            g = gd.compute_lower_bound_g(A_log, a, dt_bias, lower_bound)
-        keep = packed.keep.reshape(*packed.keep.shape, *([1] * (g.ndim - 2)))
-        g = g * keep.astype(g.dtype)
-        return gd.gated_delta_ops(q, k, v, g, beta, state, mask)
+        log_g = _log_gates(a, A_log, dt_bias, lower_bound)
+        if packed is not None:
+            keep = packed.keep.reshape(*packed.keep.shape, *([1] * (log_g.ndim - 2)))
+            log_g = mx.where(keep, log_g, LOG_ZERO)
+        if log_g.ndim == 3 and mask is None:
+            return chunk_gated_delta(q, k, v, log_g, beta, state)
+        return gd.gated_delta_ops(q, k, v, mx.exp(log_g), beta, state, mask)
 
     return update
+
+
+def _gated_delta_modules(root: nn.Module) -> set[ModuleType]:
+    """The mlx-lm modules (``mlx_lm.models.qwen3_5``...) of the gated-delta layers under ``root``:
+    each calls its module's ``gated_delta_update``."""
+    return {
+        sys.modules[type(m).__module__]
+        for _, m in root.named_modules()
+        if isinstance(m, nn.Module) and "A_log" in m and "dt_bias" in m
+        and callable(getattr(sys.modules[type(m).__module__], "gated_delta_update", None))
+    }  # fmt: skip
+
+
+@contextmanager
+def chunked_gated_delta(model: nn.Module) -> Iterator[bool]:
+    """While it lasts, ``model``'s gated-delta layers run the chunked recurrence (a training step
+    traced inside keeps it; generation keeps mlx-lm's kernels); yields whether the model has any."""
+    modules = _gated_delta_modules(model)
+    previous = [(mod, mod.gated_delta_update) for mod in modules]
+    for mod in modules:
+        mod.gated_delta_update = _gated_delta_update()
+    try:
+        yield bool(modules)
+    finally:
+        for mod, update in previous:
+            mod.gated_delta_update = update
 
 
 def _stateful(block: nn.Module) -> tuple[list[tuple[nn.Module, str]], list[nn.Module]]:

@@ -48,8 +48,10 @@ COEFFICIENTS = {
     "dora_weights": 4.503,  # DoRA's W + BA of every adapted block, in float32
     "loss": 5.093,  # float32 logit chunks of the loss alive at once
     "kept_softmax": 0.3704,  # the softmax the CPU loss keeps (freed before the blocks' backward peak)
+    "gated_delta": 1.0,  # one gated-delta layer's chunked recurrence, backward (counted, not fitted)
     "constant": 0.0,  # per MB
 }
+COUNTED = ("gated_delta",)  # terms whose constant is counted from the code, not fitted to runs
 MATMUL_EFFICIENCY = 0.476  # share of the measured matmul rate a training step reaches
 STEP_OVERHEAD_S = 0.137
 
@@ -165,6 +167,31 @@ def _linear_params(module: nn.Module) -> int:
     )
 
 
+def _gated_delta_layer(block: nn.Module) -> nn.Module | None:
+    """The block's gated-delta layer (qwen3_5's ``linear_attn``...), if it has one."""
+    for _, m in block.named_modules():
+        if isinstance(m, nn.Module) and "A_log" in m and "dt_bias" in m:
+            return m
+    return None
+
+
+def _gated_delta_bytes(layer: nn.Module, batch: int, length: int) -> float:
+    """What one gated-delta layer's chunked recurrence holds at once in its backward pass
+    (:mod:`mlx_dft.gated_delta`, recomputed there): float32 [chunk, chunk] matrices of every chunk
+    and head (decays, the triangular system's powers and inverse, scores: about 16), about 8
+    [token, head dim] arrays per head, and the state at each chunk boundary."""
+    from mlx_dft.gated_delta import CHUNK
+
+    heads = next((getattr(layer, a) for a in ("num_v_heads", "num_heads") if hasattr(layer, a)), None)
+    dk = next((getattr(layer, a) for a in ("head_k_dim", "head_dim") if hasattr(layer, a)), None)
+    dv = getattr(layer, "head_v_dim", dk)
+    if not (heads and dk and dv):
+        return 0.0
+    c = min(CHUNK, max(2, 1 << (length - 1).bit_length()))
+    n = -(-length // c)
+    return 4.0 * batch * heads * (16 * n * c * c + 8 * length * max(dk, dv) + n * dk * dv)
+
+
 def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None = None) -> Plan:
     """The plan of a run of ``cfg`` (``cfg.model``; rows of ``length`` tokens, default
     --max-seq-length); ``gflops`` given skips measuring the matmul rate."""
@@ -219,10 +246,12 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
     keep = keep_tokens(split_model(model, probe=False).head, LossConfig.from_options(cfg), vocab)
     kept_softmax = b * length if b * length <= keep else 0
     tok, scores = width * b * length, width * b * heads * length**2
+    deltas = [i for i in span if _gated_delta_layer(model.layers[i]) is not None]
+    kept_attention = kept_blocks - (0 if cfg.grad_checkpoint else len(deltas))  # no L^2 scores there
     terms = {
         "kept_hidden": kept_blocks * tok * h,
         "kept_intermediate": kept_blocks * tok * inter,
-        "kept_scores": kept_blocks * scores,
+        "kept_scores": kept_attention * scores,
         "adapter_inputs": kept_blocks * tok * (3 * h + inter) if method.keeps_layer_inputs else 0.0,
         "block_hidden": tok * h,
         "block_scores": scores,
@@ -231,6 +260,9 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
         "dora_weights": 0.0,
         "loss": 4.0 * chunk * vocab,
         "kept_softmax": 4.0 * kept_softmax * vocab,
+        "gated_delta": max(
+            (_gated_delta_bytes(_gated_delta_layer(model.layers[i]), b, length) for i in deltas), default=0.0
+        ),
         "constant": 1e6,
     }
     trained = method.trained_blocks(cfg, n_layers)

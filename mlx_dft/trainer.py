@@ -26,7 +26,7 @@ from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
 from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, loss_sums
 from mlx_dft.models import split_model, vocab_size
-from mlx_dft.patches import StandIn, gradient_checkpointing, lean_swiglu, wrapped_blocks
+from mlx_dft.patches import StandIn, chunked_gated_delta, gradient_checkpointing, lean_swiglu, wrapped_blocks
 from mlx_dft.progress import Progress
 
 if TYPE_CHECKING:
@@ -127,7 +127,8 @@ def make_loss_fn(
     """loss(model, inputs, positions, targets, valid[, segments]) -> (objective, ce, prob, ntoks,
     *parts) sums; ``segments`` (packed rows) makes attention block-diagonal
     (:func:`mlx_dft.patches.wrapped_blocks`);
-    the MLPs use the SwiGLU with the leaner backward pass (:func:`mlx_dft.patches.lean_swiglu`);
+    the MLPs use the SwiGLU with the leaner backward pass (:func:`mlx_dft.patches.lean_swiglu`), and
+    gated-delta layers the chunked recurrence (:func:`mlx_dft.patches.chunked_gated_delta`);
     blocks are recomputed in the backward pass when the model asks for gradient checkpointing.
     The function's ``parts`` attribute names the parts (``loss_cfg.parts``); its ``state`` lists the
     arrays it reads besides the model's (a compiled function takes them as inputs).
@@ -146,7 +147,7 @@ def make_loss_fn(
 
     def loss_fn(model, inputs, positions, targets, valid, segments=None):
         checkpoint = gradient_checkpointing(model)
-        with wrapped_blocks(body, segments, checkpoint), lean_swiglu(model):
+        with wrapped_blocks(body, segments, checkpoint), lean_swiglu(model), chunked_gated_delta(model):
             if loss_cfg.needs_reference:
                 first = adapter_off.first_layer if fast else 0
                 out, ref = _policy_and_reference(body, inputs, adapter_off, first)

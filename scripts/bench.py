@@ -204,9 +204,22 @@ def sgemm_gflops(model: Path, tokens: int) -> float:
     return matmul_gflops(cfg["hidden_size"], cfg["intermediate_size"], tokens, seconds=1.0)
 
 
+TIMEOUT: float | None = None  # seconds a benchmark run may take (None: no limit)
+
+
 def run(cmd: list[str], env: dict, log: Path) -> str:
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+        log.write_text(out)
+        raise SystemExit(f"ran past the {TIMEOUT:.0f} s limit: see {log}") from None
     log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
+    if p.returncode < 0:
+        import signal
+
+        why = signal.Signals(-p.returncode).name + (" (out of memory)" if p.returncode == -9 else "")
+        raise SystemExit(f"killed by {why}: see {log}")
     if p.returncode != 0:
         raise SystemExit(f"benchmark run failed ({' '.join(cmd[:4])} ...): see {log}")
     return p.stdout + p.stderr

@@ -9,6 +9,8 @@ Shapes (random weights, the bundled 512-token tokenizer; the vocabulary is the m
                of 256, 1 KV head, MLP 6912, vocabulary 262,144 (tied)
   qwen35-0.8b  Qwen3.5-0.8B: qwen3_5, hidden 1024, 24 layers (18 gated-delta linear attention, 6
                full attention), MLP 3584, vocabulary 248,320 (tied)
+  qwen35-small a small hybrid: qwen3_5, hidden 256, 4 layers (3 gated-delta, 1 attention), MLP 768,
+               the bundled 512-token vocabulary
 
 Both tools: LoRA rank 8 scale 20 on the same layers (mlx-lm's default keys: every linear layer of
 every block), AdamW at a constant rate, the same batch of rows of about LENGTH tokens
@@ -54,6 +56,15 @@ SHAPES = {
                 "rope_theta": 10000000.0, "partial_rotary_factor": 0.25, "rope_type": "default",
             },
         },
+    },
+}  # fmt: skip
+SHAPES["qwen35-small"] = {  # the 0.8B's layout, narrower and shallower
+    "model_type": "qwen3_5",
+    "text_config": {
+        **SHAPES["qwen35-0.8b"]["text_config"], "hidden_size": 256, "num_hidden_layers": 4,
+        "intermediate_size": 768, "num_attention_heads": 4, "head_dim": 64, "vocab_size": 512,
+        "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 64,
+        "linear_value_head_dim": 64,
     },
 }  # fmt: skip
 
@@ -118,8 +129,10 @@ def main() -> None:
         "--shapes", default="gemma3-1b:4:512,qwen35-0.8b:2:128", help="SHAPE:BATCH:LENGTH,..."
     )
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--timeout", type=float, help="seconds a run may take (then reported as out of time)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    bench.TIMEOUT = args.timeout
     openblas = bench._find_openblas()
     results = []
     for item in args.shapes.split(","):
