@@ -721,3 +721,24 @@ def test_a_sentencepiece_vocabulary_that_asks_for_quadratic_work_is_refused(toke
     with pytest.raises(UserError, match=message):
         build_tokenizer(meta)
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("kind", ["file", "dangling link"])
+@pytest.mark.parametrize("command", ["train", "fuse"])
+def test_an_output_that_is_a_file_or_a_dangling_link_is_one_line(tmp_path, tiny_model, arith_data, adapter,
+                                                                   command, kind):  # fmt: skip
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        out.symlink_to(tmp_path / "missing" / "folder")
+    if command == "train":
+        args = ["train", "--model", tiny_model, "--data", arith_data, "--iters", 1, "--output", out]
+    else:
+        args = ["fuse", adapter, "--out", out]
+    if command == "train":
+        args += ["--accuracy-problems", 0]
+    p = run_cli(*args)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"mlx_dft: error: --{'output' if command == 'train' else 'out'} "), p.stderr
+    assert (out.read_text() == "mine") if kind == "file" else (out.is_symlink() and not out.exists())
