@@ -1,4 +1,4 @@
-"""The gated delta rule in chunks, for training (Qwen3.5, Qwen3-Next, OLMo hybrid).
+"""The gated delta rule in chunks, for training (Qwen3.5, Qwen3-Next, OLMo hybrid, Kimi Linear).
 
 mlx-lm trains its gated-delta layers with ``gated_delta_ops``: a Python loop over every position,
 each step a few small operations on a [batch, heads, d_v, d_k] state, and autodiff keeps every
@@ -24,7 +24,9 @@ softplus(a + dt_bias)``); a gate of exp(-200) or less is 0 in float32 and is tak
 row's example starts use it to reset the state exactly). The log-decay between two positions is
 summed over exactly the positions between them (a product with a constant 0/1 matrix), not taken
 as a difference of prefix sums: a chunk of strong decays does not cost the weak ones their
-precision, in the values or in the gates' gradients.
+precision, in the values or in the gates' gradients. Per-dimension gates (one decay per key
+dimension: ``S_t = S_{t-1} diag(g_t) + ...``) make every Γ_ij a vector over the key dimensions;
+their chunks are shorter so that the [chunk, chunk, d_k] decays stay small.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import mlx.core as mx
 import numpy as np
 
 CHUNK = 64  # positions a chunk; a power of two
+VECTOR_CHUNK = 16  # ... with per-dimension gates, whose decays are [chunk, chunk, d_k] per head
 LOG_ZERO = -200.0  # exp of it, and of anything below it, is 0 in float32
 
 
@@ -61,8 +64,10 @@ def chunk_gated_delta(
     """The gated delta rule over a whole sequence, by chunks; what mlx-lm's ``gated_delta_ops``
     returns for ``g = exp(log_g)`` (without a mask).
 
-    Shapes: ``q``, ``k`` [B, T, Hk, Dk]; ``v`` [B, T, Hv, Dv]; ``log_g`` and ``beta`` [B, T, Hv]
-    (one scalar gate per head and position); ``state`` [B, Hv, Dv, Dk] (float32; zeros if None).
+    Shapes: ``q``, ``k`` [B, T, Hk, Dk]; ``v`` [B, T, Hv, Dv]; ``beta`` [B, T, Hv]; ``log_g``
+    [B, T, Hv] (one gate per head and position: Qwen3.5) or [B, T, Hv, Dk] (one per key dimension:
+    Kimi's delta attention, in chunks of at most :data:`VECTOR_CHUNK`); ``state`` [B, Hv, Dv, Dk]
+    (float32; zeros if None).
     Returns y [B, T, Hv, Dv] in ``q``'s dtype and the final state (float32). Hv must be a multiple
     of Hk (grouped heads share their keys and queries, as mlx-lm repeats them); T need not be a
     multiple of the chunk (the last chunk is padded with steps that change nothing)."""
@@ -70,8 +75,10 @@ def chunk_gated_delta(
         raise ValueError(f"chunk must be a power of two of at least 2, not {chunk}")
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[-2:]
-    if log_g.shape != (B, T, Hv) or beta.shape != (B, T, Hv):
+    if log_g.shape not in ((B, T, Hv), (B, T, Hv, Dk)) or beta.shape != (B, T, Hv):
         raise ValueError(f"gates of shape {log_g.shape} and {beta.shape} for [B, T, Hv] = {(B, T, Hv)}")
+    if log_g.ndim == 4:
+        chunk = min(chunk, VECTOR_CHUNK)
     if Hv % Hk:
         raise ValueError(f"{Hv} value heads are not a multiple of {Hk} key heads")
     if state is None:
@@ -113,28 +120,37 @@ def _chunked(q, k, v, log_g, beta, state, chunk: int) -> tuple[mx.array, mx.arra
     # differences of prefix sums: no cancellation in the values or in the gates' gradients.
     pairs, prefix = _spans(C)
     causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
-    span = (lg @ pairs).reshape(*lg.shape, C)  # [..., i, j]: sum of log g_s for j < s <= i
-    decay = mx.exp(mx.where(causal, span, -mx.inf))  # Γ_ij for j <= i, else 0
-    gamma = mx.exp(lg @ prefix)  # γ_i: from the chunk's start state to position i
-    to_end = decay[..., -1, :]  # Γ_Cj: from position j to the chunk's end
+    if lg.ndim == 4:  # scalar gates: [B, H, N, C]
+        span = (lg @ pairs).reshape(*lg.shape, C)  # [..., i, j]: sum of log g_s for j < s <= i
+        decay = mx.exp(mx.where(causal, span, -mx.inf))  # Γ_ij for j <= i, else 0
+        gamma = mx.exp(lg @ prefix)[..., None]  # γ_i: from the chunk's start state to position i
+        to_end = decay[..., -1, :][..., None]  # Γ_Cj: from position j to the chunk's end
+        keys = decay * (K @ mx.swapaxes(K, -1, -2))  # Γ_ij (k_i·k_j)
+        scores = decay * (Q @ mx.swapaxes(K, -1, -2))  # Γ_ij (q_i·k_j), lower triangular
+    else:  # per-dimension gates: [B, H, N, C, Dk], every decay a vector over the key dimensions
+        span = mx.moveaxis((mx.swapaxes(lg, -1, -2) @ pairs).reshape(*lg.shape[:3], Dk, C, C), 3, -1)
+        decay = mx.exp(mx.where(causal[..., None], span, -mx.inf))  # [..., i, j, d]
+        gamma = mx.exp(mx.swapaxes(mx.swapaxes(lg, -1, -2) @ prefix, -1, -2))  # [..., i, d]
+        to_end = decay[..., -1, :, :]  # [..., j, d]
+        keys = ((K[..., :, None, :] * K[..., None, :, :]) * decay).sum(-1)  # Σ_d k_id Γ_ijd k_jd
+        scores = ((Q[..., :, None, :] * K[..., None, :, :]) * decay).sum(-1)
 
     # T = (I + A)^-1, A strictly lower triangular: I - A + A^2 - ... = prod_j (I + (-A)^(2^j)).
     strict = mx.tril(mx.ones((C, C), dtype=mx.bool_), k=-1)
-    neg_a = mx.where(strict, -(b[..., :, None] * decay * (K @ mx.swapaxes(K, -1, -2))), 0.0)
+    neg_a = mx.where(strict, -(b[..., :, None] * keys), 0.0)
     inverse, power = mx.eye(C) + neg_a, neg_a
     for _ in range(int(math.log2(C)) - 1):
         power = power @ power
         inverse = inverse + inverse @ power
     w_v = inverse @ (b[..., None] * V)  # [B, H, N, C, Dv]
-    w_k = inverse @ ((b * gamma)[..., None] * K)  # [B, H, N, C, Dk]
-    scores = decay * (Q @ mx.swapaxes(K, -1, -2))  # Γ ⊙ Q Kᵀ, lower triangular
-    q_start = gamma[..., None] * Q
-    k_end = to_end[..., None] * K
+    w_k = inverse @ (b[..., None] * gamma * K)  # [B, H, N, C, Dk]
+    q_start = gamma * Q
+    k_end = to_end * K
 
     ys = []
     for n in range(N):  # the only sequential part: the state across chunk boundaries
         u = w_v[:, :, n] - w_k[:, :, n] @ mx.swapaxes(state, -1, -2)
         ys.append(q_start[:, :, n] @ mx.swapaxes(state, -1, -2) + scores[:, :, n] @ u)
-        state = gamma[:, :, n, -1][..., None, None] * state + mx.swapaxes(u, -1, -2) @ k_end[:, :, n]
+        state = gamma[:, :, n, -1][..., None, :] * state + mx.swapaxes(u, -1, -2) @ k_end[:, :, n]
     y = mx.stack(ys, axis=2).reshape(B, Hv, N * C, Dv)[:, :, :T]
     return mx.moveaxis(y, 1, 2), state

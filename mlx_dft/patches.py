@@ -245,9 +245,9 @@ def _log_gates(a: mx.array, A_log: mx.array, dt_bias: mx.array, lower_bound: flo
 
 def _gated_delta_update(packed: Packed | None = None) -> Callable:
     """mlx-lm's ``gated_delta_update`` for training: the same gates and betas, the recurrence
-    computed in chunks (:func:`mlx_dft.gated_delta.chunk_gated_delta`; scalar gates and no padding
-    mask, as training has) instead of a step at a time; per-dimension gates and masked inputs keep
-    mlx-lm's ``gated_delta_ops``. For a packed row the gate is 0 at each example's first token,
+    computed in chunks (:func:`mlx_dft.gated_delta.chunk_gated_delta`; scalar or per-dimension
+    gates) instead of a step at a time; inputs with a padding mask (generation's, never training's)
+    keep mlx-lm's ``gated_delta_ops``. For a packed row the gate is 0 at each example's first token,
     so no state crosses into the next example (``state * 0`` is exactly the zero state an example
     starts from)."""
     from mlx_lm.models import gated_delta as gd
@@ -263,7 +263,7 @@ def _gated_delta_update(packed: Packed | None = None) -> Callable:
         if packed is not None:
             keep = packed.keep.reshape(*packed.keep.shape, *([1] * (log_g.ndim - 2)))
             log_g = mx.where(keep, log_g, LOG_ZERO)
-        if log_g.ndim == 3 and mask is None:
+        if mask is None:
             return chunk_gated_delta(q, k, v, log_g, beta, state)
         return gd.gated_delta_ops(q, k, v, mx.exp(log_g), beta, state, mask)
 

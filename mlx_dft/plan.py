@@ -179,17 +179,21 @@ def _gated_delta_bytes(layer: nn.Module, batch: int, length: int) -> float:
     """What one gated-delta layer's chunked recurrence holds at once in its backward pass
     (:mod:`mlx_dft.gated_delta`, recomputed there): float32 [chunk, chunk] matrices of every chunk
     and head (decays, the triangular system's powers and inverse, scores: about 16), about 8
-    [token, head dim] arrays per head, and the state at each chunk boundary."""
-    from mlx_dft.gated_delta import CHUNK
+    [token, head dim] arrays per head, and the state at each chunk boundary; with per-dimension
+    gates (a ``dt_bias`` per key dimension) the chunks are shorter and their decays [chunk, chunk,
+    d_k], about 4 of them at once."""
+    from mlx_dft.gated_delta import CHUNK, VECTOR_CHUNK
 
     heads = next((getattr(layer, a) for a in ("num_v_heads", "num_heads") if hasattr(layer, a)), None)
     dk = next((getattr(layer, a) for a in ("head_k_dim", "head_dim") if hasattr(layer, a)), None)
     dv = getattr(layer, "head_v_dim", dk)
     if not (heads and dk and dv):
         return 0.0
-    c = min(CHUNK, max(2, 1 << (length - 1).bit_length()))
+    vector = getattr(layer, "dt_bias", mx.zeros(0)).size > heads
+    c = min(VECTOR_CHUNK if vector else CHUNK, max(2, 1 << (length - 1).bit_length()))
     n = -(-length // c)
-    return 4.0 * batch * heads * (16 * n * c * c + 8 * length * max(dk, dv) + n * dk * dv)
+    decays = 4 * n * c * c * dk if vector else 0
+    return 4.0 * batch * heads * (16 * n * c * c + decays + 8 * length * max(dk, dv) + n * dk * dv)
 
 
 def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None = None) -> Plan:

@@ -113,21 +113,43 @@ def test_the_patched_update_is_mlx_lms_with_every_gate_variant(variant):
         assert _rel(x, r.astype(mx.float64)) < 1e-4
 
 
-def test_per_dimension_gates_and_padding_masks_keep_the_recurrence():
-    """Kimi-style per-dimension gates and an inference padding mask are not chunked: the patched
-    update hands them to mlx-lm's recurrence, so they are mlx-lm's numbers exactly."""
+@pytest.mark.parametrize("shape,strong", [((2, 37, 2, 4, 16, 8), False), ((1, 100, 2, 2, 32, 16), True)])
+def test_per_dimension_gates_equal_the_recurrence(shape, strong):
+    """Kimi-style gates, one per key dimension (``A_log`` per head, ``dt_bias`` per dimension),
+    through the patched update: values and every gradient as the float64 recurrence's."""
+    B, T, Hk, Hv, Dk, Dv = shape
+    q, k, v, _, _, state = _inputs(3, B, T, Hk, Hv, Dk, Dv)
+    mx.random.seed(6)
+    a, b = mx.random.normal((B, T, Hv, Dk)) * (3.0 if strong else 1.0), mx.random.normal((B, T, Hv))
+    A_log, dt_bias = mx.log(mx.random.uniform(0.5, 8, (Hv, 1))), mx.random.normal((Hv, Dk))
+
+    def objective(update):
+        def f(q, k, v, a, b, state):
+            y, s = update(q, k, v, a, b, A_log, dt_bias, state, None, use_kernel=False)
+            return (y * y).sum() + 0.1 * (s * s).sum()
+
+        return f
+
+    xs = (q, k, v, a, b, state)
+    with mx.stream(mx.cpu):
+        x64 = [x.astype(mx.float64) for x in xs]
+        ref = mx.grad(objective(gd.gated_delta_update), argnums=tuple(range(6)))(*x64)
+        base = mx.grad(objective(gd.gated_delta_update), argnums=tuple(range(6)))(*xs)
+    ours = mx.grad(objective(_gated_delta_update()), argnums=tuple(range(6)))(*xs)
+    for name, g, r, f32 in zip(("q", "k", "v", "a", "b", "state"), ours, ref, base):
+        assert _rel(g, r) < max(1e-5, 4 * _rel(f32, r)), (name, _rel(g, r), _rel(f32, r))
+
+
+def test_a_padding_mask_keeps_the_recurrence():
+    """Inputs with a padding mask (generation's left padding; training has none) go to mlx-lm's
+    recurrence unchanged: its numbers exactly."""
     q, k, v, _, _, state = _inputs(3, 1, 12, 2, 2, 8, 8)
     mx.random.seed(6)
-    a, b = mx.random.normal((1, 12, 2, 8)), mx.random.normal((1, 12, 2))
-    A_log, dt_bias = mx.log(mx.random.uniform(1, 8, (2, 1))), mx.random.normal((2, 8))
-    y0, s0 = gd.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, None, use_kernel=False)
-    y1, s1 = _gated_delta_update()(q, k, v, a, b, A_log, dt_bias, state, None)
-    assert mx.allclose(y0, y1, rtol=1e-6, atol=1e-7) and mx.allclose(s0, s1, rtol=1e-6, atol=1e-7)
+    a, b = mx.random.normal((1, 12, 2)), mx.random.normal((1, 12, 2))
+    A_log, dt_bias = mx.log(mx.random.uniform(1, 8, (2,))), mx.random.normal((2,))
     mask = mx.array([[False] * 3 + [True] * 9])
-    a2 = a[..., 0]
-    A2, dt2 = A_log[:, 0], dt_bias[:, 0]
-    y0, s0 = gd.gated_delta_update(q, k, v, a2, b, A2, dt2, state, mask, use_kernel=False)
-    y1, s1 = _gated_delta_update()(q, k, v, a2, b, A2, dt2, state, mask)
+    y0, s0 = gd.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, mask, use_kernel=False)
+    y1, s1 = _gated_delta_update()(q, k, v, a, b, A_log, dt_bias, state, mask)
     assert mx.allclose(y0, y1, rtol=1e-6, atol=1e-7) and mx.allclose(s0, s1, rtol=1e-6, atol=1e-7)
 
 
