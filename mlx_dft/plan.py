@@ -49,9 +49,10 @@ COEFFICIENTS = {
     "loss": 5.093,  # float32 logit chunks of the loss alive at once
     "kept_softmax": 0.3704,  # the softmax the CPU loss keeps (freed before the blocks' backward peak)
     "gated_delta": 1.0,  # one gated-delta layer's chunked recurrence, backward (counted, not fitted)
+    "gated_delta_kept": 1.0,  # what gated-delta layers keep for the backward pass (counted, not fitted)
     "constant": 0.0,  # per MB
 }
-COUNTED = ("gated_delta",)  # terms whose constant is counted from the code, not fitted to runs
+COUNTED = ("gated_delta", "gated_delta_kept")  # constants counted from the code, not fitted to runs
 MATMUL_EFFICIENCY = 0.476  # share of the measured matmul rate a training step reaches
 STEP_OVERHEAD_S = 0.137
 
@@ -175,6 +176,19 @@ def _gated_delta_layer(block: nn.Module) -> nn.Module | None:
     return None
 
 
+def _gated_delta_kept(layer: nn.Module) -> int:
+    """Values a token a gated-delta layer keeps for its backward pass besides its input (counted
+    from qwen3_5's ``GatedDeltaNet``): the projection and the convolution's output (``conv_dim``
+    each), queries and keys before and after their norm (``4 key_dim``), values, the output gate,
+    the recurrence's output and the gated norm's (``4 value_dim``); 0 for a layer without those
+    sizes."""
+    sizes = [getattr(layer, a, None) for a in ("conv_dim", "key_dim", "value_dim")]
+    if not all(isinstance(s, int) for s in sizes):
+        return 0
+    conv, key, value = sizes
+    return 2 * conv + 4 * key + 4 * value
+
+
 def _gated_delta_bytes(layer: nn.Module, batch: int, length: int) -> float:
     """What one gated-delta layer's chunked recurrence holds at once in its backward pass
     (:mod:`mlx_dft.gated_delta`, recomputed there): float32 [chunk, chunk] matrices of every chunk
@@ -267,6 +281,9 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
         "gated_delta": max(
             (_gated_delta_bytes(_gated_delta_layer(model.layers[i]), b, length) for i in deltas), default=0.0
         ),
+        "gated_delta_kept": 0.0 if cfg.grad_checkpoint else sum(
+            _gated_delta_kept(_gated_delta_layer(model.layers[i])) for i in deltas
+        ) * tok,
         "constant": 1e6,
     }
     trained = method.trained_blocks(cfg, n_layers)

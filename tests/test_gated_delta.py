@@ -242,3 +242,5 @@ def test_plan_counts_the_chunked_layers(tmp_path):
     assert long.terms["gated_delta"] > 7 * short.terms["gated_delta"]  # linear in the length
     scores = 4.0 * 2 * 4 * 128**2  # float32, batch 2, 4 attention heads: one attention block's
     assert short.terms["kept_scores"] == 2 * scores
+    # 2 gated-delta blocks, each keeping 2 x conv 128 + 4 x keys 32 + 4 x values 64 per token
+    assert short.terms["gated_delta_kept"] == 2 * (2 * 128 + 4 * 32 + 4 * 64) * 4.0 * 2 * 128
