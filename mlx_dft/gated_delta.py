@@ -14,42 +14,32 @@ the chunk's start state S), the pseudo-values solve a unit lower-triangular syst
 
     u_i + Σ_{j<i} β_i Γ_ij (k_i·k_j) u_j = β_i (v_i - γ_i S k_i)
 
-so U = T (β ⊙ V) - T (βγ ⊙ K) Sᵀ with T = (I + A)⁻¹, computed for every chunk at once by repeated
-squaring (A is nilpotent). Only the chunk boundaries are sequential:
+so U = T (β ⊙ V) - T (βγ ⊙ K) Sᵀ with T = (I + A)⁻¹, computed for every chunk at once by forward
+substitution (a row at a time; a series in A is not stable: with keys in similar directions and
+slow decays its partial sums overflow float32). Only the chunk boundaries are sequential:
 
     Y = (γ ⊙ Q) Sᵀ + (Γ ⊙ Q Kᵀ) U,   S ← γ_C S + Uᵀ ((Γ_Cj) ⊙ K)
 
 Gates come in as their logarithms, which the models compute without rounding (``-exp(A_log) ·
 softplus(a + dt_bias)``); a gate of exp(-200) or less is 0 in float32 and is taken as 0 (a packed
 row's example starts use it to reset the state exactly). The log-decay between two positions is
-summed over exactly the positions between them (a product with a constant 0/1 matrix), not taken
-as a difference of prefix sums: a chunk of strong decays does not cost the weak ones their
-precision, in the values or in the gates' gradients. Per-dimension gates (one decay per key
-dimension: ``S_t = S_{t-1} diag(g_t) + ...``) make every Γ_ij a vector over the key dimensions;
-their chunks are shorter so that the [chunk, chunk, d_k] decays stay small.
+summed over exactly the positions between them (each pair's own running sum), not taken as a
+difference of prefix sums: a chunk of strong decays does not cost the weak ones their precision, in
+the values or in the gates' gradients, and no matrix product (TF32 on CUDA) rounds it.
+Per-dimension gates (one decay per key dimension: ``S_t = S_{t-1} diag(g_t) + ...``) make every
+Γ_ij a vector over the key dimensions; their chunks are shorter so that the [chunk, chunk, d_k]
+decays stay small.
 """
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import mlx.core as mx
-import numpy as np
 
 CHUNK = 64  # positions a chunk; a power of two
 VECTOR_CHUNK = 16  # ... with per-dimension gates, whose decays are [chunk, chunk, d_k] per head
 LOG_ZERO = -200.0  # exp of it, and of anything below it, is 0 in float32
-
-
-@lru_cache(maxsize=8)
-def _spans(C: int) -> tuple[mx.array, mx.array]:
-    """0/1 matrices that sum log-gates: ``lg @ pairs`` gives, for every (i, j), the sum over
-    j < s <= i (flattened [s, i * C + j]); ``lg @ prefix`` the sum over s <= i."""
-    s, i, j = np.ogrid[:C, :C, :C]
-    pairs = ((j < s) & (s <= i)).reshape(C, C * C)
-    prefix = np.triu(np.ones((C, C)))  # [s, i]: s <= i
-    return mx.array(pairs.astype(np.float32)), mx.array(prefix.astype(np.float32))
 
 
 def chunk_gated_delta(
@@ -116,32 +106,36 @@ def _chunked(q, k, v, log_g, beta, state, chunk: int) -> tuple[mx.array, mx.arra
     b = heads_first(beta)  # padded steps: beta 0 and gate 1 change nothing
     lg = mx.maximum(heads_first(log_g), LOG_ZERO)  # below it the gate is 0 in float32 anyway
 
-    # Log-decays as sums over exactly the positions they span (a product with a 0/1 matrix), not as
-    # differences of prefix sums: no cancellation in the values or in the gates' gradients.
-    pairs, prefix = _spans(C)
+    # Log-decays summed over exactly the positions they span (j < s <= i), each pair's own running
+    # sum, not a difference of prefix sums: no cancellation in the values or in the gates'
+    # gradients, no matrix product (TF32 on CUDA would round it), a NaN gate reaching only later
+    # positions.
     causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
+    after = mx.triu(mx.ones((C, C), dtype=mx.bool_), k=1)  # [j, s]: s > j
     if lg.ndim == 4:  # scalar gates: [B, H, N, C]
-        span = (lg @ pairs).reshape(*lg.shape, C)  # [..., i, j]: sum of log g_s for j < s <= i
+        span = mx.swapaxes(mx.cumsum(mx.where(after, lg[..., None, :], 0.0), axis=-1), -1, -2)  # [.., i, j]
         decay = mx.exp(mx.where(causal, span, -mx.inf))  # Γ_ij for j <= i, else 0
-        gamma = mx.exp(lg @ prefix)[..., None]  # γ_i: from the chunk's start state to position i
+        gamma = mx.exp(mx.cumsum(lg, axis=-1))[..., None]  # γ_i: from the chunk's start state to i
         to_end = decay[..., -1, :][..., None]  # Γ_Cj: from position j to the chunk's end
         keys = decay * (K @ mx.swapaxes(K, -1, -2))  # Γ_ij (k_i·k_j)
         scores = decay * (Q @ mx.swapaxes(K, -1, -2))  # Γ_ij (q_i·k_j), lower triangular
     else:  # per-dimension gates: [B, H, N, C, Dk], every decay a vector over the key dimensions
-        span = mx.moveaxis((mx.swapaxes(lg, -1, -2) @ pairs).reshape(*lg.shape[:3], Dk, C, C), 3, -1)
-        decay = mx.exp(mx.where(causal[..., None], span, -mx.inf))  # [..., i, j, d]
-        gamma = mx.exp(mx.swapaxes(mx.swapaxes(lg, -1, -2) @ prefix, -1, -2))  # [..., i, d]
-        to_end = decay[..., -1, :, :]  # [..., j, d]
+        spans = mx.cumsum(mx.where(after[..., None], lg[..., None, :, :], 0.0), axis=-2)  # [.., j, i, d]
+        decay = mx.exp(mx.where(causal[..., None], mx.swapaxes(spans, -2, -3), -mx.inf))  # [.., i, j, d]
+        gamma = mx.exp(mx.cumsum(lg, axis=-2))  # [.., i, d]
+        to_end = decay[..., -1, :, :]  # [.., j, d]
         keys = ((K[..., :, None, :] * K[..., None, :, :]) * decay).sum(-1)  # Σ_d k_id Γ_ijd k_jd
         scores = ((Q[..., :, None, :] * K[..., None, :, :]) * decay).sum(-1)
 
-    # T = (I + A)^-1, A strictly lower triangular: I - A + A^2 - ... = prod_j (I + (-A)^(2^j)).
-    strict = mx.tril(mx.ones((C, C), dtype=mx.bool_), k=-1)
-    neg_a = mx.where(strict, -(b[..., :, None] * keys), 0.0)
-    inverse, power = mx.eye(C) + neg_a, neg_a
-    for _ in range(int(math.log2(C)) - 1):
-        power = power @ power
-        inverse = inverse + inverse @ power
+    # T = (I + A)^-1 for the strictly lower triangular A_ij = β_i Γ_ij (k_i·k_j), by forward
+    # substitution a row at a time (T_i = e_i - A_i,<i T_<i): stable where a series in A is not
+    # (keys in similar directions with slow decays make its partial sums overflow float32).
+    a = mx.where(mx.tril(mx.ones((C, C), dtype=mx.bool_), k=-1), b[..., :, None] * keys, 0.0)
+    eye = mx.eye(C)
+    inverse = mx.broadcast_to(eye[:1], (*a.shape[:-2], 1, C))
+    for i in range(1, C):
+        row = eye[i : i + 1] - a[..., i : i + 1, :i] @ inverse
+        inverse = mx.concatenate([inverse, row], axis=-2)
     w_v = inverse @ (b[..., None] * V)  # [B, H, N, C, Dv]
     w_k = inverse @ (b[..., None] * gamma * K)  # [B, H, N, C, Dk]
     q_start = gamma * Q

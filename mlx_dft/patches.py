@@ -287,9 +287,9 @@ def chunked_gated_delta(model: nn.Module) -> Iterator[bool]:
     traced inside keeps it; generation keeps mlx-lm's kernels); yields whether the model has any."""
     modules = _gated_delta_modules(model)
     previous = [(mod, mod.gated_delta_update) for mod in modules]
-    for mod in modules:
-        mod.gated_delta_update = _gated_delta_update()
     try:
+        for mod in modules:
+            mod.gated_delta_update = _gated_delta_update()
         yield bool(modules)
     finally:
         for mod, update in previous:
@@ -362,7 +362,10 @@ def _wrapped(block: nn.Module, packed: Packed | None, checkpoint: bool) -> Stand
         # again: with the packed mask and positions it closes over, exactly as forward.
         def inner(params, x, *args, **kwargs):
             block.update(params)
-            return _run(block, packed, at, x, args, kwargs)
+            # The backward pass runs this again after the loss has returned and undone its
+            # patches: the recomputation puts the block's own back (the same code as forward).
+            with lean_swiglu(block), chunked_gated_delta(block):
+                return _run(block, packed, at, x, args, kwargs)
 
         return mx.checkpoint(inner)(block.trainable_parameters(), x, *args, **kwargs)
 
@@ -481,16 +484,15 @@ def _mlp_modules(model: nn.Module) -> list[ModuleType]:
     from mlx_lm.models.activations import swiglu
 
     out: list[ModuleType] = []
-    for block in getattr(model, "layers", []):
-        for _, m in block.named_modules():
-            module = sys.modules.get(type(m).__module__)
-            if (
-                module is not None
-                and module.__name__.startswith("mlx_lm.models.")
-                and getattr(module, "swiglu", None) is swiglu
-                and module not in out
-            ):
-                out.append(module)
+    for _, m in model.named_modules():  # a model, or one block (a checkpoint's recomputation)
+        module = sys.modules.get(type(m).__module__)
+        if (
+            module is not None
+            and module.__name__.startswith("mlx_lm.models.")
+            and getattr(module, "swiglu", None) is swiglu
+            and module not in out
+        ):
+            out.append(module)
     return out
 
 

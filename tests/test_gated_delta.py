@@ -81,6 +81,54 @@ def test_values_and_gradients_equal_the_recurrence(shape, chunk):
     assert y.dtype == xs[0].dtype and s.dtype == mx.float32
 
 
+def _aligned(seed, T, H, D, cos, beta, log_g, per_dimension):
+    """Hard inputs for a chunked solver: unit keys and queries sharing a direction (cosine ``cos``
+    with it), slow or no decay, large betas (2: OLMo hybrid's negative eigenvalues). A series
+    solution of the chunk's triangular system overflows float32 here; the recurrence does not."""
+    mx.random.seed(seed)
+    common = mx.random.normal((D,))
+    common = common / mx.linalg.norm(common)
+
+    def unit(shape):
+        x = mx.random.normal(shape)
+        x = cos * common + (1 - cos**2) ** 0.5 * x / mx.linalg.norm(x, axis=-1, keepdims=True)
+        return x / mx.linalg.norm(x, axis=-1, keepdims=True)
+
+    q, k, v = unit((1, T, H, D)), unit((1, T, H, D)), mx.random.normal((1, T, H, D))
+    lg = mx.full((1, T, H, D) if per_dimension else (1, T, H), log_g)
+    return q, k, v, lg, mx.full((1, T, H), beta), mx.zeros((1, H, D, D))
+
+
+@pytest.mark.parametrize("per_dimension", [False, True])
+@pytest.mark.parametrize("cos,beta,log_g", [
+    (0.5, 0.7, -0.01), (0.84, 0.7, -0.05), (0.5, 1.0, 0.0), (0.9, 2.0, 0.0),
+])  # fmt: skip
+def test_aligned_keys_and_slow_decays_stay_exact(cos, beta, log_g, per_dimension):
+    xs = _aligned(0, 192, 2, 32, cos, beta, log_g, per_dimension)
+    x64 = [x.astype(mx.float64) for x in xs]
+    with mx.stream(mx.cpu):
+        ref_y, ref_s = _recurrence(*x64)
+        ref_g = mx.grad(_objective(_recurrence), argnums=(0, 1, 2, 4))(*x64)
+        base_g = mx.grad(_objective(_recurrence), argnums=(0, 1, 2, 4))(*xs)
+    y, s = chunk_gated_delta(*xs)
+    grads = mx.grad(_objective(chunk_gated_delta), argnums=(0, 1, 2, 4))(*xs)
+    assert _rel(y, ref_y) < 1e-5 and _rel(s, ref_s) < 1e-5, (_rel(y, ref_y), _rel(s, ref_s))
+    for name, g, r, f32 in zip(("q", "k", "v", "beta"), grads, ref_g, base_g):
+        assert _rel(g, r) < max(1e-5, 10 * _rel(f32, r)), (name, _rel(g, r), _rel(f32, r))
+
+
+def test_a_nan_gate_spoils_its_chunk_and_after_not_before():
+    """A NaN gate at position 20 (chunk 16-31) makes the outputs NaN from its chunk on (the
+    recurrence's from 20 on: the training loss is NaN either way, and the run stops), and leaves the
+    earlier chunks as the recurrence computes them."""
+    q, k, v, log_g, beta, _ = _inputs(5, 1, 40, 1, 1, 8, 8)
+    log_g = mx.where((mx.arange(40) == 20)[None, :, None], mx.nan, log_g)
+    y, _ = chunk_gated_delta(q, k, v, log_g, beta, None, chunk=16)
+    ref, _ = _recurrence(q, k, v, log_g, beta, None)
+    assert mx.allclose(y[:, :16], ref[:, :16], rtol=1e-5, atol=1e-6)
+    assert bool(mx.isnan(y[:, 20:]).all()) and bool(mx.isnan(ref[:, 20:]).all())
+
+
 def test_bfloat16_inputs_stay_within_their_precision():
     xs = _inputs(1, 1, 100, 2, 2, 16, 16)
     half = [x.astype(mx.bfloat16) if i < 3 else x for i, x in enumerate(xs)]
@@ -182,7 +230,7 @@ def test_log_gates_are_mlx_lms_gates():
     assert mx.allclose(mx.exp(_log_gates(a, A_log, dt, -5.0)), bounded, rtol=1e-6, atol=0)
 
 
-def test_a_qwen3_5_model_trains_with_stock_mlx_lms_loss_and_gradients(tmp_path):
+def test_a_qwen3_5_model_trains_with_stock_mlx_lms_loss_and_gradients(tmp_path, monkeypatch):
     """A tiny qwen3_5 (gated-delta and attention blocks) on rows of 150 tokens, three chunks of its
     gated-delta layers: our LoRA + SFT loss and gradients (the chunked recurrence inside) equal
     stock mlx-lm's cross-entropy of ``model(inputs)`` (its step-by-step recurrence)."""
@@ -218,6 +266,11 @@ def test_a_qwen3_5_model_trains_with_stock_mlx_lms_loss_and_gradients(tmp_path):
     for name, ref in flat0.items():
         assert _rel(flat1[name], ref.astype(mx.float64)) < 1e-4, name
     models.grad_checkpoint(model)  # blocks recomputed: the chunked recurrence inside a checkpoint
+
+    def step_by_step(*args, **kwargs):
+        raise AssertionError("mlx-lm's step-by-step recurrence ran in training")
+
+    monkeypatch.setattr(gd, "gated_delta_ops", step_by_step)  # the backward pass's recomputation too
     v2, g2 = mx.value_and_grad(ours)(params)
     assert float(v2) == pytest.approx(float(v1), rel=1e-6)
     for name, g in tree_flatten(g2):
