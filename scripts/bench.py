@@ -211,8 +211,8 @@ def run(cmd: list[str], env: dict, log: Path) -> str:
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
-        log.write_text(out)
+        text = [s.decode(errors="replace") if isinstance(s, bytes) else s or "" for s in (e.stdout, e.stderr)]
+        log.write_text(text[0] + "\n--- stderr ---\n" + text[1])
         raise SystemExit(f"ran past the {TIMEOUT:.0f} s limit: see {log}") from None
     log.write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
     if p.returncode < 0:

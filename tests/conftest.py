@@ -140,12 +140,15 @@ def run_cli(*args, cwd=None, env=None, timeout=300, input_text=None, subprocess:
     call: a subprocess would pay the import of MLX, mlx-lm and transformers again for every call.
     It runs in a child process (``python -m mlx_dft``) when ``subprocess=True`` or when ``env``
     sets variables, which mlx_dft and its libraries may read at import time; tests of signals,
-    start-up and of what a fresh interpreter prints ask for one."""
+    start-up and of what a fresh interpreter prints ask for one. In this process, library loggers
+    and warnings write to the command's stderr (MLX's random state is not restored: tests that need
+    one seed it), and a command that runs past ``timeout`` ends the worker with every thread's
+    stack (the test fails, named by the crash report)."""
     if subprocess is None:
         subprocess = bool(env)
     if subprocess:
         return _run_subprocess(args, cwd, env, timeout, input_text)
-    return _run_in_process([str(a) for a in args], cwd, input_text)
+    return _run_in_process([str(a) for a in args], cwd, input_text, timeout)
 
 
 def _run_subprocess(args, cwd, env, timeout, input_text):
@@ -166,11 +169,14 @@ def _run_subprocess(args, cwd, env, timeout, input_text):
     return CliResult(p.args, p.returncode, decode(p.stdout), decode(p.stderr))
 
 
-def _run_in_process(args: list[str], cwd, input_text) -> CliResult:
+def _run_in_process(args: list[str], cwd, input_text, timeout) -> CliResult:
     import contextlib
+    import faulthandler
     import io
+    import logging
     import os
     import sys
+    import warnings
 
     from mlx_dft.cli import main
 
@@ -178,17 +184,35 @@ def _run_in_process(args: list[str], cwd, input_text) -> CliResult:
     raw = input_text if isinstance(input_text, bytes) else (input_text or "").encode()
     stdin = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8")
     saved = os.getcwd(), sys.stdin, sys.argv
+    # Library loggers (transformers', ...) made their handlers in some earlier run: this run's
+    # messages go to this run's stderr, as they would in a process of its own.
+    handlers = [
+        h for name in [None, *logging.root.manager.loggerDict]
+        for h in getattr(logging.getLogger(name), "handlers", [])
+        if type(h) is logging.StreamHandler  # libraries' own; not pytest's capture, not lastResort
+    ]  # fmt: skip
+    streams = [h.stream for h in handlers]
     code = 0
+    faulthandler.dump_traceback_later(timeout, exit=True, file=sys.__stderr__)  # a hang ends the worker
     try:
         if cwd is not None:
             os.chdir(cwd)
         sys.stdin, sys.argv = stdin, ["mlx_dft", *args]
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for h in handlers:
+            h.setStream(err)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda msg, cat, file, line, f=None, ln=None: err.write(
+                warnings.formatwarning(msg, cat, file, line, ln)
+            )
             try:
                 main(args)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
+        faulthandler.cancel_dump_traceback_later()
+        for h, stream in zip(handlers, streams):
+            h.setStream(stream)
         os.chdir(saved[0])
         sys.stdin, sys.argv = saved[1], saved[2]
         mx.clear_cache()
