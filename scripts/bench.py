@@ -251,6 +251,7 @@ def stock(args, model: Path, data: Path, work: Path, blas: str | None, name: str
             "--optimizer",
             "adamw",
             "--mask-prompt",
+            *(["--grad-checkpoint"] if getattr(args, "grad_checkpoint", False) else []),
             "--steps-per-report",
             str(args.report),
             "--steps-per-eval",
@@ -304,6 +305,8 @@ def ours(args, model: Path, data: Path, work: Path, name: str, **options) -> dic
         max_seq_length=args.max_seq_length,
         output=work / name,
     )
+    if getattr(args, "grad_checkpoint", False):
+        common["grad_checkpoint"] = True
     common.update(options)
     cmd = [sys.executable, "-m", "mlx_dft", "train", *flags(**common), "--use-chat-template", "--overwrite"]
     run(cmd, env, work / f"{name}.log")

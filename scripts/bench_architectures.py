@@ -130,6 +130,7 @@ def main() -> None:
     )
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--timeout", type=float, help="seconds a run may take (then reported as out of time)")
+    ap.add_argument("--grad-checkpoint", action="store_true", help="both tools recompute blocks backward")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     bench.TIMEOUT = args.timeout
@@ -144,7 +145,7 @@ def main() -> None:
         tokens = bench.avg_tokens(model, data, length) * batch_size
         run = argparse.Namespace(
             iters=args.iters, batch_size=batch_size, num_layers=-1, rank=8, scale=20.0,
-            learning_rate=1e-4, max_seq_length=length, report=1,
+            learning_rate=1e-4, max_seq_length=length, report=1, grad_checkpoint=args.grad_checkpoint,
         )  # fmt: skip
         print(f"{shape}: batch {batch_size}, {tokens:.0f} tokens a step; logs in {work}", flush=True)
         row = {"shape": shape, "batch": batch_size, "tokens_per_step": tokens}
