@@ -270,13 +270,19 @@ def _gated_delta_update(packed: Packed | None = None) -> Callable:
     return update
 
 
+def is_gated_delta(m: object) -> bool:
+    """Whether ``m`` is a gated-delta layer (qwen3_5's ``GatedDeltaNet``, Kimi's delta attention...):
+    the module holding the gates' ``A_log`` and ``dt_bias``."""
+    return isinstance(m, nn.Module) and "A_log" in m and "dt_bias" in m
+
+
 def _gated_delta_modules(root: nn.Module) -> set[ModuleType]:
     """The mlx-lm modules (``mlx_lm.models.qwen3_5``...) of the gated-delta layers under ``root``:
     each calls its module's ``gated_delta_update``."""
     return {
         sys.modules[type(m).__module__]
         for _, m in root.named_modules()
-        if isinstance(m, nn.Module) and "A_log" in m and "dt_bias" in m
+        if is_gated_delta(m)
         and callable(getattr(sys.modules[type(m).__module__], "gated_delta_update", None))
     }  # fmt: skip
 
@@ -305,7 +311,7 @@ def _stateful(block: nn.Module) -> tuple[list[tuple[nn.Module, str]], list[nn.Mo
         for key, child in m.children().items():
             if isinstance(child, nn.Conv1d):
                 convs.append((m, key))
-        if "A_log" in m and "dt_bias" in m:
+        if is_gated_delta(m):
             deltas.append(m)
     return convs, deltas
 

@@ -170,10 +170,9 @@ def _linear_params(module: nn.Module) -> int:
 
 def _gated_delta_layer(block: nn.Module) -> nn.Module | None:
     """The block's gated-delta layer (qwen3_5's ``linear_attn``...), if it has one."""
-    for _, m in block.named_modules():
-        if isinstance(m, nn.Module) and "A_log" in m and "dt_bias" in m:
-            return m
-    return None
+    from mlx_dft.patches import is_gated_delta
+
+    return next((m for _, m in block.named_modules() if is_gated_delta(m)), None)
 
 
 def _gated_delta_kept(layer: nn.Module) -> int:
