@@ -137,11 +137,33 @@ class TokenPositions(nn.Module):
         return y.reshape(b, t, h, d).transpose(0, 2, 1, 3)
 
 
-def mask_index(block: nn.Module) -> int | None:
-    """The position of the ``mask`` parameter among a block's arguments after the hidden state
-    (ministral3 passes an attention scale first); None when it has none."""
+def arg_index(block: nn.Module, name: str = "mask") -> int | None:
+    """The position of parameter ``name`` among a block's arguments after the hidden state
+    (ministral3 passes an attention scale before the mask); None when it has none."""
     names = list(inspect.signature(type(block).__call__).parameters)[2:]  # after self and x
-    return names.index("mask") if "mask" in names else None
+    return names.index(name) if name in names else None
+
+
+def mask_index(block: nn.Module) -> int | None:
+    """The position of the ``mask`` parameter among a block's arguments (:func:`arg_index`)."""
+    return arg_index(block, "mask")
+
+
+def position_scale(block: nn.Module, body: nn.Module, positions: mx.array) -> mx.array | None:
+    """The [B, 1, T, 1] query scale of a block that scales attention by each token's position
+    (ministral3's llama 4 scaling, ``1 + beta log(1 + floor(pos / original_max))``), computed by
+    its mlx-lm module's own function at ``positions`` (each example's own); None for a block that
+    takes no ``attn_scale``."""
+    if arg_index(block, "attn_scale") is None:
+        return None
+    rope = getattr(getattr(body, "args", None), "rope_parameters", None) or {}
+    fn = getattr(sys.modules.get(type(block).__module__), "_get_llama_4_attn_scale", None)
+    if not callable(fn) or "llama_4_scaling_beta" not in rope:
+        return None
+    b, t = positions.shape
+    beta, original = rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"]
+    scale = fn(1, positions.reshape(-1), beta, original)
+    return scale.reshape(b, t)[:, None, :, None]
 
 
 def combine(given, packed: mx.array) -> mx.array:
@@ -165,6 +187,7 @@ class Packed:
         self.positions = self.mask[:, 0].sum(axis=-1).astype(mx.int32) - 1  # [B, T]
         # 0 at each example's first token: a gated-delta state decays to nothing there
         self.keep = (self.positions > 0).astype(mx.float32)
+        self.scale: mx.array | None = None  # per-position attention scale (:func:`position_scale`)
 
     def same_back(self, shift: int) -> mx.array:
         """[B, T] bool: position t and position t - ``shift`` belong to the same example."""
@@ -347,6 +370,14 @@ def _run(block: nn.Module, packed: Packed | None, at: int | None, x, args: tuple
         with _segmented(block, packed):
             return block(x, *args, **kwargs)
     args = list(args)
+    if packed.scale is not None:  # the model's scale is at positions 0..T-1 of the row
+        at_scale = arg_index(block, "attn_scale")
+        if "attn_scale" in kwargs or at_scale is None or at_scale >= len(args):
+            given = kwargs.get("attn_scale")
+            dtype = given.dtype if given is not None else packed.scale.dtype
+            kwargs = {**kwargs, "attn_scale": packed.scale.astype(dtype)}
+        else:
+            args[at_scale] = packed.scale.astype(args[at_scale].dtype)
     if "mask" in kwargs:
         kwargs = {**kwargs, "mask": combine(kwargs["mask"], packed.mask)}
     elif at is not None and at < len(args):
@@ -400,6 +431,8 @@ def wrapped_blocks(body: nn.Module, segments: mx.array | None, checkpoint: bool 
         yield
         return
     packed = Packed(segments) if segments is not None else None
+    if packed is not None and layers:
+        packed.scale = position_scale(layers[0], body, packed.positions)
     original = list(layers)
     layers[:] = [_wrapped(b, packed, checkpoint) for b in original]
     try:
@@ -431,10 +464,10 @@ def packing_refusal(kind: str, model: nn.Module, body: nn.Module | None) -> str:
                 return f"{kind} block {i} takes no attention mask"
         elif not (convs or deltas):
             return f"{kind} block {i} has no attention with a RoPE module mlx_dft can re-position"
-    args = getattr(model, "args", None)
-    rope = getattr(args, "rope_parameters", None) or {}
+    rope = getattr(getattr(model, "args", None), "rope_parameters", None) or {}
     if isinstance(rope, dict) and rope.get("llama_4_scaling_beta"):
-        return f"{kind} scales attention by each token's absolute position (llama 4 scaling)"
+        if any(position_scale(b, body, mx.zeros((1, 1), mx.int32)) is None for b in body.layers):
+            return f"{kind} scales attention by each token's absolute position outside an attn_scale argument"
     return ""
 
 
