@@ -23,9 +23,7 @@ from mlx_dft.errors import UserError
 PEFT_PROVEN = {
     "llama": "", "mistral": "", "qwen2": "", "qwen3": "", "qwen3_moe": "", "phi3": "", "smollm3": "",
     "lfm2": "", "granite": "", "olmo2": "", "gemma3_text": "", "ministral3": "", "gemma4_text": "",
-    "qwen3_5": "mlx-lm and transformers name its blocks differently (language_model.model vs "
-    "model.language_model) and its conversion is not yet proven against transformers",
-    "gpt_oss": "mlx-lm and transformers store its experts differently; the export is not yet proven",
+    "qwen3_5": "", "gpt_oss": "",
 }  # fmt: skip
 
 

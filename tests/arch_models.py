@@ -77,7 +77,7 @@ CONFIGS: dict[str, dict] = {
     "ministral3": _cfg(
         "ministral3", None, num_hidden_layers=2, head_dim=16, tie_word_embeddings=False,
         rope_parameters={"rope_theta": 10000.0, "rope_type": "default", "llama_4_scaling_beta": 0.1,
-                         "original_max_position_embeddings": 256},
+                         "original_max_position_embeddings": 8},
         layer_types=["sliding_attention", "full_attention"], sliding_window=4,
     ),
 }  # fmt: skip
@@ -132,10 +132,61 @@ def write_hf_model(path: Path, model_type: str, seed: int = 0) -> Path:
         for p in model.parameters():
             p.normal_(0, 0.05) if p.ndim > 1 else p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(path)
+    if model_type == "qwen3_5":
+        _as_hub_qwen3_5(path)
     saved = json.loads((path / "config.json").read_text())
     for k, v in {**CONFIGS[model_type], **HF_OVERRIDES.get(model_type, {})}.items():
         saved.setdefault(k, v)  # keys transformers 5 moved (rope_theta) that mlx-lm reads
+    if model_type == "gpt_oss":
+        # mlx-lm reads gpt_oss's YaRN from ``rope_scaling`` (as the Hub's configs spell it) and
+        # always truncates its correction range; transformers 5 writes ``rope_parameters`` with
+        # truncate false (gpt-oss's own value): 1e-3 apart on these logits (docs/architectures.md)
+        saved["rope_scaling"] = {**saved["rope_parameters"], "truncate": True}
     (path / "config.json").write_text(json.dumps(saved))
     for f in TOKENIZER_FILES:
         shutil.copy(BUNDLED / f, path / f)
     return path
+
+
+def _as_hub_qwen3_5(path: Path) -> None:
+    """transformers saves a text-only Qwen3.5 as ``qwen3_5_text`` (``model.layers``), which mlx-lm
+    does not read; the Hub's checkpoints are the multimodal ``qwen3_5`` layout
+    (``model.language_model.layers``), which both read (transformers' ``AutoModelForCausalLM``
+    maps it back to ``model.layers``). Rewrite the folder into that layout, same values."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    hub = {("model.language_model." + k[6:] if k.startswith("model.") else k): v for k, v in weights.items()}
+    save_file(hub, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps({**CONFIGS["qwen3_5"], "pad_token_id": 0}))
+
+
+def mlx_gpt_oss(hf_path: Path, dst: Path) -> Path:
+    """The mlx-lm (mlx-community) form of a gpt_oss folder saved by transformers, same values:
+    mlx-lm reads the experts as the original checkpoint lays them out, or already split into
+    ``gate_proj``/``up_proj``/``down_proj`` [experts, out, in]; transformers saves
+    ``gate_up_proj`` [experts, in, 2 x inter] (gate and up interleaved) and ``down_proj``
+    [experts, inter, hidden]."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(hf_path, dst)
+    out = {}
+    for k, v in load_file(hf_path / "model.safetensors").items():
+        if k.endswith("experts.gate_up_proj"):
+            w = v.transpose(0, 2, 1)
+            out[k.replace("gate_up_proj", "gate_proj.weight")] = np.ascontiguousarray(w[:, 0::2])
+            out[k.replace("gate_up_proj", "up_proj.weight")] = np.ascontiguousarray(w[:, 1::2])
+        elif k.endswith("experts.gate_up_proj_bias"):
+            out[k.replace("gate_up_proj_bias", "gate_proj.bias")] = np.ascontiguousarray(v[:, 0::2])
+            out[k.replace("gate_up_proj_bias", "up_proj.bias")] = np.ascontiguousarray(v[:, 1::2])
+        elif k.endswith("experts.down_proj"):
+            out[k + ".weight"] = np.ascontiguousarray(v.transpose(0, 2, 1))
+        elif k.endswith("experts.down_proj_bias"):
+            out[k.replace("down_proj_bias", "down_proj.bias")] = v
+        else:
+            out[k] = v
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
