@@ -16,7 +16,10 @@ _blas.setup()  # must precede the first `import mlx.core`
 
 from mlx_dft._version import __version__  # noqa: E402
 
-__all__ = ["__version__", "train", "generate", "load", "evaluate", "Callback", "TrainConfig", "UserError"]
+__all__ = [
+    "__version__", "train", "generate", "load", "evaluate", "Callback", "Loss", "Run", "TrainConfig",
+    "UserError", "register_loss",
+]  # fmt: skip
 
 
 def __getattr__(name):  # lazy: `mlx_dft --help` need not import MLX
@@ -24,10 +27,14 @@ def __getattr__(name):  # lazy: `mlx_dft --help` need not import MLX
         from mlx_dft import api
 
         return getattr(api, name)
-    if name in ("Callback", "evaluate"):
+    if name in ("Callback", "evaluate", "Run"):
         from mlx_dft import trainer
 
         return getattr(trainer, name)
+    if name in ("Loss", "register_loss"):
+        from mlx_dft import losses
+
+        return losses.Loss if name == "Loss" else losses.register
     if name == "TrainConfig":
         from mlx_dft.config import TrainConfig
 

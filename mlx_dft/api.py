@@ -8,6 +8,9 @@ text = mlx_dft.generate("Question: ...", adapter=run.output)
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,12 +19,12 @@ import mlx.core as mx
 
 from mlx_dft import _blas, adapters, data, models, packing, trackers
 from mlx_dft.checkpoint import OutputFolder, check_output_folder, run_config
-from mlx_dft.config import TrainConfig, check_run_length, resolve, total_steps
+from mlx_dft.config import CUSTOM_LOSS, FIELDS, TrainConfig, check_run_length, loss_of, resolve, total_steps
 from mlx_dft.errors import Interrupted, UserError
 from mlx_dft.evaluation import heldout
 from mlx_dft.files import check_apart, read_member
 from mlx_dft.interop.convert import read_source
-from mlx_dft.losses import LossConfig
+from mlx_dft.losses import LOSSES, Loss, as_loss
 from mlx_dft.progress import Progress
 from mlx_dft.tasks import ARITH_DIR
 from mlx_dft.trackers import open_trackers
@@ -39,17 +42,77 @@ def train(
 ) -> Run:
     """Fine-tune a model; the keyword options are ``mlx_dft train``'s long options in snake case.
     ``config`` is a YAML file (as ``--config``), a dict of options or a :class:`TrainConfig`;
-    keyword options override it. Returns the finished :class:`Run` (history, output folder)."""
+    keyword options override it. Returns the finished :class:`Run` (history, output folder).
+
+    Besides option values:
+
+    - ``loss`` may be a :class:`~mlx_dft.losses.Loss` (a registered one's options are recorded as
+      options), a loss class, or a function ``fn(logits [N, V], targets [N]) -> [N]`` of a chunk of
+      supervised tokens (:class:`~mlx_dft.losses.FunctionLoss`);
+    - ``data`` may be the records themselves: an iterable of dicts in any format ``--data`` reads
+      (the train split), or ``{"train": ..., "valid": ..., "test": ...}``; they are saved in the
+      output folder's ``data/``, which the run then names as its data (so it resumes);
+    - ``callbacks``: :class:`Callback` objects (reports, checkpoints; ``run.stop()`` ends early).
+    """
     bar = Progress.for_terminal(progress and mx.distributed.init().rank() == 0)
     closing: list = [bar.close]  # what to close however the run ends (the status line, trackers)
+    options, custom = _loss_option(options)
+    token = CUSTOM_LOSS.set(custom)
     try:
-        return _train(config, list(callbacks), bar, closing, options)
+        options, records = _data_option(options, closing)
+        return _train(config, list(callbacks), bar, closing, options, records)
     finally:
+        CUSTOM_LOSS.reset(token)
         for close in reversed(closing):
             close()
 
 
-def _train(config, callbacks: list[Callback], bar: Progress, closing: list, options: dict) -> Run:
+def _loss_option(options: dict) -> tuple[dict, Loss | None]:
+    """A ``loss`` given as an object: a registered loss becomes its name and options; any other
+    becomes this run's Python loss (returned), under its name."""
+    value = options.get("loss")
+    if value is None or isinstance(value, str):
+        return options, None
+    try:
+        loss = as_loss(value)
+    except TypeError as e:
+        raise UserError(str(e)) from None
+    if LOSSES.get(loss.name) is type(loss):
+        defaults = {k: FIELDS[k].default for k in loss.settings()}
+        changed = {k: v for k, v in loss.settings().items() if v != defaults[k]}
+        return {**options, **changed, "loss": loss.name}, None
+    return {**options, "loss": loss.name}, loss
+
+
+def _data_option(options: dict, closing: list) -> tuple[dict, dict[str, list[dict]] | None]:
+    """``data`` given as records: written as jsonl splits into a temporary folder (removed when
+    the run ends) that the run reads; returned too, so the run saves them with its output."""
+    data = options.get("data")
+    if data is None or isinstance(data, (str, Path)):
+        return options, None
+    splits = data if isinstance(data, dict) else {"train": data}
+    unknown = set(splits) - {"train", "valid", "test"}
+    if unknown or "train" not in splits:
+        raise UserError(
+            f"data given as records needs a 'train' split and no other than valid/test, got {sorted(splits)}"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix="mlx_dft_records_"))
+    closing.append(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    records: dict[str, list[dict]] = {}
+    for split, rows in splits.items():
+        records[split] = list(rows)
+        with open(tmp / f"{split}.jsonl", "w") as f:
+            for i, row in enumerate(records[split]):
+                try:
+                    f.write(json.dumps(row) + "\n")
+                except (TypeError, ValueError) as e:
+                    raise UserError(f"data record {i} of {split} is not JSON ({e})") from None
+    return {**options, "data": str(tmp)}, records
+
+
+def _train(
+    config, callbacks: list[Callback], bar: Progress, closing: list, options: dict, records: dict | None
+) -> Run:
     started = time.perf_counter()
     bar.phase("loading")
     cfg, explicit, resume = resolve(config, options)
@@ -135,7 +198,11 @@ def _train(config, callbacks: list[Callback], bar: Progress, closing: list, opti
             _test(cfg, splits, model, loss_fn, run, out, say)
         out.release()
         return run
+    if records is not None:  # the records become the run's own data, beside its adapter
+        cfg.data = str(out.path / "data")
     out.begin(run_config(cfg, settings, model, model_cfg, out.path, steps), start_step if resume else None)
+    if records is not None and world.rank() == 0:
+        out.save_records(records)
     out.save_tokenizer(tokenizer)
     rows = "packed rows" if cfg.pack else "examples"
     say(f"training {steps} steps of {cfg.batch_size} {rows} ({_recipe(cfg, world)}) -> {out.path}")
@@ -227,7 +294,7 @@ def _rank0_print(world: mx.distributed.Group, bar: Progress | None = None):
 
 def _recipe(cfg: TrainConfig, world: mx.distributed.Group) -> str:
     workers = f"{world.size()} worker{'s' if world.size() > 1 else ''}"
-    loss = LossConfig.from_options(cfg).describe()
+    loss = loss_of(cfg).describe()
     if cfg.sft_warmup_steps:
         loss += f" after {cfg.sft_warmup_steps} SFT steps"
     return f"{loss}, lr {cfg.resolved_learning_rate():g}, {workers}"

@@ -297,6 +297,22 @@ class OutputFolder:
         elif metrics.exists():
             metrics.unlink()
 
+    def save_records(self, records: dict[str, list[dict]]) -> None:
+        """Data given to ``mlx_dft.train`` as records, as ``data/{split}.jsonl`` in the output folder
+        (the run's ``--data`` from then on), written beside and renamed in as one folder."""
+        if not self.writer:
+            return
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f"{TMP_PREFIX}data."))
+        try:
+            for split, rows in records.items():
+                (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            old = self.path / "data"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(tmp, old)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def save_tokenizer(self, tokenizer) -> None:
         """The tokenizer files and chat template beside the adapter (as PEFT folders on the Hub have
         them), each file replaced in one rename: the folder is self-contained for generate/eval/chat."""

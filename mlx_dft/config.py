@@ -7,6 +7,7 @@ accepted (``fine_tune_type``, ``lora_parameters``, ``adapter_path``, ``save_ever
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import re
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from mlx_dft.errors import UserError
-from mlx_dft.losses import LOSS_TYPES
+from mlx_dft.losses import LOSSES, Loss, make_loss
+from mlx_dft.options import option
 
 if TYPE_CHECKING:
     from mlx_dft.checkpoint import Resume
@@ -30,16 +32,6 @@ REPORTERS = ("wandb", "tensorboard")
 DEFAULT_LR = {"lora": 1e-4, "dora": 1e-4, "full": 1e-5, "aligner": 9e-3}
 # Aligner's paper: AdamW, lr 9e-3, weight decay 0.02; the DFT paper: weight decay 0.01.
 DEFAULT_WEIGHT_DECAY = {"aligner": 0.02}
-
-
-def option(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
-    """A dataclass field that is also a command-line option: ``help`` and ``choices`` become the
-    flag's help and choices, other keywords its settings (see ``cli.dataclass_options``)."""
-    meta = {"help": help}
-    if choices:
-        meta["choices"] = choices
-    meta.update(kw)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -68,29 +60,16 @@ class TrainConfig:
     # loss
     loss: str = option(
         "dft",
-        "Token loss: sft (cross-entropy), dft (cross-entropy scaled by the detached token probability), "
-        "asft (dft + alpha x KL(base model || model) over the vocabulary) or eaft (cross-entropy scaled "
-        "by the detached normalised top-k entropy).",
-        LOSS_TYPES,
+        "Token loss: " + "; ".join(f"{c.name}: {c.summary}" for c in LOSSES.values())
+        + ". Each loss's options are --<loss>-*.",
+        tuple(LOSSES),
     )
-    dft_floor: float = option(
-        0.0,
-        "DFT weight floor s: weight = max(p, s). "
-        "The DFT author suggests 0.1 when rare tokens must be learned.",
-    )
-    dft_power: float = option(1.0, "DFT weight power a: weight = p^a.")
-    asft_alpha: float = option(
-        0.1,
-        "ASFT: weight of each token's KL(base || model), added to its DFT term; the base is the model "
-        "with the adapter switched off.",
-    )
-    asft_reference_copy: bool = option(
+    reference_copy: bool = option(
         False,
-        "ASFT with --fine-tune-type full: keep a frozen copy of the trained blocks' initial weights as the "
-        "reference (doubles the memory of those blocks).",
+        "A loss with a reference model (asft, prift) under --fine-tune-type full: keep a frozen copy of "
+        "the trained blocks' initial weights as the reference (doubles the memory of those blocks).",
+        deprecated={"--asft-reference-copy": ""},
     )
-    eaft_alpha: float = option(1.0, "EAFT: weight = (H_k / ln k)^alpha.")
-    eaft_top_k: int = option(20, "EAFT: k, the number of largest logits whose softmax entropy H_k is used.")
     sft_warmup_steps: int = option(0, "Plain SFT for the first N optimizer steps, then --loss.")
     # adapter
     adapter: str = option(
@@ -231,7 +210,36 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _with_loss_options(base: type) -> type:
+    """``base`` with one field per option of every registered loss (:mod:`mlx_dft.losses`):
+    ``dft_floor``, ``eaft_top_k``... (their metadata names the loss under ``loss_option``)."""
+    extra = []
+    for cls in LOSSES.values():
+        for f in cls.option_fields():
+            meta = {**f.metadata, "loss_option": cls.name}
+            extra.append((cls.option_name(f.name), f.type, field(default=f.default, metadata=meta)))
+    made = dataclasses.make_dataclass("TrainConfig", extra, bases=(base,))
+    made.__module__, made.__qualname__, made.__doc__ = __name__, "TrainConfig", base.__doc__
+    return made
+
+
+TrainConfig = _with_loss_options(TrainConfig)  # noqa: F811  (the same class, with the losses' options)
+LOSS_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if "loss_option" in f.metadata)
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+# A loss object given from Python that is not a registered loss (``mlx_dft.train(loss=obj)``):
+# set while that run resolves and trains; ``--loss`` then holds its name.
+CUSTOM_LOSS: contextvars.ContextVar[Loss | None] = contextvars.ContextVar("mlx_dft_custom_loss", default=None)
+
+
+def loss_of(cfg: TrainConfig) -> Loss:
+    """The :class:`~mlx_dft.losses.Loss` that ``cfg`` asks for (``--loss`` and its options, or the
+    Python loss object of this run)."""
+    custom = CUSTOM_LOSS.get()
+    if custom is not None and custom.name == cfg.loss:
+        return custom
+    return make_loss(cfg.loss, **{k: getattr(cfg, k) for k in LOSS_OPTIONS})
 
 # The panels of `mlx_dft train --help`, in order; every field is in one (tests/test_cli.py checks).
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
@@ -244,10 +252,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
         "lora_keys", "aligner_tokens", "aligner_start_layer", "aligner_gate", "adapter_from", "dtype",
         "keep_quantized", "grad_checkpoint",
     ),
-    "Loss": (
-        "loss", "dft_floor", "dft_power", "asft_alpha", "asft_reference_copy", "eaft_alpha", "eaft_top_k",
-        "sft_warmup_steps", "loss_chunk_tokens",
-    ),
+    "Loss": ("loss", *LOSS_OPTIONS, "reference_copy", "sft_warmup_steps", "loss_chunk_tokens"),
     "Optimisation": (
         "optimizer", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "lr_schedule", "warmup",
         "warmup_init", "min_learning_rate", "decay_steps", "max_grad_norm", "batch_size",
@@ -263,6 +268,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
 
 # mlx-lm's YAML spelling of the same options.
 MLX_LM_ALIASES = {"fine_tune_type": "adapter", "adapter_path": "output"}
+# Options renamed since a release: the old key still reads (YAML, saved runs), as the new one.
+RENAMED = {"asft_reference_copy": "reference_copy"}
 # Keys of mlx-lm configs that have no meaning here: accepted, with a one-line note saying why.
 MLX_LM_IGNORED = {
     "train": "mlx_dft train always trains",
@@ -331,6 +338,8 @@ def normalise(raw: dict, source: str) -> dict:
 
         elif k in MLX_LM_ALIASES:
             out[MLX_LM_ALIASES[k]] = value
+        elif k in RENAMED:
+            out[RENAMED[k]] = value
         elif k == "resume_adapter_file":
             raise UserError(
                 f"{source}: resume_adapter_file (weights only) is not supported; "
@@ -491,6 +500,8 @@ def coerce(name: str, value: Any) -> Any:
     except (TypeError, ValueError):
         raise UserError(f"{flag}: invalid value {value!r}") from None
     choices = f.metadata.get("choices")
+    if name == "loss":  # the registered losses now, and this run's Python loss (validate says which)
+        return value
     if choices and value not in choices:
         raise UserError(f"{flag}: {value!r} is not one of {', '.join(choices)}")
     return value
@@ -538,6 +549,7 @@ def resolve(
     if resume_from:
         resume = Resume.find(resume_from)
         training = resume.config.get("training", {})
+        training = {RENAMED.get(k, k): v for k, v in training.items()}
         saved_layer = {k: v for k, v in training.items() if k in FIELDS and k not in NOT_INHERITED}
         if "output" not in explicit and "output" not in file_layer:
             saved_layer["output"] = str(resume.run_folder)  # continue in the run's own folder
@@ -598,11 +610,16 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.lora_rank >= 1, "--lora-rank must be at least 1")
     check(0.0 <= cfg.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)")
     check(cfg.num_layers == -1 or cfg.num_layers >= 1, "--num-layers must be -1 (all) or at least 1")
-    check(0.0 <= cfg.dft_floor <= 1.0, "--dft-floor must be in [0, 1]")
-    check(cfg.dft_power > 0.0, "--dft-power must be positive")
-    check(cfg.asft_alpha >= 0.0, "--asft-alpha must be >= 0")
-    check(cfg.eaft_alpha >= 0.0, "--eaft-alpha must be >= 0")
-    check(cfg.eaft_top_k >= 2, "--eaft-top-k must be at least 2")
+    custom = CUSTOM_LOSS.get()
+    check(
+        cfg.loss in LOSSES or (custom is not None and custom.name == cfg.loss),
+        f"unknown --loss {cfg.loss!r}; choose one of {', '.join(LOSSES)} (a loss of your own is given "
+        "from Python: mlx_dft.train(loss=...), also to resume its run)",
+    )
+    try:
+        loss = loss_of(cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     check(cfg.sft_warmup_steps >= 0, "--sft-warmup-steps must be >= 0")
     check(
         cfg.sft_warmup_steps == 0 or cfg.loss != "sft",
@@ -613,13 +630,17 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.learning_rate is None or cfg.learning_rate > 0, "--learning-rate must be positive")
     check(cfg.warmup >= 0, "--warmup must be >= 0")
     # Options of one loss or schedule are refused with another, not ignored.
+    used = {loss.name, *type(loss).borrows}
+    for name in LOSS_OPTIONS:
+        owner = FIELDS[name].metadata["loss_option"]
+        check(
+            owner in used or getattr(cfg, name) == FIELDS[name].default,
+            f"--{name.replace('_', '-')} applies to --loss {owner} only (this run's is {cfg.loss})",
+        )
     check(
-        cfg.loss == "asft" or (cfg.asft_alpha == 0.1 and not cfg.asft_reference_copy),
-        "--asft-alpha and --asft-reference-copy apply to --loss asft only",
-    )
-    check(
-        cfg.loss == "eaft" or (cfg.eaft_alpha == 1.0 and cfg.eaft_top_k == 20),
-        "--eaft-alpha and --eaft-top-k apply to --loss eaft only",
+        loss.needs_reference or not cfg.reference_copy,
+        f"--reference-copy applies to losses with a reference model "
+        f"({', '.join(n for n, c in LOSSES.items() if c.needs_reference)}), not --loss {cfg.loss}",
     )
     check(
         cfg.lr_schedule != "constant" or (cfg.min_learning_rate == 0 and cfg.decay_steps is None),

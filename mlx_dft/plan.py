@@ -257,12 +257,13 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
     # and 4 B heads L^2 are float32 activations of a token and attention scores of a head.
     kept_blocks = 0 if cfg.grad_checkpoint else len(span)
     vocab = vocab_size(model)
-    from mlx_dft.losses import LossConfig, auto_chunk_tokens, keep_tokens
+    from mlx_dft.config import loss_of
+    from mlx_dft.losses import auto_chunk_tokens, keep_tokens
     from mlx_dft.models import split_model
 
     chunk = min(cfg.loss_chunk_tokens or auto_chunk_tokens(vocab), b * length)
     # supervised tokens whose softmax the loss keeps (every token of a row, at most)
-    keep = keep_tokens(split_model(model, probe=False).head, LossConfig.from_options(cfg), vocab)
+    keep = keep_tokens(split_model(model, probe=False).head, loss_of(cfg), vocab)
     kept_softmax = b * length if b * length <= keep else 0
     tok, scores = width * b * length, width * b * heads * length**2
     deltas = [i for i in span if _gated_delta_layer(model.layers[i]) is not None]

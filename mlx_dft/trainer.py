@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
-from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, loss_sums
+from mlx_dft.losses import SFT, Loss, LossSums, auto_chunk_tokens, chunked_terms, loss_sums
 from mlx_dft.models import split_model, vocab_size
 from mlx_dft.patches import StandIn, chunked_gated_delta, gradient_checkpointing, lean_swiglu, wrapped_blocks
 from mlx_dft.progress import Progress
@@ -34,7 +34,10 @@ if TYPE_CHECKING:
 
 
 class Callback:
-    """Hooks into a run. ``on_*_report`` may return a dict of extra metrics to record."""
+    """Hooks into a run. ``on_*_report`` may return a dict of extra metrics to record; any hook
+    may end the run early with ``run.stop(why)`` (it stops after the current step, with a
+    checkpoint of it and its adapter saved, so ``--resume`` continues it). A hook that raises ends
+    the run with a one-line error naming the hook; what the run saved before stays."""
 
     def on_train_report(self, metrics: dict, run: Run) -> dict | None:
         return None
@@ -108,6 +111,11 @@ class Run:
     world_size: int = 1
     history: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
+    stopped: str | None = None  # why the run ended before its last step (:meth:`stop`), if it did
+
+    def stop(self, why: str = "a callback asked") -> None:
+        """End the run after the current optimizer step (from a callback)."""
+        self.stopped = why
 
     def latest(self, key: str):
         for rec in reversed(self.history):
@@ -120,46 +128,47 @@ def make_loss_fn(
     body: Callable,
     head,
     fast: bool,
-    loss_cfg: LossConfig,
+    loss: Loss,
     chunk_tokens: int,
     adapter_off: AdapterOff | None = None,
 ):
-    """loss(model, inputs, positions, targets, valid[, segments]) -> (objective, ce, prob, ntoks,
-    *parts) sums; ``segments`` (packed rows) makes attention block-diagonal
+    """loss(model, inputs, positions, targets, valid[, segments]) -> :class:`LossSums` (objective,
+    ce, prob, tokens, parts); ``segments`` (packed rows) makes attention block-diagonal
     (:func:`mlx_dft.patches.wrapped_blocks`);
     the MLPs use the SwiGLU with the leaner backward pass (:func:`mlx_dft.patches.lean_swiglu`), and
     gated-delta layers the chunked recurrence (:func:`mlx_dft.patches.chunked_gated_delta`);
     blocks are recomputed in the backward pass when the model asks for gradient checkpointing.
-    The function's ``parts`` attribute names the parts (``loss_cfg.parts``); its ``state`` lists the
+    The function's ``parts`` attribute names the parts (``loss.parts``); its ``state`` lists the
     arrays it reads besides the model's (a compiled function takes them as inputs).
 
-    For ASFT the body runs a second time inside ``adapter_off()`` (the method's switch to the base
-    model, :meth:`~mlx_dft.adapters.base.AdapterMethod.adapter_off`), without gradient, from the
-    first block the adapter changes on (see :func:`_policy_and_reference`): the reference hidden
-    states at the supervised positions, turned into logits chunk by chunk with the policy's. The
+    For a loss with a reference (ASFT, PriFT) the body runs a second time inside ``adapter_off()``
+    (the method's switch to the base model,
+    :meth:`~mlx_dft.adapters.base.AdapterMethod.adapter_off`), without gradient, from the first
+    block the adapter changes on (see :func:`_policy_and_reference`): the reference hidden states
+    at the supervised positions, turned into logits chunk by chunk with the policy's. The
     head is shared: no method adapts it.
     """
-    if loss_cfg.needs_reference and adapter_off is None:
-        raise ValueError(f"the {loss_cfg.loss} loss needs the adapter's switch to the base model")
+    if loss.needs_reference and adapter_off is None:
+        raise ValueError(f"the {loss.name} loss needs the adapter's switch to the base model")
 
     def at_positions(out: mx.array, positions: mx.array) -> mx.array:
         return mx.take(out.reshape(-1, out.shape[-1]), positions, axis=0)
 
-    def loss_fn(model, inputs, positions, targets, valid, segments=None):
+    def loss_fn(model, inputs, positions, targets, valid, segments=None) -> LossSums:
         checkpoint = gradient_checkpointing(model)
         with wrapped_blocks(body, segments, checkpoint), lean_swiglu(model), chunked_gated_delta(model):
-            if loss_cfg.needs_reference:
+            if loss.needs_reference:
                 first = adapter_off.first_layer if fast else 0
                 out, ref = _policy_and_reference(body, inputs, adapter_off, first)
                 ref_h = mx.stop_gradient(at_positions(ref, positions))
             else:
                 out, ref_h = body(inputs), None
         h = at_positions(out, positions)
-        ce, extra = chunked_terms(head, h, targets, chunk_tokens if fast else 0, loss_cfg, ref_h)
-        return loss_sums(ce, valid, loss_cfg, extra)
+        return loss_sums(chunked_terms(head, h, targets, chunk_tokens if fast else 0, loss, ref_h), valid)
 
-    loss_fn.parts = loss_cfg.parts
-    loss_fn.state = adapter_off.state if loss_cfg.needs_reference else []
+    loss_fn.parts = tuple(loss.parts)
+    loss_fn.loss = loss
+    loss_fn.state = adapter_off.state if loss.needs_reference else []
     return loss_fn
 
 
@@ -209,7 +218,7 @@ def _policy_and_reference(
 
 def model_loss_fn(
     model: nn.Module,
-    loss_cfg: LossConfig,
+    loss: Loss,
     chunk_tokens: int = 0,
     adapter_off: AdapterOff | None = None,
 ) -> Callable:
@@ -217,27 +226,32 @@ def model_loss_fn(
     architecture allows (see :func:`mlx_dft.models.split_model`), ``chunk_tokens`` per logits
     chunk (0: about 32 MiB of float32 logits a chunk)."""
     vocab = vocab_size(model)
-    if loss_cfg.loss == "eaft" and loss_cfg.eaft_top_k > vocab:
-        raise UserError(f"--eaft-top-k {loss_cfg.eaft_top_k} is above the vocabulary size ({vocab})")
+    why = loss.check_vocabulary(vocab)
+    if why:
+        raise UserError(why)
     body, head, fast = split_model(model)
     chunk = chunk_tokens or auto_chunk_tokens(vocab)
-    return make_loss_fn(body, head, fast, loss_cfg, chunk, adapter_off)
+    return make_loss_fn(body, head, fast, loss, chunk, adapter_off)
 
 
-def run_loss_fns(model: nn.Module, cfg, method) -> tuple[Callable, Callable | None]:
-    """The loss function of a :class:`~mlx_dft.config.TrainConfig` (its ``--loss``; also the
-    validation loss) and, with ``--sft-warmup-steps``, the plain-SFT one of the first steps.
+def run_loss_fns(model: nn.Module, cfg, method, loss: Loss | None = None) -> tuple[Callable, Callable | None]:
+    """The loss function of a :class:`~mlx_dft.config.TrainConfig` (``loss``, else its ``--loss``
+    and that loss's options; also the validation loss) and, with ``--sft-warmup-steps``, the
+    plain-SFT one of the first steps.
 
-    Call it once the adapter is applied and before any trained weights are loaded: ASFT's
-    reference is ``method``'s adapter switched off, and a method that needs a copy of the initial
-    weights for it (full fine-tuning, with ``--asft-reference-copy``) takes that copy now.
+    Call it once the adapter is applied and before any trained weights are loaded: the reference
+    of a loss that has one (ASFT, PriFT) is ``method``'s adapter switched off, and a method that
+    needs a copy of the initial weights for it (full fine-tuning, with ``--reference-copy``) takes
+    that copy now.
     """
-    loss_cfg = LossConfig.from_options(cfg)
-    off = method.adapter_off(model, cfg.asft_reference_copy) if loss_cfg.needs_reference else None
-    loss_fn = model_loss_fn(model, loss_cfg, cfg.loss_chunk_tokens, off)
+    from mlx_dft.config import loss_of
+
+    loss = loss if loss is not None else loss_of(cfg)
+    off = method.adapter_off(model, cfg.reference_copy) if loss.needs_reference else None
+    loss_fn = model_loss_fn(model, loss, cfg.loss_chunk_tokens, off)
     if not cfg.sft_warmup_steps:
         return loss_fn, None
-    return loss_fn, model_loss_fn(model, LossConfig("sft"), cfg.loss_chunk_tokens)
+    return loss_fn, model_loss_fn(model, SFT(), cfg.loss_chunk_tokens)
 
 
 def build_optimizer(
@@ -304,7 +318,7 @@ def _eval_fn(model: nn.Module, loss_fn: Callable) -> Callable:
     if key not in _EVAL_FNS:
         _EVAL_FNS.clear()  # one live run at a time is the common case: do not hold old models
         inputs = [model.state, getattr(loss_fn, "state", [])]
-        _EVAL_FNS[key] = mx.compile(lambda *arrays: mx.stack(loss_fn(model, *arrays)), inputs=inputs)
+        _EVAL_FNS[key] = mx.compile(lambda *arrays: loss_fn(model, *arrays).stacked(), inputs=inputs)
     return _EVAL_FNS[key]
 
 
@@ -374,11 +388,11 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
     @partial(mx.compile, inputs=[*state, getattr(loss_fn, "state", [])], outputs=state)
     def step_fn(arrays, acc, acc_n, do_update):
         sums, grads = loss_vg(model, *arrays)
-        n = n_total = sums[3]
+        n = n_total = sums.tokens
         if acc is not None:
             grads = tree_map(mx.add, grads, acc)
             n_total = n + acc_n
-        metrics = mx.stack(sums)
+        metrics = sums.stacked()
         if do_update:
             return metrics, None, None, update(grads, n_total)
         return metrics, grads, n_total, None
@@ -406,15 +420,9 @@ _FIELDS = (
     ("train_loss", "loss", ".4f", 9),
     ("train_ce", "ce", ".3f", 8),
     ("train_prob", "p", ".3f", 8),
-    ("train_dft", "dft", ".4f", 7),
-    ("train_kl", "kl", ".4f", 7),
-    ("train_eaft_weight", "w", ".3f", 7),
     ("val_loss", "val loss", ".4f", 9),
     ("val_ce", "ce", ".3f", 8),
     ("val_prob", "p", ".3f", 8),
-    ("val_dft", "dft", ".4f", 7),
-    ("val_kl", "kl", ".4f", 7),
-    ("val_eaft_weight", "w", ".3f", 7),
     ("learning_rate", "lr", ".1e", 3),
     ("grad_norm", "|g|", ".2f", 2),
     ("tokens_per_sec", "tok/s", ",.0f", 6),
@@ -422,10 +430,21 @@ _FIELDS = (
 )
 
 
-def _fmt(rec: dict, width: int = 80) -> str:
+def _fields(parts: dict[str, str]) -> tuple:
+    """:data:`_FIELDS` with the loss's parts (name -> label) after each split's probability."""
+    out = []
+    for field_ in _FIELDS:
+        out.append(field_)
+        split = field_[0].split("_")[0]
+        if field_[0].endswith("_prob"):
+            out += [(f"{split}_{name}", label, ".4f", 7) for name, label in parts.items()]
+    return tuple(out)
+
+
+def _fmt(rec: dict, width: int = 80, fields: tuple = _FIELDS) -> str:
     """One report line of at most ``width`` columns: step, then the values by importance."""
     items = []
-    for key, label, f, prio in _FIELDS:
+    for key, label, f, prio in fields:
         if key in rec:
             value = f"{rec[key]:{f}}"
             items.append((prio, f"{value} {label}" if label in ("tok/s", "GB") else f"{label} {value}"))
@@ -469,6 +488,8 @@ def train_loop(
     if loop.sft_warmup_steps > 0:
         warmup_step_fn = make_step(model, optimizer, warmup_loss_fn, loop.max_grad_norm)[0]
     parts = getattr(loss_fn, "parts", ())
+    loss = getattr(loss_fn, "loss", None)
+    fields = _fields(dict(loss.parts) if loss is not None else {name: name for name in parts})
 
     batches: Iterator[Batch] = iterate_batches(
         train_set, loop.batch_size, seed=loop.seed, start=start_step * accum, rank=rank, world_size=world_size
@@ -493,7 +514,7 @@ def train_loop(
             "val_time": time.perf_counter() - tic,
         }
         for cb in callbacks:
-            rec.update(cb.on_val_report(rec, run) or {})
+            rec.update(_hook(cb, "on_val_report", rec, run) or {})
         emit(rec)
 
     def emit(rec: dict):
@@ -501,7 +522,7 @@ def train_loop(
         if rank == 0:
             if record:
                 record(rec)
-            bar.write(_fmt(rec)) or log(_fmt(rec))
+            bar.write(_fmt(rec, fields=fields)) or log(_fmt(rec, fields=fields))
 
     if isinstance(progress, Progress):
         bar = progress if rank == 0 else Progress(False)
@@ -523,6 +544,7 @@ def train_loop(
     # then it is ``unverified`` (step, path); ``good`` is the newest verified one.
     good: Path | None = None
     unverified = (start_step, run.last_checkpoint) if run.last_checkpoint is not None else None
+    saved_at = None  # the step of the last checkpoint this loop saved
     try:
         if start_step == 0:
             validate(0)
@@ -548,7 +570,8 @@ def train_loop(
             # Every worker decides on the loss of the whole step, so that all of them stop together.
             obj = (mx.distributed.all_sum(window[:1], stream=mx.cpu) if world_size > 1 else window[:1]).item()
             if not math.isfinite(obj):
-                _stop_non_finite(f"the loss became {obj} at step {step}", run, good, unverified)
+                name = "sft (warm-up)" if step <= loop.sft_warmup_steps else loss.name if loss else "training"
+                _stop_non_finite(f"the {name} loss became {obj} at step {step}", run, good, unverified)
             if unverified is not None:  # its weights gave this finite loss: a checkpoint to go back to
                 good, unverified = unverified[1], None
             bar.step(took, timed=which in compiled)
@@ -579,7 +602,7 @@ def train_loop(
                     "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 }
                 for cb in callbacks:
-                    rec.update(cb.on_train_report(rec, run) or {})
+                    rec.update(_hook(cb, "on_train_report", rec, run) or {})
                 emit(rec)
                 bar.metrics(rec["train_loss"], rec["tokens_per_sec"], rec["peak_memory_gb"])
                 window = mx.zeros((5 + len(parts),))
@@ -594,16 +617,42 @@ def train_loop(
                     _stop_non_finite(f"the weights became non-finite at step {step}", run, good, unverified)
                 bar.phase("saving")
                 path = save(step, protect=good)
+                saved_at = step
                 if path is not None:
                     run.last_checkpoint, unverified = path, (step, path)
                     for cb in callbacks if rank == 0 else ():
-                        cb.on_checkpoint(path, run)
+                        _hook(cb, "on_checkpoint", path, run)
+            # A callback's stop (on rank 0, where callbacks run) ends every worker at this step.
+            stop_now = run.stopped is not None
+            if world_size > 1:
+                stop_now = mx.distributed.all_sum(mx.array(float(stop_now)), stream=mx.cpu).item() > 0
+            if stop_now and step < loop.total_steps:
+                run.stopped = run.stopped or "a callback on another worker asked"
+                if save is not None and saved_at != step:
+                    run.last_checkpoint = save(step, protect=good)
+                bar.write(f"stopped at step {step} of {loop.total_steps}: {run.stopped}") or log(
+                    f"stopped at step {step} of {loop.total_steps}: {run.stopped}"
+                )
+                break
     finally:
         if not isinstance(progress, Progress):  # a caller's status line stays the caller's
             bar.close()
     for cb in callbacks:
-        cb.on_train_end(run)
+        _hook(cb, "on_train_end", run)
     return run
+
+
+def _hook(cb: Callback, hook: str, *args):
+    """``cb.<hook>(*args)``; an exception it raises (but a UserError or Ctrl-C) becomes one line
+    naming the callback and the hook."""
+    try:
+        return getattr(cb, hook)(*args)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  (a user's code: any exception, said in one line)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"callback {type(cb).__name__}.{hook} raised {type(e).__name__}: {first}") from None
+
 
 
 def _finite(tree) -> bool:

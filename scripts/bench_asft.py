@@ -31,7 +31,7 @@ import mlx.core as mx
 from mlx_dft import adapters
 from mlx_dft.config import TrainConfig
 from mlx_dft.data import DataConfig, iterate_batches, load_datasets
-from mlx_dft.losses import LossConfig
+from mlx_dft.losses import make_loss
 from mlx_dft.models import default_model_path, load_model
 from mlx_dft.tasks import ARITH_DIR
 from mlx_dft.trainer import build_optimizer, make_step, model_loss_fn, optimizer_step
@@ -72,7 +72,7 @@ def main():
         steps = {}
         for loss in LOSSES:
             opt = build_optimizer("adamw", 1e-5, "constant", 0, 1)
-            steps[loss] = make_step(model, opt, model_loss_fn(model, LossConfig(loss), 0, off))
+            steps[loss] = make_step(model, opt, model_loss_fn(model, make_loss(loss), 0, off))
 
         times: dict[str, list[float]] = {k: [] for k in LOSSES}
         peaks = dict.fromkeys(LOSSES, 0)

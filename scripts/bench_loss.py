@@ -25,7 +25,7 @@ import mlx_dft  # noqa: F401
 from mlx_dft import adapters
 from mlx_dft.config import TrainConfig
 from mlx_dft.data import DataConfig, iterate_batches, load_datasets
-from mlx_dft.losses import LossConfig, auto_chunk_tokens
+from mlx_dft.losses import auto_chunk_tokens, make_loss
 from mlx_dft.models import default_model_path, load_model, split_model, vocab_size
 from mlx_dft.tasks import ARITH_DIR
 from mlx_dft.trainer import build_optimizer, make_loss_fn, make_step, optimizer_step
@@ -50,7 +50,7 @@ def main():
     steps = {}
     for loss in ("sft", "dft"):
         opt = build_optimizer("adamw", 1e-5, "constant", 0, 1)
-        fn = make_loss_fn(body, head, fast, LossConfig(loss), chunk)
+        fn = make_loss_fn(body, head, fast, make_loss(loss), chunk)
         steps[loss] = make_step(model, opt, fn)
 
     times = {"sft": [], "dft": []}

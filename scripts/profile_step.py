@@ -51,8 +51,7 @@ from bench import ROOT, SHAPES, make_random_model, work_dir  # noqa: E402
 from mlx_dft import _blas, adapters
 from mlx_dft.config import TrainConfig
 from mlx_dft.data import DataConfig, collate, load_split
-from mlx_dft import losses
-from mlx_dft.losses import LossConfig, auto_chunk_tokens, chunked_terms, loss_sums
+from mlx_dft.losses import DFT, auto_chunk_tokens, chunked_terms, compute, loss_sums
 from mlx_dft.models import load_model, split_model
 from mlx_dft.plan import matmul_gflops
 from mlx_dft.trainer import make_step, model_loss_fn, optimizer_step
@@ -94,13 +93,13 @@ def main() -> None:
     vocab = config["vocab_size"]
     print(f"{args.shape}: batch {b} x {t} (padded), {tokens} tokens, {supervised} supervised", flush=True)
 
-    loss_fn = model_loss_fn(model, LossConfig("dft"))
+    loss_fn = model_loss_fn(model, DFT())
     opt = optim.AdamW(learning_rate=1e-5)
     step, state = make_step(model, opt, loss_fn)
     parts: dict[str, float] = {}
     parts["step"] = timed(lambda: optimizer_step(step, state, [batch]), args.reps)
 
-    fwd = mx.compile(lambda *a: mx.stack(loss_fn(model, *a)[:4]), inputs=[model.state])
+    fwd = mx.compile(lambda *a: loss_fn(model, *a).stacked()[:4], inputs=[model.state])
     forward = timed(lambda: mx.eval(fwd(*batch.arrays())), args.reps)
 
     # the frozen products: x W^T forward, g W backward (to the activations), per linear layer
@@ -174,24 +173,23 @@ def main() -> None:
     hs = mx.random.normal((supervised, h)) * 0.1
     targets = batch.targets[:supervised]
     valid = batch.valid[:supervised]
-    lcfg = LossConfig("dft")
+    dft = DFT()
 
     def loss_only(hs):
-        ce, extra = chunked_terms(head, hs, targets, auto_chunk_tokens(vocab), lcfg)
-        return loss_sums(ce, valid, lcfg, extra)[0]
+        return loss_sums(chunked_terms(head, hs, targets, auto_chunk_tokens(vocab), dft), valid).objective
 
     mx.eval(hs)
     loss_vg = mx.compile(mx.value_and_grad(loss_only))
     parts["loss (output projection + DFT)"] = timed(lambda: mx.eval(loss_vg(hs)), args.reps)
     # The same loss as the GPU path computes it: chunks recomputed in the backward pass, autodiff's
     # softmax (not part of the step: a comparison).
-    keeps = losses.keeps_softmax
-    losses.keeps_softmax = lambda *a: False
+    keeps = compute.keeps_softmax
+    compute.keeps_softmax = lambda *a: False
     try:
         recomputed_vg = mx.compile(mx.value_and_grad(loss_only))
         recomputed = timed(lambda: mx.eval(recomputed_vg(hs)), args.reps)
     finally:
-        losses.keeps_softmax = keeps
+        compute.keeps_softmax = keeps
 
     params = model.trainable_parameters()
     grads = {k: v for k, v in params.items()}

@@ -6,7 +6,7 @@ compiled), the default LoRA targets, nested configs, the planner, and a short ru
 
 from __future__ import annotations
 
-import mlx_dft  # noqa: F401
+import mlx_dft.losses
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_map
 from tests.arch_models import TYPES, write_arch_model
 from tests.conftest import run_cli
 from mlx_dft import adapters, models
-from mlx_dft.config import TrainConfig
+from mlx_dft.config import TrainConfig, loss_of
 from mlx_dft.losses import LossConfig, loss_from_logits
 from mlx_dft.trainer import model_loss_fn, run_loss_fns
 
@@ -92,17 +92,17 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-LOSSES = ["sft", "dft", "asft", "eaft"]
+LOSSES = list(mlx_dft.losses.LOSSES)  # every registered loss
 
 
 @pytest.mark.parametrize("adapter", ["lora", "dora", "full"])
 @pytest.mark.parametrize("model_type", TYPES)
 def test_every_loss_matches_its_full_logits_form(arch_dir, model_type, adapter):
-    """sft, dft, asft and eaft on the hidden-state path, in logits chunks and compiled, give the
-    values and gradients of the same loss computed from the full logits of ``model(inputs)`` (and,
-    for asft, of the model with the adapter switched off)."""
+    """Every loss (sft, dft, asft, eaft, prift, deft, bll) on the hidden-state path, in logits
+    chunks and compiled, give the values and gradients of the same loss computed from the full
+    logits of ``model(inputs)`` (and, for asft and prift, of the model with the adapter off)."""
     model, _ = _load(arch_dir(model_type))
-    cfg = _cfg(adapter=adapter, asft_reference_copy=adapter == "full")
+    cfg = _cfg(adapter=adapter, reference_copy=adapter == "full")
     method = adapters.method(adapter)
     settings = method.settings(cfg, model)
     method.apply(model, settings)
@@ -111,8 +111,8 @@ def test_every_loss_matches_its_full_logits_form(arch_dir, model_type, adapter):
     inputs, targets, mask = _batch(models.vocab_size(model))
     for loss in LOSSES:
         cfg.loss = loss
-        lcfg = LossConfig.from_options(cfg)
-        off = method.adapter_off(model, cfg.asft_reference_copy) if lcfg.needs_reference else None
+        lcfg = loss_of(cfg)
+        off = method.adapter_off(model, cfg.reference_copy) if lcfg.needs_reference else None
         loss_fn = model_loss_fn(model, lcfg, 4, off)
 
         def ours(params, loss_fn=loss_fn):

@@ -142,7 +142,7 @@ CASES = {
     "epochs nan": (lambda d: [*_no_iters(), "--epochs", "nan"], "--epochs must be a finite number"),
     "epochs below one step": (lambda d: [*_no_iters(), "--epochs", "1e-9"], "less than one optimizer step"),
     "negative seed": (lambda d: [*TRAIN, "--seed", "-1"], "--seed must be >= 0"),
-    "asft option with dft": (lambda d: [*TRAIN, "--asft-alpha", "0.5"], "apply to --loss asft only"),
+    "asft option with dft": (lambda d: [*TRAIN, "--asft-alpha", "0.5"], "applies to --loss asft only"),
     "eaft option with sft": (lambda d: [*TRAIN, "--loss", "sft", "--eaft-top-k", "5"], "--loss eaft only"),
     "decay with constant lr": (
         lambda d: [*TRAIN, "--lr-schedule", "constant", "--min-learning-rate", "1e-6"],

@@ -1,6 +1,6 @@
-"""ASFT, EAFT and the SFT warm-up: losses and gradients against a PyTorch reference written from
-the papers' formulas, chunking, accumulation, the adapter switched off as the reference model,
-resume across the warm-up switch, reports, and one-line errors."""
+"""The DFT family (every registered loss) and the SFT warm-up: losses and gradients against a
+PyTorch reference written from the papers' formulas, chunking, accumulation, the adapter switched
+off as the reference model, resume across the warm-up switch, reports, and one-line errors."""
 
 import json
 import math
@@ -19,7 +19,16 @@ from mlx_dft.config import TrainConfig
 from mlx_dft.data import DataConfig, collate, load_split
 from mlx_dft.errors import UserError
 from mlx_dft.interop.convert import run_summary
-from mlx_dft.losses import LossConfig, chunked_terms, loss_from_logits, loss_sums, token_terms
+from mlx_dft.losses import (
+    LOSSES,
+    Loss,
+    LossConfig,
+    chunked_terms,
+    loss_from_logits,
+    loss_sums,
+    make_loss,
+    token_columns,
+)
 from mlx_dft.models import load_model
 from mlx_dft.trainer import build_optimizer, make_step, model_loss_fn, optimizer_step, run_loss_fns
 
@@ -30,12 +39,19 @@ FAST = dict(batch_size=4, steps_per_report=1, progress=False)
 
 
 def torch_reference(logits, targets, mask, loss, ref_logits=None, **kw):
-    """(mean loss, d loss / d logits, {part: mean}) in float64 PyTorch, written from the formulas:
+    """(mean loss, d loss / d logits, {part: mean}) in float64 PyTorch, written from the formulas
+    (../shared/docs/dft.md, the authors' code), with p the target's probability and sg detach:
 
-    asft: sum_t [sg(max(p_t^power, floor)) CE_t + alpha KL(softmax(r_t) || softmax(z_t))] / |M|
-    eaft: sum_t sg((H_k(z_t) / ln k)^alpha) CE_t / |M|, H_k the entropy of the softmax of the
-          k largest logits of z_t
-    sft:  sum_t CE_t / |M|
+    sft:   sum_t CE_t / |M|
+    dft:   sum_t sg(max(p_t^power, floor)) CE_t / |M|
+    asft:  sum_t [sg(max(p_t^power, floor)) CE_t + alpha KL(softmax(r_t) || softmax(z_t))] / |M|
+    eaft:  sum_t sg((H_k(z_t) / ln k)^alpha) CE_t / |M|, H_k the entropy of the softmax of the
+           k largest logits of z_t
+    prift: sum_t w_t CE_t / |M|, q = softmax(r_t): w = q[y] (prob), or w = 1[u >= tau] with
+           u = sum_v q_v 1[q_v < q_y] + q_y (mass)
+    deft:  sum_t -(p_t^a - 1) / a / |M|, a = sg(sum_v softmax(z_t)_v^2)
+    bll:   sum_t keep_t (1 - p_t^alpha) / alpha / |M| (-log p_t at alpha 0), keep_t = 1, or
+           1[p_t >= q] (only top), or 1[p_t < q] (only bottom)
     """
     z = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(targets, dtype=torch.long)
@@ -43,15 +59,17 @@ def torch_reference(logits, targets, mask, loss, ref_logits=None, **kw):
     n = m.sum()
     logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
     ce = -logp.gather(-1, t[..., None])[..., 0]
+    p = torch.exp(-ce.detach())
     parts = {}
-    if loss == "asft":
-        p = torch.exp(-ce.detach())
+    if loss in ("dft", "asft"):
         w = torch.clamp(p ** kw.get("power", 1.0), min=kw.get("floor", 0.0))
-        r = torch.softmax(torch.tensor(ref_logits, dtype=torch.float64), dim=-1)
-        kl = (r * (torch.log(r) - logp)).sum(-1)
-        dft, kl_sum = (w * ce * m).sum(), (kl * m).sum()
-        value = (dft + kw.get("alpha", 0.1) * kl_sum) / n
-        parts = {"dft": (dft / n).item(), "kl": (kl_sum / n).item()}
+        dft = (w * ce * m).sum()
+        value = dft / n
+        if loss == "asft":
+            r = torch.softmax(torch.tensor(ref_logits, dtype=torch.float64), dim=-1)
+            kl = ((r * (torch.log(r) - logp)).sum(-1) * m).sum()
+            value = (dft + kw.get("alpha", 0.1) * kl) / n
+            parts = {"dft": (dft / n).item(), "kl": (kl / n).item()}
     elif loss == "eaft":
         k = kw.get("k", 20)
         top = torch.topk(z.detach(), k, dim=-1).values
@@ -60,6 +78,26 @@ def torch_reference(logits, targets, mask, loss, ref_logits=None, **kw):
         w = (entropy / math.log(k)) ** kw.get("alpha", 1.0)
         value = (w * ce * m).sum() / n
         parts = {"eaft_weight": ((w * m).sum() / n).item()}
+    elif loss == "prift":
+        q = torch.softmax(torch.tensor(ref_logits, dtype=torch.float64), dim=-1)
+        qy = q.gather(-1, t[..., None])[..., 0]
+        if kw.get("weight", "prob") == "prob":
+            w = qy
+        else:
+            u = (q * (q < qy[..., None])).sum(-1) + qy
+            w = (u >= kw.get("tau", 0.5)).double()
+        value = (w * ce * m).sum() / n
+        parts = {"prift_weight": ((w * m).sum() / n).item()}
+    elif loss == "deft":
+        a = (torch.softmax(z.detach(), dim=-1) ** 2).sum(-1)
+        value = (-(torch.exp(-ce) ** a - 1) / a * m).sum() / n
+        parts = {"deft_alpha": ((a * m).sum() / n).item()}
+    elif loss == "bll":
+        alpha, only, q = kw.get("alpha", 1.0), kw.get("only", "all"), kw.get("threshold", 0.5)
+        f = ce if alpha == 0 else (1 - torch.exp(-ce) ** alpha) / alpha
+        keep = torch.ones_like(p) if only == "all" else ((p >= q) if only == "top" else (p < q)).double()
+        value = (keep * f * m).sum() / n
+        parts = {"bll_kept": ((keep * m).sum() / n).item()}
     else:
         value = (ce * m).sum() / n
     value.backward()
@@ -76,26 +114,38 @@ def random_case(seed, shape=(3, 7, 30), spread=3.0):
     return logits, ref, targets, mask
 
 
-ASFT_CASES = [dict(alpha=0.1), dict(alpha=1.0), dict(alpha=0.0), dict(alpha=0.5, floor=0.1, power=2.0)]
-EAFT_CASES = [dict(k=20, alpha=1.0), dict(k=2, alpha=1.0), dict(k=5, alpha=0.5), dict(k=30, alpha=2.0)]
+CASES = {
+    "sft": [{}],
+    "dft": [{}, dict(floor=0.1, power=2.0)],
+    "asft": [dict(alpha=0.1), dict(alpha=1.0), dict(alpha=0.0), dict(alpha=0.5, floor=0.1, power=2.0)],
+    "eaft": [dict(k=20, alpha=1.0), dict(k=2, alpha=1.0), dict(k=5, alpha=0.5), dict(k=30, alpha=2.0)],
+    "prift": [dict(weight="prob"), dict(weight="mass", tau=0.5), dict(weight="mass", tau=0.9)],
+    "deft": [{}],
+    "bll": [dict(alpha=1.0), dict(alpha=0.0), dict(alpha=10.0), dict(alpha=1.0, only="top", threshold=0.02),
+            dict(alpha=0.5, only="bottom", threshold=0.1)],
+}  # fmt: skip
+ALL_CASES = [(loss, kw) for loss, cases in CASES.items() for kw in cases]
+# the reference's keyword -> the loss's option
+OPTION = {
+    "alpha": "{loss}_alpha", "floor": "dft_floor", "power": "dft_power", "k": "eaft_top_k",
+    "weight": "prift_weight", "tau": "prift_tau", "only": "bll_only", "threshold": "bll_threshold",
+}  # fmt: skip
 
 
-def mlx_cfg(loss, kw) -> LossConfig:
-    if loss == "asft":
-        return LossConfig(
-            "asft", dft_floor=kw.get("floor", 0.0), dft_power=kw.get("power", 1.0), asft_alpha=kw["alpha"]
-        )
-    return LossConfig("eaft", eaft_top_k=kw["k"], eaft_alpha=kw["alpha"])
+def mlx_cfg(loss, kw) -> Loss:
+    return make_loss(loss, **{OPTION[k].format(loss=loss): v for k, v in kw.items()})
 
 
-@pytest.mark.parametrize(
-    "loss,kw", [("asft", kw) for kw in ASFT_CASES] + [("eaft", kw) for kw in EAFT_CASES], ids=str
-)
+def test_every_registered_loss_has_a_reference_here():
+    assert set(CASES) == set(LOSSES)
+
+
+@pytest.mark.parametrize("loss,kw", ALL_CASES, ids=str)
 def test_value_gradient_and_parts_match_torch(loss, kw):
     logits, ref, targets, mask = random_case(0)
     cfg = mlx_cfg(loss, kw)
     want, want_grad, want_parts = torch_reference(logits, targets, mask, loss, ref, **kw)
-    r = mx.array(ref) if loss == "asft" else None
+    r = mx.array(ref) if cfg.needs_reference else None
 
     def f(z):
         return loss_from_logits(z, mx.array(targets), mx.array(mask), cfg, r)[0]
@@ -104,7 +154,7 @@ def test_value_gradient_and_parts_match_torch(loss, kw):
     grad = np.array(mx.grad(f)(mx.array(logits)))
     np.testing.assert_allclose(value.item(), want, rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, atol=1e-6)
-    assert set(metrics) >= set(cfg.parts) and cfg.parts == tuple(want_parts)
+    assert set(metrics) >= set(cfg.parts) and tuple(cfg.parts) == tuple(want_parts)
     for name, v in want_parts.items():
         np.testing.assert_allclose(metrics[name].item(), v, rtol=1e-5)
     assert np.abs(grad[mask == 0]).max() == 0  # masked positions get no gradient
@@ -130,14 +180,35 @@ def test_eaft_weight_is_one_for_a_flat_top_k_and_falls_with_confidence():
     peaked = flat.copy()
     peaked[0, 0] = 15.0
     cfg = LossConfig("eaft")
-    w = [token_terms(mx.array(z), mx.array([0]), cfg)[1].item() for z in (flat, peaked)]
+    w = [token_columns(mx.array(z), mx.array([0]), cfg)[0, 2].item() for z in (flat, peaked)]
     np.testing.assert_allclose(w[0], 1.0, rtol=1e-6)
     assert w[1] < 0.01
 
 
-@pytest.mark.parametrize("loss", ["asft", "eaft"])
+def test_bll_trains_as_dft_with_the_same_power_and_deft_between_nll_and_dft():
+    """"Beyond Log Likelihood"'s (1 - p^a) / a has --dft-power a's gradient (its value differs);
+    DEFT's gradient is p^a times the NLL's, with a = sum_v p_v^2: 1/V for a flat distribution."""
+    logits, _, targets, mask = random_case(4)
+    args = (mx.array(targets), mx.array(mask))
+
+    def grad(loss, **options):
+        return np.array(mx.grad(lambda z: loss_from_logits(z, *args, make_loss(loss, **options))[0])(
+            mx.array(logits)))  # fmt: skip
+
+    for a in (0.5, 1.0, 3.0):
+        np.testing.assert_allclose(grad("bll", bll_alpha=a), grad("dft", dft_power=a), atol=1e-7)
+    v = 1000
+    flat = mx.zeros((1, 4, v))
+    t, ones = mx.zeros((1, 4), mx.int32), mx.ones((1, 4))
+    deft, sft = (
+        mx.grad(lambda z, k=k: loss_from_logits(z, t, ones, make_loss(k))[0])(flat) for k in ("deft", "sft")
+    )
+    np.testing.assert_allclose(np.array(deft), (1 / v) ** (1 / v) * np.array(sft), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss,kw", [(k, c[-1]) for k, c in CASES.items()], ids=str)
 @pytest.mark.parametrize("chunk", [0, 5, 16])
-def test_chunked_terms_match_full_logits(loss, chunk):
+def test_chunked_terms_match_full_logits(loss, kw, chunk):
     """From hidden states in chunks (checkpointed, reference logits chunked alongside) == from the
     full logits, in value and in gradient w.r.t. the hidden states and a trainable head."""
     rng = np.random.default_rng(3)
@@ -146,19 +217,17 @@ def test_chunked_terms_match_full_logits(loss, chunk):
     ref_h = mx.array(rng.normal(size=(n, d)).astype(np.float32))
     t = mx.array(rng.integers(0, v, size=n))
     valid = mx.array((rng.random(n) < 0.8).astype(np.float32))
-    cfg = LossConfig(loss, eaft_top_k=7)
+    cfg = mlx_cfg(loss, {**kw, "k": 7} if loss == "eaft" else kw)
     mx.random.seed(0)
     head = nn.Linear(d, v, bias=True)
-    r = ref_h if loss == "asft" else None
+    r = ref_h if cfg.needs_reference else None
 
     def via_chunks(head, h):
-        ce, extra = chunked_terms(head, h, t, chunk, cfg, r)
-        return loss_sums(ce, valid, cfg, extra)[0]
+        return loss_sums(chunked_terms(head, h, t, chunk, cfg, r), valid).objective
 
     def via_logits(head, h):
         ref_logits = head(r) if r is not None else None
-        ce, extra = token_terms(head(h), t, cfg, ref_logits)
-        return loss_sums(ce, valid, cfg, extra)[0]
+        return loss_sums(token_columns(head(h), t, cfg, ref_logits), valid).objective
 
     v1, g1 = nn.value_and_grad(head, via_chunks)(head, h)
     v2, g2 = nn.value_and_grad(head, via_logits)(head, h)
@@ -170,13 +239,13 @@ def test_chunked_terms_match_full_logits(loss, chunk):
     np.testing.assert_allclose(np.array(gh1), np.array(gh2), atol=1e-5)
 
 
-@pytest.mark.parametrize("loss", ["asft", "eaft"])
-def test_accumulated_sums_equal_one_big_batch_at_the_logits(loss):
+@pytest.mark.parametrize("loss,kw", [(k, c[-1]) for k, c in CASES.items()], ids=str)
+def test_accumulated_sums_equal_one_big_batch_at_the_logits(loss, kw):
     """1, 2 or 3 micro-batches of unequal token counts: their summed loss over the total count
     gives the big-batch loss and gradient of the reference."""
     logits, ref, targets, mask = random_case(2, shape=(6, 5, 13))
     mask[3:, 2:] = 0
-    kw = dict(alpha=0.3) if loss == "asft" else dict(k=6, alpha=1.0)
+    kw = {**kw, "k": 6} if loss == "eaft" else kw
     cfg = mlx_cfg(loss, kw)
     want, want_grad, _ = torch_reference(logits, targets, mask, loss, ref, **kw)
     for split in ([slice(0, 6)], [slice(0, 3), slice(3, 6)], [slice(0, 1), slice(1, 4), slice(4, 6)]):
@@ -184,10 +253,10 @@ def test_accumulated_sums_equal_one_big_batch_at_the_logits(loss):
         def accumulated(z, split=split):
             total = n = 0.0
             for sl in split:
-                r = mx.array(ref[sl]).reshape(-1, 13) if loss == "asft" else None
-                ce, extra = token_terms(z[sl].reshape(-1, 13), mx.array(targets[sl]).reshape(-1), cfg, r)
-                obj, _, _, cnt, *_ = loss_sums(ce, mx.array(mask[sl]).reshape(-1), cfg, extra)
-                total, n = total + obj, n + cnt
+                r = mx.array(ref[sl]).reshape(-1, 13) if cfg.needs_reference else None
+                cols = token_columns(z[sl].reshape(-1, 13), mx.array(targets[sl]).reshape(-1), cfg, r)
+                sums = loss_sums(cols, mx.array(mask[sl]).reshape(-1))
+                total, n = total + sums.objective, n + sums.tokens
             return total / n
 
         z = mx.array(logits)
@@ -292,7 +361,7 @@ def test_adapter_off_is_the_base_model_after_training(
 
     # The KL part of the compiled loss is KL(base || adapted) at the supervised positions.
     b = batches[3]
-    compiled = mx.compile(lambda *a: mx.stack(loss_fn(model, *a)), inputs=[model.state, loss_fn.state])
+    compiled = mx.compile(lambda *a: loss_fn(model, *a).stacked(), inputs=[model.state, loss_fn.state])
     sums = compiled(*b.arrays())
     pos, valid = np.array(b.positions), np.array(b.valid)
     z = adapted.reshape(-1, adapted.shape[-1])[pos].astype(np.float64)
@@ -319,7 +388,7 @@ def test_the_warmup_loss_is_sft_and_the_run_loss_asft(tiny_model, arith_data):
     z = _logits(model, b.inputs).reshape(-1, 512)[pos]
     r = _logits(base, b.inputs).reshape(-1, 512)[pos]
     for fn, loss in ((warmup, "sft"), (main, "asft")):
-        sums = np.array(mx.stack(fn(model, *b.arrays())))
+        sums = np.array(fn(model, *b.arrays()).stacked())
         want, _, parts = torch_reference(z, targets, valid, loss, r, alpha=0.3)
         np.testing.assert_allclose(sums[0] / sums[3], want, rtol=1e-5)
         assert len(sums) == 4 + len(parts) and fn.parts == tuple(parts)
@@ -331,7 +400,7 @@ def test_full_fine_tuning_needs_the_explicit_copy(tiny_model):
     model, *_ = load_model(str(tiny_model))
     method = adapters.method("full")
     method.apply(model, method.settings(TrainConfig(adapter="full", num_layers=1), model))
-    with pytest.raises(UserError, match="--asft-reference-copy"):
+    with pytest.raises(UserError, match="--reference-copy"):
         method.adapter_off(model)
 
 
@@ -443,7 +512,7 @@ def test_full_asft_resumes_against_the_initial_weights(tiny_model, arith_data, t
         loss="asft",
         asft_alpha=1.0,
         adapter="full",
-        asft_reference_copy=True,
+        reference_copy=True,
         num_layers=1,
         learning_rate=1e-3,
         iters=4,
@@ -469,7 +538,13 @@ ARGS = ["--iters", 3, "--batch-size", 4]
         (["--sft-warmup-steps", "-1"], ["--sft-warmup-steps must be >= 0"]),
         (["--sft-warmup-steps", "3"], ["--sft-warmup-steps 3 must be below the run's 3 steps"]),
         (["--loss", "sft", "--sft-warmup-steps", "1"], ["--sft-warmup-steps", "--loss sft"]),
-        (["--loss", "asft", "--fine-tune-type", "full"], ["--asft-reference-copy", "doubles their memory"]),
+        (["--loss", "asft", "--fine-tune-type", "full"], ["--reference-copy", "doubles their memory"]),
+        (["--loss", "prift", "--fine-tune-type", "full"], ["--reference-copy", "doubles their memory"]),
+        (["--loss", "prift", "--prift-tau", "1.5"], ["--prift-tau must be in [0, 1], got 1.5"]),
+        (["--loss", "bll", "--bll-alpha", "-1"], ["--bll-alpha must be >= 0"]),
+        (["--loss", "dft", "--prift-tau", "0.3"], ["--prift-tau applies to --loss prift only"]),
+        (["--loss", "deft", "--dft-floor", "0.1"], ["--dft-floor applies to --loss dft only"]),
+        (["--loss", "dft", "--reference-copy"], ["--reference-copy applies to losses with a reference"]),
     ],
     ids=[
         "asft-alpha",
@@ -480,6 +555,12 @@ ARGS = ["--iters", 3, "--batch-size", 4]
         "warmup-long",
         "warmup-sft",
         "full",
+        "prift-full",
+        "prift-tau",
+        "bll-alpha",
+        "other-loss-option",
+        "borrowed-by-another",
+        "reference-copy",
     ],  # fmt: skip
 )
 def test_bad_loss_options_are_one_line_errors(tiny_model, arith_data, tmp_path, extra, needles):

@@ -157,6 +157,17 @@ def _script(name: str):
         sys.path.remove(str(ROOT / "scripts"))
 
 
+def test_every_registered_loss_has_a_row_in_the_loss_tables():
+    """A loss added as a class shows up in --help by itself; its row in the README's and the
+    losses page's tables is the docs line it needs."""
+    from mlx_dft.losses import LOSSES
+
+    for page in (ROOT / "README.md", ROOT / "docs" / "losses.md"):
+        text = page.read_text()
+        missing = [name for name in LOSSES if f"| `{name}` |" not in text]
+        assert not missing, f"{page.name} has no loss-table row for {missing}"
+
+
 def test_the_support_matrix_is_what_the_code_says():
     """The model type x feature table (README, docs/architectures.md) is generated
     (scripts/support_matrix.py) from the features' own checks; a change to what a feature supports

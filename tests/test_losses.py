@@ -5,7 +5,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_dft.losses import LossConfig, chunked_ce, loss_from_logits, loss_sums
+from mlx_dft.losses import LossConfig, chunked_ce, columns_of, loss_from_logits, loss_sums
 
 
 def np_reference(logits, targets, mask, loss="dft", floor=0.0, power=1.0):
@@ -32,7 +32,7 @@ def test_loss_and_gradient_match_numpy(loss, floor, power):
     logits = rng.normal(size=(3, 7, 11)).astype(np.float32) * 3
     targets = rng.integers(0, 11, size=(3, 7))
     mask = (rng.random((3, 7)) < 0.6).astype(np.float32)
-    cfg = LossConfig(loss, floor, power)
+    cfg = LossConfig(loss, dft_floor=floor, dft_power=power)
     ref, ref_ce, ref_p, ref_grad = np_reference(logits, targets, mask, loss, floor, power)
 
     def f(z):
@@ -72,7 +72,8 @@ def test_accumulated_sums_equal_one_big_batch():
     def accumulated(z):
         total, n = 0.0, 0.0
         for sl in (slice(0, 2), slice(2, 4)):
-            obj, _, _, cnt = loss_sums(ce_of(z[sl], targets[sl]), mx.array(mask[sl]), cfg)
+            cols = columns_of(ce_of(z[sl], targets[sl]).reshape(-1), cfg)
+            obj, _, _, cnt, _ = loss_sums(cols, mx.array(mask[sl]).reshape(-1))
             total, n = total + obj, n + cnt
         return total / n
 
@@ -139,6 +140,7 @@ def test_the_fused_cross_entropy_path_matches_ours_and_numpy(loss, monkeypatch):
     """mx.fast.cross_entropy (fused on Metal/CUDA; here its CPU fallback) inside the chunked loss:
     the same values and gradients as the unfused path and as the numpy reference."""
     from mlx_dft import losses
+    from mlx_dft.losses import compute
 
     rng = np.random.default_rng(3)
     n, c, v = 37, 16, 301
@@ -149,13 +151,11 @@ def test_the_fused_cross_entropy_path_matches_ours_and_numpy(loss, monkeypatch):
     cfg = LossConfig(loss)
 
     def objective(h):
-        ce, extra = losses.chunked_terms(lambda x: x @ w, h, targets, 8, cfg)
-        obj, *_ = loss_sums(ce, valid, cfg, extra)
-        return obj
+        return loss_sums(losses.chunked_terms(lambda x: x @ w, h, targets, 8, cfg), valid).objective
 
     results = {}
     for fused in (False, True):
-        monkeypatch.setattr(losses, "fused_cross_entropy_available", lambda fused=fused: fused)
+        monkeypatch.setattr(compute, "fused_cross_entropy_available", lambda fused=fused: fused)
         value, grad = mx.value_and_grad(objective)(hidden)
         results[fused] = (value.item(), np.array(grad))
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
@@ -186,12 +186,12 @@ def test_kept_softmax_path_matches_numpy(loss, floor, power, chunk):
     mx.random.seed(1)
     head = nn.Linear(d, v, bias=True)
     head.freeze()
-    cfg = LossConfig(loss, floor, power)
+    cfg = LossConfig(loss, dft_floor=floor, dft_power=power)
     assert losses.keeps_softmax(head, cfg)
 
     def objective(x):
-        ce, extra = losses.chunked_terms(head, x, mx.array(targets), chunk, cfg)
-        return loss_sums(ce, mx.array(valid), cfg, extra)[0] / float(valid.sum())
+        cols = losses.chunked_terms(head, x, mx.array(targets), chunk, cfg)
+        return loss_sums(cols, mx.array(valid)).objective / float(valid.sum())
 
     value, grad = mx.value_and_grad(objective)(mx.array(h))
     logits = h @ np.array(head.weight).T + np.array(head.bias)
@@ -201,8 +201,9 @@ def test_kept_softmax_path_matches_numpy(loss, floor, power, chunk):
 
 
 def test_kept_softmax_path_only_where_it_is_exact():
-    """Not for a head that trains (its gradient would be lost), not for ASFT/EAFT (they need the
-    logits themselves), not where MLX fuses the cross-entropy (GPUs)."""
+    """Only for losses of the cross-entropy alone (SFT, DFT, "Beyond Log Likelihood"); not for a
+    head that trains (its gradient would be lost), not for losses that need the logits themselves
+    (ASFT, EAFT, PriFT, DEFT), not where MLX fuses the cross-entropy (GPUs)."""
     from mlx_dft import losses
 
     head = nn.Linear(4, 9)
@@ -212,6 +213,8 @@ def test_kept_softmax_path_only_where_it_is_exact():
     assert losses.keeps_softmax(lambda x: x, LossConfig("dft"))
     assert not losses.keeps_softmax(head, LossConfig("asft"))
     assert not losses.keeps_softmax(head, LossConfig("eaft"))
+    assert losses.keeps_softmax(head, LossConfig("bll"))
+    assert not any(losses.keeps_softmax(head, LossConfig(k)) for k in ("prift", "deft"))
     keep = losses.keep_tokens(head, LossConfig("dft"), 151_936)
     assert 0 < keep * 151_936 <= losses.DEFAULT_KEEP_ELEMENTS
     assert losses.keep_tokens(head, LossConfig("asft"), 151_936) == 0

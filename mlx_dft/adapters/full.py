@@ -45,8 +45,9 @@ class Full(AdapterMethod):
         into them, so holding the current ones is the copy, and it doubles the blocks' memory."""
         if not copy_weights:
             raise UserError(
-                "--loss asft with --fine-tune-type full needs --asft-reference-copy: the reference is a "
-                "frozen copy of the trained blocks' initial weights, which doubles their memory"
+                "a loss with a reference model (asft, prift) under --fine-tune-type full needs "
+                "--reference-copy: the reference is a frozen copy of the trained blocks' initial weights, "
+                "which doubles their memory"
             )
         trained = [i for i, b in enumerate(model.layers) if tree_flatten(b.trainable_parameters())]
         blocks = [model.layers[i] for i in trained]

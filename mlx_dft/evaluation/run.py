@@ -26,7 +26,7 @@ def loss_metrics(model, tokenizer, data: str | Path, batch_size: int = 8, max_se
     """Objective (DFT), cross-entropy, perplexity and mean target probability on supervised tokens
     of ``data`` (a .jsonl, or a folder: its test.jsonl, else valid.jsonl)."""
     from mlx_dft.data import DataConfig, load_split
-    from mlx_dft.losses import LossConfig
+    from mlx_dft.losses import DFT
     from mlx_dft.trainer import evaluate, model_loss_fn
 
     path = Path(data).expanduser()
@@ -35,7 +35,7 @@ def loss_metrics(model, tokenizer, data: str | Path, batch_size: int = 8, max_se
             (path / f for f in ("test.jsonl", "valid.jsonl") if (path / f).is_file()), path / "test.jsonl"
         )
     ds = load_split(path, path.stem, tokenizer, DataConfig(max_seq_length=max_seq_length))
-    m = evaluate(model, model_loss_fn(model, LossConfig("dft")), ds, batch_size)
+    m = evaluate(model, model_loss_fn(model, DFT()), ds, batch_size)
     return {
         "data": str(path),
         "examples": len(ds),

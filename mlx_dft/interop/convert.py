@@ -28,15 +28,11 @@ from mlx_dft.files import (
 
 RUN_FILE = "mlx_dft_run.json"  # training settings and final metrics, for model cards
 ADAPTER_FILES = ("*.json", "*.safetensors", "*.pth", "*.md")
-# TrainConfig keys every model card lists; each method adds its own (``card_settings``).
+# TrainConfig keys every model card lists; the loss adds its options (:func:`loss_settings`), each
+# method its own (``card_settings``).
 CARD_SETTINGS = (
     "loss",
-    "dft_floor",
-    "dft_power",
-    "asft_alpha",
-    "asft_reference_copy",
-    "eaft_alpha",
-    "eaft_top_k",
+    "reference_copy",
     "sft_warmup_steps",
     "adapter",
     "learning_rate",
@@ -53,6 +49,17 @@ CARD_SETTINGS = (
 )
 
 
+def loss_settings(name: str | None) -> tuple[str, ...]:
+    """The option names of loss ``name`` and of the losses it borrows from (none when unknown)."""
+    from mlx_dft.losses import LOSSES
+
+    cls = LOSSES.get(name or "")
+    if cls is None:
+        return ()
+    owners = [cls, *(LOSSES[b] for b in cls.borrows)]
+    return tuple(c.option_name(f.name) for c in owners for f in c.option_fields())
+
+
 def run_summary(adapter_dir: Path, config: dict) -> dict:
     """What a model card reports: the training settings and the last metrics of the run."""
     final: dict = {}
@@ -66,8 +73,9 @@ def run_summary(adapter_dir: Path, config: dict) -> dict:
             final.update({k: v for k, v in rec.items() if k != "step"})
             final["step"] = rec.get("step", final.get("step"))
     m = adapters.method_of(config)
-    keep = (*CARD_SETTINGS, *m.card_settings)
-    training = {k: v for k, v in (config.get("training") or {}).items() if k in keep}
+    saved = config.get("training") or {}
+    keep = (*CARD_SETTINGS, *loss_settings(saved.get("loss")), *m.card_settings)
+    training = {k: v for k, v in saved.items() if k in keep}
     return {
         "adapter": m.name,
         "base_model": config.get("base_model"),
