@@ -56,13 +56,13 @@ def train(
     """
     bar = Progress.for_terminal(progress and mx.distributed.init().rank() == 0)
     closing: list = [bar.close]  # what to close however the run ends (the status line, trackers)
-    options, custom = _loss_option(options)
-    token = CUSTOM_LOSS.set(custom)
     try:
+        options, custom = _loss_option(options)
+        token = CUSTOM_LOSS.set(custom)
+        closing.append(lambda: CUSTOM_LOSS.reset(token))
         options, records = _data_option(options, closing)
         return _train(config, list(callbacks), bar, closing, options, records)
     finally:
-        CUSTOM_LOSS.reset(token)
         for close in reversed(closing):
             close()
 
@@ -77,10 +77,16 @@ def _loss_option(options: dict) -> tuple[dict, Loss | None]:
         loss = as_loss(value)
     except TypeError as e:
         raise UserError(str(e)) from None
-    if LOSSES.get(loss.name) is type(loss):
-        defaults = {k: FIELDS[k].default for k in loss.settings()}
-        changed = {k: v for k, v in loss.settings().items() if v != defaults[k]}
-        return {**options, **changed, "loss": loss.name}, None
+    settings = loss.settings()
+    registered = LOSSES.get(loss.name) is type(loss)
+    if registered and all(k in FIELDS for k in settings):
+        # every option explicit: the object's values win over a YAML file's and a resumed run's
+        return {**options, **settings, "loss": loss.name}, None
+    if loss.name in LOSSES and not registered:
+        raise UserError(
+            f"a loss of your own is named {loss.name!r}, as a built-in one: give it another name "
+            "(its runs would resume as the built-in loss)"
+        )
     return {**options, "loss": loss.name}, loss
 
 
@@ -137,9 +143,11 @@ def _train(
     cfg.model, cfg.data = cfg.model or str(models.default_model_path()), cfg.data or str(ARITH_DIR)
     # Before anything is loaded: the output is a folder of its own, never an input or inside one.
     output = Path(cfg.output or _default_output(cfg))
+    # A run trained on records keeps them in its own data/ folder: resuming it there reads them.
+    own_data = resume is not None and Path(cfg.data).expanduser().resolve() == (output / "data").resolve()
     check_apart(
         output,
-        {"--model": cfg.model, "--data": cfg.data, "--adapter-from": cfg.adapter_from,
+        {"--model": cfg.model, "--data": None if own_data else cfg.data, "--adapter-from": cfg.adapter_from,
          "--resume": resume.run_folder if resume else None, "--chat-template": cfg.chat_template},
         same_ok=("--resume",),
     )  # fmt: skip
@@ -227,12 +235,14 @@ def _train(
         raise Interrupted(_interrupted(run, out.path)) from None
     _test(cfg, splits, model, loss_fn, run, out, say)
     bar.phase("evaluating")
-    after = _accuracy(model, tokenizer, cfg, held, run, out, steps, say)
+    after = _accuracy(model, tokenizer, cfg, held, run, out, run.step, say)
     bar.close()
     out.release()
     say(f"saved {cfg.adapter} adapter to {out.path}")
     before_accuracy = before.accuracy if before is not None else out.recorded_value("accuracy", step=0)
-    recipe = f"{_recipe(cfg, world)}, {cfg.adapter} on {cfg.model}, {steps} steps"
+    recipe = f"{_recipe(cfg, world)}, {cfg.adapter} on {cfg.model}, {run.step} steps"
+    if run.stopped:
+        recipe += f" (stopped: {run.stopped})"
     took = time.perf_counter() - started
     for line in heldout.summary(out.path, recipe, before_accuracy, after, held, took, cfg.data, cfg.loss):
         say(line)

@@ -32,11 +32,15 @@ def _note_deprecated(old: str, new: str, why: str = "") -> Callable:
     return note
 
 
-def deprecated_option(old: str, new: str, dest: str, why: str = "", **kw) -> Callable[[Callable], Callable]:
+def deprecated_option(
+    old: str, new: str, dest: str, why: str = "", flag: bool = False, **kw
+) -> Callable[[Callable], Callable]:
     """A hidden option ``old`` that still works as ``new`` (with a note on stderr): its value arrives
-    as ``__old__<dest>`` and :func:`_given` moves it to ``dest``."""
+    as ``__old__<dest>`` and :func:`_given` moves it to ``dest``. ``flag``: a boolean's old
+    spelling, ``old``/``--no-old`` as the new one has."""
     kw.setdefault("default", None)
-    return click.option(old, f"__old__{dest}", hidden=True, callback=_note_deprecated(old, new, why), **kw)
+    decl = f"{old}/--no-{old[2:]}" if flag else old
+    return click.option(decl, f"__old__{dest}", hidden=True, callback=_note_deprecated(old, new, why), **kw)
 
 
 def _show_default(f: dataclasses.Field) -> str:
@@ -79,7 +83,7 @@ def dataclass_options(cls: type) -> Callable[[Callable], Callable]:
                     kw["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
             for old, why in f.metadata.get("deprecated", {}).items():
                 extra = {k: kw[k] for k in ("type", "multiple") if k in kw}
-                fn = deprecated_option(old, flag, f.name, why, **extra)(fn)
+                fn = deprecated_option(old, flag, f.name, why, flag=kind.startswith("bool"), **extra)(fn)
             fn = click.option(*flags, f.name, **kw)(fn)
         return fn
 

@@ -214,10 +214,16 @@ def _with_loss_options(base: type) -> type:
     """``base`` with one field per option of every registered loss (:mod:`mlx_dft.losses`):
     ``dft_floor``, ``eaft_top_k``... (their metadata names the loss under ``loss_option``)."""
     extra = []
+    taken = {f.name for f in dataclasses.fields(base)}
     for cls in LOSSES.values():
         for f in cls.option_fields():
+            name = cls.option_name(f.name)
+            if name in taken:
+                raise ValueError(f"the {cls.name} loss's option {f.name!r} would be {name}, taken already")
+            taken.add(name)
             meta = {**f.metadata, "loss_option": cls.name}
-            extra.append((cls.option_name(f.name), f.type, field(default=f.default, metadata=meta)))
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            extra.append((name, kind, field(default=f.default, metadata=meta)))
     made = dataclasses.make_dataclass("TrainConfig", extra, bases=(base,))
     made.__module__, made.__qualname__, made.__doc__ = __name__, "TrainConfig", base.__doc__
     return made

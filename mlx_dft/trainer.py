@@ -545,6 +545,18 @@ def train_loop(
     good: Path | None = None
     unverified = (start_step, run.last_checkpoint) if run.last_checkpoint is not None else None
     saved_at = None  # the step of the last checkpoint this loop saved
+
+    def checkpoint(step: int, good: Path | None, unverified):
+        """Save a checkpoint of ``step`` (refusing non-finite weights); (good, unverified) after."""
+        if not _finite(model.trainable_parameters()):
+            _stop_non_finite(f"the weights became non-finite at step {step}", run, good, unverified)
+        bar.phase("saving")
+        path = save(step, protect=good)
+        if path is not None:
+            run.last_checkpoint, unverified = path, (step, path)
+            for cb in callbacks if rank == 0 else ():
+                _hook(cb, "on_checkpoint", path, run)
+        return good, unverified
     try:
         if start_step == 0:
             validate(0)
@@ -613,26 +625,19 @@ def train_loop(
                 validate(step)
 
             if save is not None and (step % loop.save_every == 0 or step == loop.total_steps):
-                if not _finite(model.trainable_parameters()):
-                    _stop_non_finite(f"the weights became non-finite at step {step}", run, good, unverified)
-                bar.phase("saving")
-                path = save(step, protect=good)
+                good, unverified = checkpoint(step, good, unverified)
                 saved_at = step
-                if path is not None:
-                    run.last_checkpoint, unverified = path, (step, path)
-                    for cb in callbacks if rank == 0 else ():
-                        _hook(cb, "on_checkpoint", path, run)
-            # A callback's stop (on rank 0, where callbacks run) ends every worker at this step.
+            # A callback's stop (on rank 0, where callbacks run) ends every worker at this step,
+            # with a checkpoint of it (as any other: finite weights, on_checkpoint hooks).
             stop_now = run.stopped is not None
             if world_size > 1:
                 stop_now = mx.distributed.all_sum(mx.array(float(stop_now)), stream=mx.cpu).item() > 0
             if stop_now and step < loop.total_steps:
                 run.stopped = run.stopped or "a callback on another worker asked"
                 if save is not None and saved_at != step:
-                    run.last_checkpoint = save(step, protect=good)
-                bar.write(f"stopped at step {step} of {loop.total_steps}: {run.stopped}") or log(
-                    f"stopped at step {step} of {loop.total_steps}: {run.stopped}"
-                )
+                    good, unverified = checkpoint(step, good, unverified)
+                said = f"stopped at step {step} of {loop.total_steps}: {run.stopped}"
+                bar.write(said) or log(said)
                 break
     finally:
         if not isinstance(progress, Progress):  # a caller's status line stays the caller's

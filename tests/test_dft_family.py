@@ -51,7 +51,7 @@ def torch_reference(logits, targets, mask, loss, ref_logits=None, **kw):
            u = sum_v q_v 1[q_v < q_y] + q_y (mass)
     deft:  sum_t -(p_t^a - 1) / a / |M|, a = sg(sum_v softmax(z_t)_v^2)
     bll:   sum_t keep_t (1 - p_t^alpha) / alpha / |M| (-log p_t at alpha 0), keep_t = 1, or
-           1[p_t >= q] (only top), or 1[p_t < q] (only bottom)
+           1[p_t >= q] (only top), or 1[p_t <= q] (only bottom)
     """
     z = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(targets, dtype=torch.long)
@@ -95,7 +95,7 @@ def torch_reference(logits, targets, mask, loss, ref_logits=None, **kw):
     elif loss == "bll":
         alpha, only, q = kw.get("alpha", 1.0), kw.get("only", "all"), kw.get("threshold", 0.5)
         f = ce if alpha == 0 else (1 - torch.exp(-ce) ** alpha) / alpha
-        keep = torch.ones_like(p) if only == "all" else ((p >= q) if only == "top" else (p < q)).double()
+        keep = torch.ones_like(p) if only == "all" else ((p >= q) if only == "top" else (p <= q)).double()
         value = (keep * f * m).sum() / n
         parts = {"bll_kept": ((keep * m).sum() / n).item()}
     else:
@@ -545,6 +545,8 @@ ARGS = ["--iters", 3, "--batch-size", 4]
         (["--loss", "dft", "--prift-tau", "0.3"], ["--prift-tau applies to --loss prift only"]),
         (["--loss", "deft", "--dft-floor", "0.1"], ["--dft-floor applies to --loss dft only"]),
         (["--loss", "dft", "--reference-copy"], ["--reference-copy applies to losses with a reference"]),
+        (["--loss", "prift", "--prift-tau", "0.3"], ["--prift-tau applies to --prift-weight mass only"]),
+        (["--loss", "bll", "--bll-threshold", "0.3"], ["--bll-threshold applies to --bll-only top/bottom"]),
     ],
     ids=[
         "asft-alpha",
@@ -561,6 +563,8 @@ ARGS = ["--iters", 3, "--batch-size", 4]
         "other-loss-option",
         "borrowed-by-another",
         "reference-copy",
+        "prift-tau-with-prob",
+        "bll-threshold-with-all",
     ],  # fmt: skip
 )
 def test_bad_loss_options_are_one_line_errors(tiny_model, arith_data, tmp_path, extra, needles):

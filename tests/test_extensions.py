@@ -118,6 +118,10 @@ def test_records_are_data_saved_with_the_run(tiny_model, arith_data, tmp_path):
     ck = run.output / "checkpoints" / "step-0000002"
     resumed = mlx_dft.train(resume=str(ck), output=str(tmp_path / "t"), progress=False)
     assert_same_weights(run.output, resumed.output)
+    # ... and in its own folder, whose data/ it reads
+    again = mlx_dft.train(resume=str(ck), progress=False)
+    assert again.output == run.output and again.step == 3
+    assert_same_weights(resumed.output, again.output)
     with pytest.raises(mlx_dft.UserError, match="data record 0 of train is not JSON"):
         mlx_dft.train(model=str(tiny_model), output=str(tmp_path / "u"), data=[{"prompt": object()}], **FAST)
     with pytest.raises(mlx_dft.UserError, match="needs a 'train' split"):
@@ -165,3 +169,23 @@ def test_a_callback_that_raises_is_one_line_naming_it(tiny_model, arith_data, tm
 def test_not_a_loss_is_refused(tiny_model, arith_data, tmp_path):
     with pytest.raises(mlx_dft.UserError, match="loss must be a name, a Loss, a Loss class or a function"):
         mlx_dft.train(model=str(tiny_model), data=str(arith_data), output=str(tmp_path / "a"), loss=3, **FAST)
+
+    def dft(logits, targets):  # a function named as a built-in loss would resume as that loss
+        return logits[:, 0]
+
+    with pytest.raises(mlx_dft.UserError, match="a loss of your own is named 'dft', as a built-in one"):
+        mlx_dft.train(model=str(tiny_model), data=str(arith_data), output=str(tmp_path / "b"), loss=dft,
+                      **FAST)  # fmt: skip
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_old_reference_copy_flag_still_works_with_a_note(tiny_model, arith_data, tmp_path):
+    from conftest import run_cli
+
+    p = run_cli("train", "--model", tiny_model, "--data", arith_data, "--adapter-path", tmp_path / "o",
+                "--loss", "asft", "--fine-tune-type", "full", "--num-layers", "1", "--asft-reference-copy",
+                "--iters", "1", "--batch-size", "2", "--accuracy-problems", "0")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "--asft-reference-copy is deprecated; use --reference-copy" in p.stderr
+    training = json.loads((tmp_path / "o" / "adapter_config.json").read_text())["training"]
+    assert training["reference_copy"] is True

@@ -73,6 +73,11 @@ class Loss:
     borrows: ClassVar[tuple[str, ...]] = ()
 
     @property
+    def ce_only(self) -> bool:
+        """A function of the target's cross-entropy alone (no logits, no reference)."""
+        return not self.uses_logits and not self.needs_reference
+
+    @property
     def loss(self) -> str:
         """The loss's name (what ``--loss`` says)."""
         return self.name

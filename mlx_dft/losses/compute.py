@@ -92,7 +92,7 @@ def keeps_softmax(head: nn.Module | Callable, loss: Loss) -> bool:
     alone (SFT, DFT, ...) where MLX has no fused cross-entropy (the CPU), with a head that trains
     nothing (every method but full fine-tuning; the hand-written backward gives the hidden
     states' gradient only)."""
-    if loss.uses_logits or fused_cross_entropy_available():
+    if not loss.ce_only or fused_cross_entropy_available():
         return False
     return not (isinstance(head, nn.Module) and tree_flatten(head.trainable_parameters()))
 
@@ -136,7 +136,7 @@ def token_columns(
     """[N, 2 + parts] per-token (objective, CE, *parts) of ``logits`` [N, V] under ``loss``:
     the cross-entropy in float32 (:func:`target_ce`, fused where MLX fuses it, for a loss of the
     cross-entropy alone), then the loss's :meth:`~mlx_dft.losses.base.Loss.token_loss`."""
-    if not loss.uses_logits:
+    if loss.ce_only:
         return columns_of(target_ce(logits, targets), loss)
     logits = logits.astype(mx.float32)
     ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
@@ -214,7 +214,7 @@ def chunked_terms(
     def terms(h: mx.array, t: mx.array, ref_h: mx.array | None) -> mx.array:
         if kept is not None:
             return kept(h, t)[:, None]
-        if not loss.uses_logits:
+        if loss.ce_only:
             return target_ce(head(h), t)[:, None]
         ref_logits = mx.stop_gradient(head(ref_h)) if with_ref else None
         return token_columns(head(h), t, loss, ref_logits)
@@ -245,7 +245,7 @@ def chunked_terms(
             ref_h = ref_hidden[i : i + chunk_tokens] if with_ref else None
             chunks.append(piece(targets[i : i + chunk_tokens], ref_h)(trainable, h))
         out = mx.concatenate(chunks)
-    return columns_of(out[:, 0], loss) if not loss.uses_logits else out
+    return columns_of(out[:, 0], loss) if loss.ce_only else out
 
 
 def chunked_ce(

@@ -40,6 +40,7 @@ class PriFT(Loss):
     def __post_init__(self):
         self._require(self.weight in ("prob", "mass"), "weight", "must be prob or mass")
         self._require(0.0 <= self.tau <= 1.0, "tau", "must be in [0, 1]")
+        self._require(self.weight == "mass" or self.tau == 0.5, "tau", "applies to --prift-weight mass only")
 
     def token_loss(self, ce, logits=None, targets=None, ref_logits=None):
         if ref_logits is None:
