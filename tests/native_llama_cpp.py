@@ -142,3 +142,22 @@ def _cffi_logits(model_path: str, ids: list[int], lora: str | None) -> np.ndarra
         lib.llama_free(ctx)
         lib.llama_model_free(model)
 
+
+
+def quantize(src: str, dst: str, ftype: str) -> str:
+    """llama.cpp's own quantizer (``llama_model_quantize``) writing ``dst`` from ``src`` as
+    ``ftype`` (``Q4_K_M``, ``Q6_K``...; requantizing a quantized file is allowed): the files
+    Ollama and LM Studio users download are made this way. Returns ``dst``."""
+    if binding() != "llama-cpp-python":
+        pytest.skip("quantizing needs llama-cpp-python's bindings")
+    import ctypes
+
+    import llama_cpp as L
+
+    params = L.llama_model_quantize_default_params()
+    params.ftype = getattr(L, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.allow_requantize = True
+    params.nthread = 1
+    rc = L.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize returned {rc}"
+    return dst

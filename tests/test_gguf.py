@@ -429,16 +429,18 @@ SHAPES = {
 
 
 def write_tiny_gguf(
-    path: Path, arch: str = "llama", tokenizer: bool = True, qtype=Q.Q8_0, override=None, file_arch=None
+    path: Path, arch: str = "llama", tokenizer: bool = True, qtype=Q.Q8_0, override=None, file_arch=None,
+    hidden: int = 64, blocks=None,
 ) -> Path:
     """A 2-layer random model as llama.cpp would write it: its tensor names, q/k rows in rotary
     order for llama, linear layers in ``qtype``, norms in F32; ``override`` {name: (array, type)};
-    ``file_arch`` names another general.architecture."""
+    ``file_arch`` names another general.architecture; ``blocks(name, shape) -> (array, type) or
+    None`` gives a linear layer's stored form."""  # fmt: skip
     from mlx_lm.utils import _get_classes
 
     shape = SHAPES[arch]
     cfg = {
-        "model_type": arch, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+        "model_type": arch, "hidden_size": hidden, "num_hidden_layers": 2, "intermediate_size": 2 * hidden,
         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 320,
         "rope_theta": 10000.0, "max_position_embeddings": 256, **shape,
     }  # fmt: skip
@@ -448,8 +450,8 @@ def write_tiny_gguf(
     w = gguf.GGUFWriter(str(path), file_arch or arch)
     w.add_block_count(2)
     w.add_context_length(256)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(128)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(2 * hidden)
     w.add_head_count(4)
     w.add_head_count_kv(2)
     w.add_key_length(shape["head_dim"])
@@ -467,9 +469,12 @@ def write_tiny_gguf(
         if heads:
             value = names.to_gguf_rows(value, heads)
         name = names.to_gguf_name(hf)
+        stored = blocks(name, value.shape) if blocks and p.ndim > 1 else None
         if override and name in override:
             data, kind = override[name]
             w.add_tensor(name, data, raw_dtype=kind)
+        elif stored is not None:
+            w.add_tensor(name, stored[0], raw_dtype=stored[1])
         elif p.ndim > 1:
             w.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
         else:
@@ -481,13 +486,8 @@ def write_tiny_gguf(
     return path
 
 
-@pytest.mark.parametrize(
-    "arch,qtype",
-    [("llama", Q.Q4_0), ("llama", Q.BF16), ("qwen2", Q.Q4_1), ("qwen3", Q.Q8_0), ("qwen3", Q.F16)],
-    ids=lambda v: getattr(v, "name", v),
-)
-def test_synthetic_models_match_transformers_gguf_loader(tmp_path, arch, qtype):
-    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, qtype=qtype)
+def _converted_and_transformers(path: Path, tmp_path: Path):
+    """(float32 conversion, ids, transformers' GGUF loader's logits, ours) for a tiny file."""
     out = convert_gguf(path, tmp_path / "float32", dequantize=True)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, dtype=torch.float32
@@ -495,7 +495,17 @@ def test_synthetic_models_match_transformers_gguf_loader(tmp_path, arch, qtype):
     ids = [[5, 70, 256, 300, 301, 12, 99, 180, 7, 33]]
     with torch.no_grad():
         expected = ref(torch.tensor(ids)).logits[0].numpy()
-    got = np.array(_mlx_model(out)(mx.array(ids))[0].astype(mx.float32))
+    return out, ids, expected, np.array(_mlx_model(out)(mx.array(ids))[0].astype(mx.float32))
+
+
+@pytest.mark.parametrize(
+    "arch,qtype",
+    [("llama", Q.Q4_0), ("llama", Q.BF16), ("qwen2", Q.Q4_1), ("qwen3", Q.Q8_0), ("qwen3", Q.F16)],
+    ids=lambda v: getattr(v, "name", v),
+)
+def test_synthetic_models_match_transformers_gguf_loader(tmp_path, arch, qtype):
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, qtype=qtype)
+    out, ids, expected, got = _converted_and_transformers(path, tmp_path)
     assert np.abs(expected).max() > 1
     assert np.abs(got - expected).max() <= 2e-4
     if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0):  # the quantized conversion computes the same function
@@ -504,17 +514,102 @@ def test_synthetic_models_match_transformers_gguf_loader(tmp_path, arch, qtype):
         assert np.abs(got_q - expected).max() < 0.05 * np.abs(expected).max()
 
 
+# The block layouts of llama.cpp's types read through gguf-py: (values, bytes, offsets of the
+# float16 scales, or of the E8M0 exponent byte for MXFP4). Random bytes with small scales are
+# valid blocks of a file as llama.cpp writes them.
+BLOCKS = {
+    Q.Q2_K: (256, 84, (80, 82)), Q.Q3_K: (256, 110, (108,)), Q.Q4_K: (256, 144, (0, 2)),
+    Q.Q5_K: (256, 176, (0, 2)), Q.Q6_K: (256, 210, (208,)), Q.Q5_0: (32, 22, (0,)), Q.Q5_1: (32, 24, (0, 2)),
+    Q.IQ4_NL: (32, 18, (0,)), Q.MXFP4: (32, 17, ()),
+}  # fmt: skip
+
+
+def random_blocks(shape, qtype, rng):
+    values, nbytes, scales = BLOCKS[qtype]
+    rows, cols = shape
+    data = rng.integers(0, 256, size=(rows * cols // values, nbytes), dtype=np.uint8)
+    for at in scales:
+        data[:, at : at + 2] = np.frombuffer(np.float16(2e-4).tobytes(), np.uint8)
+    if qtype == Q.MXFP4:
+        data[:, 0] = 120  # E8M0: 2^(120 - 127) times the FP4 values (at most 6)
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", list(BLOCKS), ids=lambda q: q.name)
+def test_files_of_llama_cpps_other_types_read_as_transformers_reads_them(tmp_path, qtype, capsys):
+    """K-quants (rows of 256), Q5_x, IQ4_NL and MXFP4 tensors, dequantized with gguf-py: the model
+    computes transformers' GGUF loader's logits (its own dequantization of the same file);
+    tensors whose rows do not fit the block stay Q8_0 (as llama.cpp falls back), so a file mixes
+    types as real ones do. Default: float16 weights, said in one line."""
+    rng = np.random.default_rng(1)
+    values = BLOCKS[qtype][0]
+    path = write_tiny_gguf(tmp_path / "m.gguf", "llama", hidden=256,
+                           blocks=lambda name, shp: (random_blocks(shp, qtype, rng), qtype)
+                           if shp[-1] % values == 0 and "token_embd" not in name else None)  # fmt: skip
+    types = {t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert qtype in types and Q.Q8_0 in types
+    out, ids, expected, got = _converted_and_transformers(path, tmp_path)
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(got, expected, atol=2e-4 * max(1.0, np.abs(expected).max()))
+    assert f"{qtype.name}" in capsys.readouterr().err  # the line that says what was dequantized
+    half = convert_gguf(path, tmp_path / "float16")
+    assert '"torch_dtype": "float16"' in (half / "config.json").read_text()
+    w32, w16 = (mx.load(str(folder / "model.safetensors")) for folder in (out, half))
+    assert w32.keys() == w16.keys()
+    for k, v in w32.items():  # the default keeps each weight as float16 of the exact value
+        if w16[k].dtype == mx.float16:
+            assert mx.array_equal(w16[k], v.astype(mx.float16)).item(), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q6_K"])
+def test_a_k_quant_smollm2_made_by_llama_cpp_computes_llama_cpps_logits(smollm2, tmp_path, ftype):
+    """SmolLM2 requantized by llama.cpp's own quantizer (as the files Ollama and LM Studio users
+    have), converted here: transformers' GGUF loader's logits on the same file (2e-4 of their
+    scale), and llama.cpp's to the precision llama.cpp computes them at (its top 3 holds our top
+    token everywhere; within twice the difference of the Q4_1 original, which MLX reads itself)."""
+    import isolated
+    import native_llama_cpp
+    from test_gguf_export import llama_cpp_logits
+
+    lib = isolated.library_version(native_llama_cpp.binding())
+    path = isolated.call("native_llama_cpp:quantize", str(smollm2["gguf"]), str(tmp_path / f"s.{ftype}.gguf"),
+                         ftype, library=lib)  # fmt: skip
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert {"Q6_K"} <= types and (ftype == "Q6_K" or "Q4_K" in types), types
+    out = convert_gguf(path, tmp_path / "model", dequantize=True)
+    ids = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 2, 7, 12, 8844, 30, 33]
+    theirs = llama_cpp_logits(path, ids)
+    ours = np.array(_mlx_model(out)(mx.array([ids]))[0].astype(mx.float32))
+    top3 = np.argsort(-theirs, axis=-1)[:, :3]
+    agree = [ours[i].argmax() in top3[i] for i in range(len(ids))]
+    assert all(agree), agree  # our top token is among llama.cpp's top 3 at every position
+    # As close as the original Q4_1 file, which MLX reads itself, is to llama.cpp's run of it.
+    base = np.array(_mlx_model(smollm2["float32"])(mx.array([ids]))[0].astype(mx.float32))
+    baseline = np.abs(base - llama_cpp_logits(smollm2["gguf"], ids)).max()
+    err = np.abs(ours - theirs).max()
+    # llama.cpp multiplies K-quant blocks with 8-bit K-quantized activations (Q6_K, almost
+    # lossless as weights, is as far off as Q4_K_M): 1.7x the Q4_1 path's difference, measured
+    assert err <= 2.0 * baseline, (err, baseline)
+    # transformers' GGUF loader, which dequantizes the same file in float32: our weights exactly
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=Path(path).name,
+                                                            dtype=torch.float32).eval()  # fmt: skip
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - expected).max() <= 2e-4 * np.abs(expected).max()
+
+
 # ------------------------------------------------------------------ bad input
 
 
-def _q6k_tensor() -> tuple[np.ndarray, object]:
-    return np.zeros((4, 210), np.uint8), Q.Q6_K  # 4 rows of one 256-value Q6_K block
+def _q8k_tensor() -> tuple[np.ndarray, object]:
+    return np.zeros((4, 292), np.uint8), Q.Q8_K  # 4 rows of one 256-value Q8_K block (not a weight type)
 
 
 BAD = {
     "truncated": r"truncated GGUF file \(tensor .* ends at byte \d+, the file has \d+ bytes\)",
     "architecture": r"GGUF architecture 'gpt2' is not supported \(supported: llama, qwen2, qwen3\)",
-    "tensor type": r"tensor blk\.0\.attn_q\.weight has type Q6_K, which mlx_dft does not read \(supported: F",
+    "tensor type": r"tensor blk\.0\.attn_q\.weight has type Q8_K, which mlx_dft does not read \(it reads F",
     "no tokenizer": r"the GGUF file has no tokenizer metadata",
     "not gguf": r"is not a GGUF file \(it does not start with 'GGUF'\)",
 }
@@ -527,7 +622,7 @@ def _bad_file(kind: str, tmp: Path) -> Path:
     if kind == "architecture":
         return write_tiny_gguf(tmp / "m.gguf", file_arch="gpt2")
     if kind == "tensor type":
-        return write_tiny_gguf(tmp / "m.gguf", override={"blk.0.attn_q.weight": _q6k_tensor()})
+        return write_tiny_gguf(tmp / "m.gguf", override={"blk.0.attn_q.weight": _q8k_tensor()})
     if kind == "no tokenizer":
         return write_tiny_gguf(tmp / "m.gguf", tokenizer=False)
     path = write_tiny_gguf(tmp / "m.gguf")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -152,12 +153,12 @@ def _convert_tensors(header: GGUFHeader, cfg: dict, dequantize: bool) -> tuple[d
                 f"GGUF tensor {name} has shape {header.tensors[name].shape}, "
                 f"the model expects {tuple(expected[hf].shape)}"
             )
-    arrays = load_tensors(header)
+    arrays = load_tensors(header, mx.float32 if dequantize else mx.float16)
     weights, bits = {}, {}
     for name, info in header.tensors.items():
         hf = hf_names[name]
         heads = names.reordered_heads(hf, cfg)
-        if not info.quantized:
+        if not info.quantized or not header.native:  # (a file read through gguf-py is all floats)
             w = arrays[name]
             weights[hf] = _hf_rows(w.astype(mx.float32) if dequantize else w, heads)
             continue
@@ -207,6 +208,12 @@ def convert_gguf(
         ids = token_id_list(special, *names_)
         if ids:
             cfg[key] = ids[0] if len(ids) == 1 else ids
+    if not header.native:
+        print(
+            f"note: {Path(path).name}: {', '.join(header.dequantized_types())} tensors are dequantized "
+            f"with gguf-py to {'float32' if dequantize else 'float16'} (MLX has no layout for their blocks)",
+            file=sys.stderr,
+        )
     weights, bits = _convert_tensors(header, cfg, dequantize)
     if (q := _quantization(bits)) is not None:
         cfg["quantization"] = q

@@ -6,10 +6,13 @@ tensor data is touched: magic, version, counts, string and array lengths, dimens
 types, alignment, and that every tensor lies inside the file without overlapping another. A
 truncated, corrupt or unsupported file is one :class:`UserError` line naming the problem.
 
-:func:`load_tensors` then reads the tensors with MLX's own GGUF reader, which hands Q4_0, Q4_1
-and Q8_0 tensors over already in MLX's affine-quantized layout (``X.weight`` packed into
-uint32, ``X.scales``, ``X.biases``, groups of 32), and checks that what it returned is what the
-table announced.
+:func:`load_tensors` then reads the tensors. A file whose tensors are all of the types MLX
+represents (F32, F16, BF16, Q4_0, Q4_1, Q8_0) is read with MLX's own GGUF reader, which hands
+the quantized ones over already in MLX's affine-quantized layout (``X.weight`` packed into
+uint32, ``X.scales``, ``X.biases``, groups of 32), checked against the table. Any other file
+(the K-quants, IQ types, MXFP4, Q5_0/Q5_1... that Ollama and LM Studio users keep) is read tensor
+by tensor from the checked offsets and dequantized with llama.cpp's own Python package, gguf-py
+(:data:`DEQUANTIZED_TYPES`), every tensor to float: MLX has no layout for those blocks.
 """
 
 from __future__ import annotations
@@ -47,6 +50,22 @@ SUPPORTED_TYPES = {
     "Q8_0": (32, 34),  # float16 scale + 32 int8 values
 }
 QUANTIZED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+# The other types read, through gguf-py's numpy dequantizers (gguf 0.19; block sizes from its
+# GGML_QUANT_SIZES). Integer tensors (I8...I64) and Q8_1/Q8_K (llama.cpp's activation formats) are
+# not model weights and stay refused.
+DEQUANTIZED_TYPES = (
+    "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS",
+    "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "F64",
+)  # fmt: skip
+
+
+def block_shape(type_name: str) -> tuple[int, int]:
+    """(values per block, bytes per block) of a type mlx_dft reads."""
+    if type_name in SUPPORTED_TYPES:
+        return SUPPORTED_TYPES[type_name]
+    import gguf
+
+    return tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]])
 
 # Metadata value type id -> (name, struct format of a scalar; None for string/array).
 _VALUE_TYPES = {
@@ -86,6 +105,15 @@ class GGUFHeader:
     alignment: int = 32
     data_start: int = 0
     file_size: int = 0
+
+    @property
+    def native(self) -> bool:
+        """Whether every tensor is of a type MLX represents (read by MLX, quantized ones kept)."""
+        return all(t.type in SUPPORTED_TYPES for t in self.tensors.values())
+
+    def dequantized_types(self) -> list[str]:
+        """The types of this file that are read through gguf-py's dequantizers."""
+        return sorted({t.type for t in self.tensors.values() if t.type not in SUPPORTED_TYPES})
 
 
 class _Truncated(Exception):
@@ -221,13 +249,13 @@ def _tensor_info(path: Path, cur: _Cursor) -> TensorInfo:
     if min(dims) < 1 or max(dims) >= 2**40:
         raise UserError(f"{path}: tensor {name} has dimensions {dims} (corrupt GGUF file?)")
     type_name = GGML_TYPE_NAMES.get(type_id, f"{type_id}")
-    if type_name not in SUPPORTED_TYPES:
+    if type_name not in SUPPORTED_TYPES and type_name not in DEQUANTIZED_TYPES:
         known = "" if type_id in GGML_TYPE_NAMES else " (a type id unknown to mlx_dft)"
         raise UserError(
-            f"{path}: tensor {name} has type {type_name}{known}, which mlx_dft does not read "
-            f"(supported: {', '.join(SUPPORTED_TYPES)}; convert the model with one of them, e.g. Q8_0 or F16)"
+            f"{path}: tensor {name} has type {type_name}{known}, which mlx_dft does not read (it reads "
+            f"{', '.join(SUPPORTED_TYPES)} and, through gguf-py, {', '.join(DEQUANTIZED_TYPES)})"
         )
-    block, block_bytes = SUPPORTED_TYPES[type_name]
+    block, block_bytes = block_shape(type_name)
     if dims[0] % block:
         raise UserError(
             f"{path}: tensor {name} of type {type_name} has rows of {dims[0]} values, "
@@ -291,11 +319,14 @@ def expected_arrays(info: TensorInfo) -> dict[str, tuple[int, ...]]:
     }
 
 
-def load_tensors(header: GGUFHeader) -> dict[str, mx.array]:
-    """The tensors of a file :func:`read_header` validated, keyed as :func:`expected_arrays` says.
+def load_tensors(header: GGUFHeader, dtype: mx.Dtype = mx.float16) -> dict[str, mx.array]:
+    """The tensors of a file :func:`read_header` validated: keyed as :func:`expected_arrays` says
+    where :attr:`GGUFHeader.native`; else each tensor as floats (:func:`load_dequantized`).
 
     BF16 tensors are read here, exactly: MLX's reader narrows them to float16, which cannot hold
     bfloat16's range."""
+    if not header.native:
+        return load_dequantized(header, dtype)
     expected: dict[str, tuple[int, ...]] = {}
     for info in header.tensors.values():
         arrays = expected_arrays(info)
@@ -321,3 +352,30 @@ def load_tensors(header: GGUFHeader) -> dict[str, mx.array]:
             raw = np.fromfile(header.path, dtype="<u2", count=info.nbytes // 2, offset=info.offset)
             arrays[info.name] = mx.array(raw).view(mx.bfloat16).reshape(info.shape)
     return arrays
+
+
+def load_dequantized(header: GGUFHeader, dtype: mx.Dtype = mx.float16) -> dict[str, mx.array]:
+    """Every tensor of the file as floats, read from the offsets :func:`read_header` checked:
+    F32, F16 and BF16 as stored, every block type dequantized by gguf-py (llama.cpp's reference
+    dequantizers, in float32) and then cast to ``dtype`` (float32 keeps the values exactly)."""
+    import gguf
+
+    out = {}
+    for info in header.tensors.values():
+        raw = np.fromfile(header.path, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        if raw.size != info.nbytes:
+            raise UserError(f"{header.path}: tensor {info.name} could not be read whole (the file changed?)")
+        if info.type == "F32":
+            arr = mx.array(raw.view("<f4").reshape(info.shape))
+        elif info.type == "F16":
+            arr = mx.array(raw.view("<f2").reshape(info.shape))
+        elif info.type == "BF16":
+            arr = mx.array(raw.view("<u2").reshape(info.shape)).view(mx.bfloat16)
+        else:
+            block, block_bytes = block_shape(info.type)
+            rows = raw.reshape(-1, info.shape[-1] // block * block_bytes)
+            values = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[info.type])
+            arr = mx.array(values.astype(np.float32, copy=False).reshape(info.shape)).astype(dtype)
+        out[info.name] = arr
+        mx.eval(arr)  # one tensor at a time: the file's bytes are not all held twice
+    return out
