@@ -561,6 +561,16 @@ def test_files_of_llama_cpps_other_types_read_as_transformers_reads_them(tmp_pat
             assert mx.array_equal(w16[k], v.astype(mx.float16)).item(), k
 
 
+def test_a_float64_tensor_reads_as_float32(tmp_path):
+    norm = np.linspace(0.5, 1.5, 256)
+    path = write_tiny_gguf(tmp_path / "m.gguf", "llama", hidden=256,
+                           override={"blk.0.attn_norm.weight": (norm, Q.F64)})  # fmt: skip
+    out = convert_gguf(path, tmp_path / "model")
+    got = mx.load(str(out / "model.safetensors"))["model.layers.0.input_layernorm.weight"]
+    assert got.dtype == mx.float32
+    np.testing.assert_array_equal(np.array(got), norm.astype(np.float32))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q6_K"])
 def test_a_k_quant_smollm2_made_by_llama_cpp_computes_llama_cpps_logits(smollm2, tmp_path, ftype):

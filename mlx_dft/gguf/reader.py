@@ -371,6 +371,8 @@ def load_dequantized(header: GGUFHeader, dtype: mx.Dtype = mx.float16) -> dict[s
             arr = mx.array(raw.view("<f2").reshape(info.shape))
         elif info.type == "BF16":
             arr = mx.array(raw.view("<u2").reshape(info.shape)).view(mx.bfloat16)
+        elif info.type == "F64":  # (gguf-py has no dequantizer for it: a plain cast)
+            arr = mx.array(raw.view("<f8").astype(np.float32).reshape(info.shape))
         else:
             block, block_bytes = block_shape(info.type)
             rows = raw.reshape(-1, info.shape[-1] // block * block_bytes)
