@@ -90,9 +90,10 @@ def _loss_option(options: dict) -> tuple[dict, Loss | None]:
     return {**options, "loss": loss.name}, loss
 
 
-def _data_option(options: dict, closing: list) -> tuple[dict, dict[str, list[dict]] | None]:
-    """``data`` given as records: written as jsonl splits into a temporary folder (removed when
-    the run ends) that the run reads; returned too, so the run saves them with its output."""
+def _data_option(options: dict, closing: list) -> tuple[dict, Path | None]:
+    """``data`` given as records: written, one record a line as they come, as jsonl splits into a
+    temporary folder (removed when the run ends) that the run reads and then copies into its
+    output (returned)."""
     data = options.get("data")
     if data is None or isinstance(data, (str, Path)):
         return options, None
@@ -104,20 +105,18 @@ def _data_option(options: dict, closing: list) -> tuple[dict, dict[str, list[dic
         )
     tmp = Path(tempfile.mkdtemp(prefix="mlx_dft_records_"))
     closing.append(lambda: shutil.rmtree(tmp, ignore_errors=True))
-    records: dict[str, list[dict]] = {}
     for split, rows in splits.items():
-        records[split] = list(rows)
         with open(tmp / f"{split}.jsonl", "w") as f:
-            for i, row in enumerate(records[split]):
+            for i, row in enumerate(rows):
                 try:
                     f.write(json.dumps(row) + "\n")
                 except (TypeError, ValueError) as e:
                     raise UserError(f"data record {i} of {split} is not JSON ({e})") from None
-    return {**options, "data": str(tmp)}, records
+    return {**options, "data": str(tmp)}, tmp
 
 
 def _train(
-    config, callbacks: list[Callback], bar: Progress, closing: list, options: dict, records: dict | None
+    config, callbacks: list[Callback], bar: Progress, closing: list, options: dict, records: Path | None
 ) -> Run:
     started = time.perf_counter()
     bar.phase("loading")

@@ -297,15 +297,16 @@ class OutputFolder:
         elif metrics.exists():
             metrics.unlink()
 
-    def save_records(self, records: dict[str, list[dict]]) -> None:
-        """Data given to ``mlx_dft.train`` as records, as ``data/{split}.jsonl`` in the output folder
-        (the run's ``--data`` from then on), written beside and renamed in as one folder."""
+    def save_records(self, records: Path) -> None:
+        """Data given to ``mlx_dft.train`` as records (the folder of jsonl splits they were written
+        to) as ``data/`` in the output folder, the run's ``--data`` from then on: copied beside and
+        renamed in as one folder."""
         if not self.writer:
             return
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f"{TMP_PREFIX}data."))
         try:
-            for split, rows in records.items():
-                (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            for f in records.glob("*.jsonl"):
+                shutil.copyfile(f, tmp / f.name)
             old = self.path / "data"
             if old.exists():
                 shutil.rmtree(old)
