@@ -7,6 +7,7 @@ Layout of an output folder::
     metrics.jsonl              one JSON object per report
     checkpoints/step-0000100/  adapter weights + optimizer.safetensors + trainer_state.json
                                + adapter_config.json (so a checkpoint is itself an adapter folder)
+                               [+ previous_policy.safetensors: PSFT's, inside a group of steps]
 
 Every file is written to a temporary name and renamed into place, and a checkpoint
 folder is assembled under a temporary name and renamed whole, so a run killed at any
@@ -50,6 +51,9 @@ from mlx_dft.models import model_signature
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+# The previous policy's per-token cross-entropy of the group's steps still to come (a loss that
+# needs one, PSFT, checkpointed inside a group): ``step.micro.rank`` -> [N] float32.
+PREVIOUS_FILE = "previous_policy.safetensors"
 CHECKPOINTS = "checkpoints"
 
 
@@ -66,14 +70,18 @@ def save_checkpoint(
     adapter_config: dict,
     keep: int = 0,
     protect: Path | None = None,
+    previous: dict[str, mx.array] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically; returns its path. With ``keep``, older checkpoints
-    beyond the newest ``keep`` are removed, except ``protect`` (the newest one known to be good)."""
+    beyond the newest ``keep`` are removed, except ``protect`` (the newest one known to be good).
+    ``previous``: the previous policy's arrays, where the loss has one pending (PSFT)."""
     final = Path(output) / CHECKPOINTS / checkpoint_name(step)
     with staged_folder(final, overwrite=True) as tmp:
         for fname, arrays in weight_files.items():
             save_safetensors(tmp / fname, arrays)
         save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer_state)))
+        if previous:
+            save_safetensors(tmp / PREVIOUS_FILE, previous)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
     if keep > 0:
@@ -127,6 +135,17 @@ def load_optimizer_state(checkpoint: Path) -> dict:
     except Exception as e:
         raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
     return tree_unflatten(list(flat.items()))
+
+
+def load_previous(checkpoint: Path) -> dict[str, mx.array] | None:
+    """A checkpoint's previous-policy arrays (:data:`PREVIOUS_FILE`), None where it has none."""
+    path = Path(checkpoint) / PREVIOUS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return mx.load(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
 
 
 def check_optimizer_state(fresh: dict, loaded: dict, checkpoint: Path) -> None:
@@ -376,11 +395,12 @@ class OutputFolder:
         grad_accumulation_steps: int,
         keep: int = 0,
     ) -> Callable[[int], Path | None]:
-        """``save(step, protect=None)``: a checkpoint of everything a resume needs, then the top-level
-        weights; returns the checkpoint's path on every worker (only the writer writes it).
-        ``protect``: a checkpoint ``keep`` must not remove."""
+        """``save(step, protect=None, previous=None)``: a checkpoint of everything a resume needs, then
+        the top-level weights; returns the checkpoint's path on every worker (only the writer writes
+        it). ``protect``: a checkpoint ``keep`` must not remove; ``previous``: the previous policy's
+        arrays of a loss that has one pending (PSFT inside a group of steps)."""
 
-        def save(step: int, protect: Path | None = None) -> Path:
+        def save(step: int, protect: Path | None = None, previous: dict | None = None) -> Path:
             if not self.writer:
                 return self.path / CHECKPOINTS / checkpoint_name(step)
             files = method.weights(model)
@@ -392,7 +412,7 @@ class OutputFolder:
                 "time": time.time(),
             }
             path = save_checkpoint(
-                self.path, step, files, optimizer.state, state, self.adapter_config, keep, protect
+                self.path, step, files, optimizer.state, state, self.adapter_config, keep, protect, previous
             )
             for fname, arrays in files.items():
                 atomic_save_safetensors(self.path / fname, arrays)

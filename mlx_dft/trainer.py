@@ -22,9 +22,10 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_dft.checkpoint import load_previous
 from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
-from mlx_dft.losses import SFT, Loss, LossSums, auto_chunk_tokens, chunked_terms, loss_sums
+from mlx_dft.losses import SFT, Loss, LossSums, auto_chunk_tokens, chunked_terms, detached_ce, loss_sums
 from mlx_dft.models import split_model, vocab_size
 from mlx_dft.patches import StandIn, chunked_gated_delta, gradient_checkpointing, lean_swiglu, wrapped_blocks
 from mlx_dft.progress import Progress
@@ -132,14 +133,17 @@ def make_loss_fn(
     chunk_tokens: int,
     adapter_off: AdapterOff | None = None,
 ):
-    """loss(model, inputs, positions, targets, valid[, segments]) -> :class:`LossSums` (objective,
-    ce, prob, tokens, parts); ``segments`` (packed rows) makes attention block-diagonal
-    (:func:`mlx_dft.patches.wrapped_blocks`);
+    """loss(model, inputs, positions, targets, valid[, segments], old_ce=None) -> :class:`LossSums`
+    (objective, ce, prob, tokens, parts); ``segments`` (packed rows) makes attention block-diagonal
+    (:func:`mlx_dft.patches.wrapped_blocks`); ``old_ce`` [N] is the previous policy's cross-entropy
+    of the targets, for a loss that needs it (PSFT; None: the current policy's);
     the MLPs use the SwiGLU with the leaner backward pass (:func:`mlx_dft.patches.lean_swiglu`), and
     gated-delta layers the chunked recurrence (:func:`mlx_dft.patches.chunked_gated_delta`);
     blocks are recomputed in the backward pass when the model asks for gradient checkpointing.
     The function's ``parts`` attribute names the parts (``loss.parts``); its ``state`` lists the
-    arrays it reads besides the model's (a compiled function takes them as inputs).
+    arrays it reads besides the model's (a compiled function takes them as inputs); its
+    ``token_ce(model, inputs, positions, targets, valid[, segments])`` is the targets'
+    cross-entropy [N] without gradient (the previous policy's, computed by :class:`PreviousPolicy`).
 
     For a loss with a reference (ASFT, PriFT) the body runs a second time inside ``adapter_off()``
     (the method's switch to the base model,
@@ -154,7 +158,7 @@ def make_loss_fn(
     def at_positions(out: mx.array, positions: mx.array) -> mx.array:
         return mx.take(out.reshape(-1, out.shape[-1]), positions, axis=0)
 
-    def loss_fn(model, inputs, positions, targets, valid, segments=None) -> LossSums:
+    def loss_fn(model, inputs, positions, targets, valid, segments=None, old_ce=None) -> LossSums:
         checkpoint = gradient_checkpointing(model)
         with wrapped_blocks(body, segments, checkpoint), lean_swiglu(model), chunked_gated_delta(model):
             if loss.needs_reference:
@@ -164,11 +168,18 @@ def make_loss_fn(
             else:
                 out, ref_h = body(inputs), None
         h = at_positions(out, positions)
-        return loss_sums(chunked_terms(head, h, targets, chunk_tokens if fast else 0, loss, ref_h), valid)
+        chunk = chunk_tokens if fast else 0
+        return loss_sums(chunked_terms(head, h, targets, chunk, loss, ref_h, old_ce), valid)
+
+    def token_ce(model, inputs, positions, targets, valid, segments=None) -> mx.array:
+        with wrapped_blocks(body, segments, False), lean_swiglu(model), chunked_gated_delta(model):
+            out = body(inputs)
+        return detached_ce(head, at_positions(out, positions), targets, chunk_tokens if fast else 0)
 
     loss_fn.parts = tuple(loss.parts)
     loss_fn.loss = loss
     loss_fn.state = adapter_off.state if loss.needs_reference else []
+    loss_fn.token_ce = token_ce
     return loss_fn
 
 
@@ -363,9 +374,10 @@ def evaluate(
 def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, max_grad_norm: float = 1.0):
     """A compiled micro-step and the state it updates.
 
-    ``step_fn(arrays, acc, acc_n, do_update)``, ``arrays`` a :meth:`Batch.arrays` tuple, adds this
-    micro-batch's gradient of the loss *sum* to ``acc`` (``None`` for the first), and with
-    ``do_update`` divides the total by the supervised-token count of every micro-batch on
+    ``step_fn(arrays, acc, acc_n, do_update, old_ce=None)``, ``arrays`` a :meth:`Batch.arrays`
+    tuple (and ``old_ce`` the previous policy's cross-entropy of its targets, for a loss that needs
+    one), adds this micro-batch's gradient of the loss *sum* to ``acc`` (``None`` for the first),
+    and with ``do_update`` divides the total by the supervised-token count of every micro-batch on
     every worker, clips, and applies the optimizer. Returns (metric sums [objective, ce,
     prob, tokens, *parts], acc, acc_n, grad_norm).
     """
@@ -386,8 +398,8 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
         return norm
 
     @partial(mx.compile, inputs=[*state, getattr(loss_fn, "state", [])], outputs=state)
-    def step_fn(arrays, acc, acc_n, do_update):
-        sums, grads = loss_vg(model, *arrays)
+    def step_fn(arrays, acc, acc_n, do_update, old_ce=None):
+        sums, grads = loss_vg(model, *arrays) if old_ce is None else loss_vg(model, *arrays, old_ce=old_ce)
         n = n_total = sums.tokens
         if acc is not None:
             grads = tree_map(mx.add, grads, acc)
@@ -400,14 +412,112 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
     return step_fn, state
 
 
-def optimizer_step(step_fn, state, batches: list[Batch]):
-    """One optimizer step over ``batches`` (micro-batches); returns (metric sums, grad norm)."""
+def optimizer_step(step_fn, state, batches: list[Batch], old_ce: list[mx.array] | None = None):
+    """One optimizer step over ``batches`` (micro-batches, and the previous policy's cross-entropy
+    of each one's targets where the loss needs it); returns (metric sums, grad norm)."""
     acc = acc_n = total = None
     for k, batch in enumerate(batches):
-        metrics, acc, acc_n, norm = step_fn(batch.arrays(), acc, acc_n, k == len(batches) - 1)
+        old = old_ce[k] if old_ce is not None else None
+        metrics, acc, acc_n, norm = step_fn(batch.arrays(), acc, acc_n, k == len(batches) - 1, old)
         total = metrics if total is None else total + metrics
         mx.eval(state, total, acc, acc_n, norm)
     return total, norm
+
+
+class PreviousPolicy:
+    """The previous policy of a loss that needs one (PSFT): the targets' cross-entropy under the
+    weights at the start of a group of optimizer steps, for the micro-batches of the group's steps.
+
+    The steps after the SFT warm-up are grouped by number, ``size`` at a time (``warmup`` + 1 to
+    ``warmup`` + ``size``, and so on), so a resumed run groups as the uninterrupted one does. At a
+    group's first step the micro-batches of its other steps are drawn ahead (the same ones those
+    steps would draw) and their cross-entropy is computed under the current weights, without
+    gradient and in eval mode (no dropout: no random draw, which a resume could not replay). The
+    first step's own previous policy is the current one: its loss gets no ``old_ce`` (its ratio is 1
+    exactly, its gradient SFT's).
+
+    :meth:`state` is what a checkpoint written inside a group keeps (the steps not yet trained),
+    :meth:`restore` reads it back. A step with none that fits (a checkpoint without it, other
+    batches) starts a partial group: its own previous policy is the current weights, the group's
+    later steps get theirs from it.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable, size: int, warmup: int, accum: int, total_steps: int,
+        note: Callable[[str], None] = print,
+    ):  # fmt: skip
+        self.model, self.size, self.warmup, self.accum, self.total = model, size, warmup, accum, total_steps
+        self.note = note
+        self.ce = mx.compile(lambda *arrays: loss_fn.token_ce(model, *arrays), inputs=[model.state])
+        self.ahead: dict[int, list[Batch]] = {}  # step -> its micro-batches, drawn at the group's start
+        self.pending: dict[int, list[mx.array]] = {}  # step -> old CE [N] of each of its micro-batches
+
+    def starts_group(self, step: int) -> bool:
+        return (step - self.warmup - 1) % self.size == 0
+
+    def group_end(self, step: int) -> int:
+        """The last step of ``step``'s group (within the run)."""
+        return min(self.total, step + self.size - 1 - (step - self.warmup - 1) % self.size)
+
+    def take(self, step: int, batches: Iterator[Batch]) -> tuple[list[Batch], list[mx.array] | None]:
+        """Step ``step``'s micro-batches and their previous policy's CE (None: the current weights)."""
+        micro = self.ahead.pop(step, None) or [next(batches) for _ in range(self.accum)]
+        old = self.pending.pop(step, None)
+        if old is not None and [o.shape for o in old] == [b.targets.shape for b in micro]:
+            return micro, old
+        if not self.starts_group(step):
+            self.note(
+                f"note: no saved previous policy fits steps {step}-{self.group_end(step)} of this "
+                f"psft group: the weights at step {step} take its place"
+            )
+        self.pending.clear()
+        self._draw(step, batches)
+        return micro, None
+
+    def _draw(self, step: int, batches: Iterator[Batch]) -> None:
+        """Draw the micro-batches of the group's steps after ``step`` and compute their old CE."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            for later in range(step + 1, self.group_end(step) + 1):
+                micro = [next(batches) for _ in range(self.accum)]
+                self.ahead[later] = micro
+                self.pending[later] = [self.ce(*b.arrays()) for b in micro]
+                mx.eval(self.pending[later])
+        finally:
+            if training:
+                self.model.train()
+
+    def state(self, world: mx.distributed.Group) -> dict[str, mx.array]:
+        """The old CE of the steps not yet trained, named ``step.micro.rank``, every worker's (a
+        collective: all workers call it, each gets them all)."""
+        out = {}
+        for step in sorted(self.pending):
+            for k, old in enumerate(self.pending[step]):
+                if world.size() == 1:
+                    out[f"{step}.{k}.0"] = old
+                    continue
+                sizes = mx.distributed.all_gather(mx.array([old.shape[0]]), stream=mx.cpu)
+                longest = int(sizes.max().item())
+                padded = mx.pad(old, (0, longest - old.shape[0]))
+                every = mx.distributed.all_gather(padded, stream=mx.cpu).reshape(world.size(), longest)
+                for r, n in enumerate(sizes.tolist()):
+                    out[f"{step}.{k}.{r}"] = every[r, :n]
+                mx.eval(every)  # on every worker now: only the writer would evaluate it later
+        return out
+
+    def restore(self, saved: dict[str, mx.array] | None, start_step: int, rank: int, world_size: int) -> None:
+        """This worker's old CE from a checkpoint's :meth:`state` (of the same number of workers)."""
+        found: dict[int, dict[int, mx.array]] = {}
+        ranks = set()
+        for key, old in (saved or {}).items():
+            step, k, r = (int(x) for x in key.split("."))
+            ranks.add(r)
+            if r == rank and step > start_step:
+                found.setdefault(step, {})[k] = old
+        if ranks != set(range(world_size)):  # saved by another number of workers: other batches
+            found = {}
+        self.pending = {step: [ks[k] for k in sorted(ks)] for step, ks in found.items()}
 
 
 def _validates(step: int, loop: LoopConfig) -> bool:
@@ -530,6 +640,18 @@ def train_loop(
         bar = Progress.for_terminal(bool(progress) and rank == 0)
     bar.start(loop.total_steps, start_step)
 
+    policy = None  # a loss that trains against the previous policy (PSFT), over groups of steps
+    if loss is not None and loss.needs_previous and loss.group_steps > 1:
+
+        def note(msg: str) -> None:
+            if rank == 0:
+                bar.write(msg) or log(msg)
+
+        policy = PreviousPolicy(model, loss_fn, loss.group_steps, loop.sft_warmup_steps, accum,
+                                loop.total_steps, note)  # fmt: skip
+        if start_step > 0 and run.last_checkpoint is not None:
+            policy.restore(load_previous(run.last_checkpoint), start_step, rank, world_size)
+
     model.train()
     mx.reset_peak_memory()
     # Sums over the report window: objective, ce, prob, tokens, tokens of the steps that computed
@@ -551,7 +673,9 @@ def train_loop(
         if not _finite(model.trainable_parameters()):
             _stop_non_finite(f"the weights became non-finite at step {step}", run, good, unverified)
         bar.phase("saving")
-        path = save(step, protect=good)
+        # The previous policy of the group's steps still to come (a collective with several workers).
+        extra = {"previous": policy.state(world)} if policy is not None and policy.pending else {}
+        path = save(step, protect=good, **extra)
         if path is not None:
             run.last_checkpoint, unverified = path, (step, path)
             for cb in callbacks if rank == 0 else ():
@@ -565,12 +689,19 @@ def train_loop(
             which = "warmup" if step <= loop.sft_warmup_steps else "main"
             bar.phase("training" if which in compiled else "compiling")
             tic = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
             if step <= loop.sft_warmup_steps:
+                micro = [next(batches) for _ in range(accum)]
                 sums, last_norm = optimizer_step(warmup_step_fn, state, micro)
                 sums = mx.concatenate([sums[:4], mx.zeros((1 + len(parts),))])
             else:
-                sums, last_norm = optimizer_step(step_fn, state, micro)
+                if policy is not None:
+                    micro, old_ce = policy.take(step, batches)
+                    if old_ce is not None:  # a step of its own to compile: the loss takes old_ce
+                        which = "previous"
+                        bar.phase("training" if which in compiled else "compiling")
+                else:
+                    micro, old_ce = [next(batches) for _ in range(accum)], None
+                sums, last_norm = optimizer_step(step_fn, state, micro, old_ce)
                 sums = mx.concatenate([sums[:4], sums[3:4], sums[4:]])
             window = window + sums
             window_tokens += sum(b.n_tokens for b in micro)

@@ -52,6 +52,8 @@ def torch_reference(logits, targets, mask, loss, ref_logits=None, **kw):
     deft:  sum_t -(p_t^a - 1) / a / |M|, a = sg(sum_v softmax(z_t)_v^2)
     bll:   sum_t keep_t (1 - p_t^alpha) / alpha / |M| (-log p_t at alpha 0), keep_t = 1, or
            1[p_t >= q] (only top), or 1[p_t <= q] (only bottom)
+    psft:  sum_t -r_t / |M| with r_t = p_t / sg(p_t) (no previous policy given: the current one;
+           tests/test_psft.py tests the clipped ratio to another)
     """
     z = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(targets, dtype=torch.long)
@@ -98,6 +100,10 @@ def torch_reference(logits, targets, mask, loss, ref_logits=None, **kw):
         keep = torch.ones_like(p) if only == "all" else ((p >= q) if only == "top" else (p <= q)).double()
         value = (keep * f * m).sum() / n
         parts = {"bll_kept": ((keep * m).sum() / n).item()}
+    elif loss == "psft":
+        r = torch.exp(ce.detach() - ce)
+        value = (-r * m).sum() / n
+        parts = {"psft_ratio": 1.0, "psft_clipped": 0.0}
     else:
         value = (ce * m).sum() / n
     value.backward()
@@ -123,6 +129,7 @@ CASES = {
     "deft": [{}],
     "bll": [dict(alpha=1.0), dict(alpha=0.0), dict(alpha=10.0), dict(alpha=1.0, only="top", threshold=0.02),
             dict(alpha=0.5, only="bottom", threshold=0.1)],
+    "psft": [{}],
 }  # fmt: skip
 ALL_CASES = [(loss, kw) for loss, cases in CASES.items() for kw in cases]
 # the reference's keyword -> the loss's option
@@ -547,6 +554,10 @@ ARGS = ["--iters", 3, "--batch-size", 4]
         (["--loss", "dft", "--reference-copy"], ["--reference-copy applies to losses with a reference"]),
         (["--loss", "prift", "--prift-tau", "0.3"], ["--prift-tau applies to --prift-weight mass only"]),
         (["--loss", "bll", "--bll-threshold", "0.3"], ["--bll-threshold applies to --bll-only top/bottom"]),
+        (["--loss", "psft", "--psft-minibatches", "0"], ["--psft-minibatches must be at least 1, got 0"]),
+        (["--loss", "dft", "--psft-minibatches", "4"], ["--psft-minibatches applies to --loss psft only"]),
+        (["--loss", "psft", "--psft-epsilon-high", "-0.1"], ["--psft-epsilon-high must be >= 0"]),
+        (["--loss", "psft", "--psft-epsilon-low", "1"], ["--psft-epsilon-low must be in [0, 1)"]),
     ],
     ids=[
         "asft-alpha",
@@ -565,6 +576,10 @@ ARGS = ["--iters", 3, "--batch-size", 4]
         "reference-copy",
         "prift-tau-with-prob",
         "bll-threshold-with-all",
+        "psft-minibatches-0",
+        "psft-with-other-loss",
+        "psft-epsilon-high",
+        "psft-epsilon-low",
     ],  # fmt: skip
 )
 def test_bad_loss_options_are_one_line_errors(tiny_model, arith_data, tmp_path, extra, needles):

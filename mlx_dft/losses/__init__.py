@@ -21,6 +21,7 @@ from mlx_dft.losses.compute import (
     chunked_ce,
     chunked_terms,
     columns_of,
+    detached_ce,
     eaft_weights,
     fused_cross_entropy_available,
     keep_tokens,
@@ -36,10 +37,11 @@ from mlx_dft.losses.deft import DEFT
 from mlx_dft.losses.dft import DFT
 from mlx_dft.losses.eaft import EAFT
 from mlx_dft.losses.prift import PriFT
+from mlx_dft.losses.psft import PSFT
 from mlx_dft.losses.sft import SFT
 
 # The built-in losses in the order --loss lists them (and the docs' table).
-for _name in ("sft", "dft", "asft", "eaft", "prift", "deft", "bll"):
+for _name in ("sft", "dft", "asft", "eaft", "prift", "deft", "bll", "psft"):
     LOSSES[_name] = LOSSES.pop(_name)
 LOSS_TYPES = tuple(LOSSES)
 
@@ -51,8 +53,9 @@ def LossConfig(loss: str = "dft", **options) -> Loss:  # noqa: N802  (the old co
 
 __all__ = [
     "ASFT", "BLL", "DEFAULT_CHUNK_ELEMENTS", "DEFAULT_KEEP_ELEMENTS", "DEFT", "DFT", "EAFT", "FunctionLoss",
-    "LOSSES", "LOSS_TYPES", "Loss", "LossConfig", "LossSums", "PriFT", "SFT", "as_loss", "auto_chunk_tokens",
-    "chunked_ce", "chunked_terms", "columns_of", "eaft_weights", "fused_cross_entropy_available",
-    "keep_tokens", "keeps_softmax", "kept_softmax_ce", "kl_to_reference", "loss_class", "loss_from_logits",
-    "loss_sums", "make_loss", "option", "register", "target_ce", "token_columns",
+    "LOSSES", "LOSS_TYPES", "Loss", "LossConfig", "LossSums", "PSFT", "PriFT", "SFT", "as_loss",
+    "auto_chunk_tokens", "chunked_ce", "chunked_terms", "columns_of", "detached_ce", "eaft_weights",
+    "fused_cross_entropy_available", "keep_tokens", "keeps_softmax", "kept_softmax_ce", "kl_to_reference",
+    "loss_class", "loss_from_logits", "loss_sums", "make_loss", "option", "register", "target_ce",
+    "token_columns",
 ]  # fmt: skip

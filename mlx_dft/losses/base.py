@@ -71,6 +71,15 @@ class Loss:
     uses_logits: ClassVar[bool] = True
     # Other losses whose options this one also reads (ASFT's DFT term): their fields stay theirs.
     borrows: ClassVar[tuple[str, ...]] = ()
+    # The previous policy's per-token cross-entropy (``old_ce``, PSFT): the trainer computes it,
+    # without gradient, at the start of each group of :attr:`group_steps` optimizer steps for the
+    # micro-batches of the group's later steps, and passes it to :meth:`token_loss`.
+    needs_previous: ClassVar[bool] = False
+
+    @property
+    def group_steps(self) -> int:
+        """Optimizer steps per previous policy (for a loss that :attr:`needs_previous`)."""
+        return 1
 
     @property
     def ce_only(self) -> bool:
@@ -88,11 +97,15 @@ class Loss:
         logits: mx.array | None = None,
         targets: mx.array | None = None,
         ref_logits: mx.array | None = None,
+        old_ce: mx.array | None = None,
     ) -> tuple[mx.array, tuple[mx.array, ...]]:
         """Per-token objective [N] (float32, with its gradient) and the per-token parts (one [N]
         array per name in :attr:`parts`, detached), from the targets' cross-entropy ``ce`` [N]
         (with gradient) and, where :attr:`uses_logits`, the chunk's float32 ``logits`` [N, V],
-        ``targets`` [N] and, where :attr:`needs_reference`, the reference's ``ref_logits``."""
+        ``targets`` [N] and, where :attr:`needs_reference`, the reference's ``ref_logits``; where
+        :attr:`needs_previous`, ``old_ce`` [N] is the previous policy's cross-entropy of the same
+        targets (None: the previous policy is the current one, ``sg(ce)``). Only a loss that
+        :attr:`needs_previous` is given ``old_ce``: the others may leave it out of their signature."""
         raise NotImplementedError
 
     def check_vocabulary(self, vocab_size: int) -> str:

@@ -131,24 +131,37 @@ def kept_softmax_ce(head: nn.Module | Callable) -> Callable[[mx.array, mx.array]
 
 
 def token_columns(
-    logits: mx.array, targets: mx.array, loss: Loss, ref_logits: mx.array | None = None
+    logits: mx.array,
+    targets: mx.array,
+    loss: Loss,
+    ref_logits: mx.array | None = None,
+    old_ce: mx.array | None = None,
 ) -> mx.array:
     """[N, 2 + parts] per-token (objective, CE, *parts) of ``logits`` [N, V] under ``loss``:
     the cross-entropy in float32 (:func:`target_ce`, fused where MLX fuses it, for a loss of the
-    cross-entropy alone), then the loss's :meth:`~mlx_dft.losses.base.Loss.token_loss`."""
+    cross-entropy alone), then the loss's :meth:`~mlx_dft.losses.base.Loss.token_loss` (given the
+    previous policy's ``old_ce`` [N] where the loss needs it)."""
     if loss.ce_only:
-        return columns_of(target_ce(logits, targets), loss)
+        return columns_of(target_ce(logits, targets), loss, old_ce)
     logits = logits.astype(mx.float32)
     ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     ref = None if ref_logits is None else ref_logits.astype(mx.float32)
-    objective, parts = loss.token_loss(ce, logits, targets, ref)
+    objective, parts = _token_loss(loss, ce, logits, targets, ref, old_ce)
     return _stack(loss, objective, ce, parts)
 
 
-def columns_of(ce: mx.array, loss: Loss) -> mx.array:
-    """[N, 2 + parts] columns of a loss of the cross-entropy alone, from ``ce`` [N]."""
-    objective, parts = loss.token_loss(ce.astype(mx.float32))
+def columns_of(ce: mx.array, loss: Loss, old_ce: mx.array | None = None) -> mx.array:
+    """[N, 2 + parts] columns of a loss of the cross-entropy alone, from ``ce`` [N] (and the previous
+    policy's ``old_ce`` [N] where the loss needs it)."""
+    objective, parts = _token_loss(loss, ce.astype(mx.float32), old_ce=old_ce)
     return _stack(loss, objective, ce, parts)
+
+
+def _token_loss(loss: Loss, ce, logits=None, targets=None, ref=None, old_ce=None):
+    # Only a loss that needs the previous policy is given old_ce: the others keep their signature.
+    if loss.needs_previous:
+        return loss.token_loss(ce, logits, targets, ref, old_ce=old_ce)
+    return loss.token_loss(ce, logits, targets, ref) if logits is not None else loss.token_loss(ce)
 
 
 def _stack(loss: Loss, objective: mx.array, ce: mx.array, parts: tuple) -> mx.array:
@@ -167,14 +180,16 @@ def loss_from_logits(
     mask: mx.array,
     loss: Loss,
     ref_logits: mx.array | None = None,
+    old_ce: mx.array | None = None,
 ) -> tuple[mx.array, dict]:
-    """Mean loss over ``mask`` from full logits [..., V] (and the reference's, where the loss needs
-    them): the plain reference form of the loss. The metrics hold the means of ce, prob and the
-    loss's parts."""
+    """Mean loss over ``mask`` from full logits [..., V] (and the reference's, and the previous
+    policy's cross-entropy [...], where the loss needs them): the plain reference form of the loss.
+    The metrics hold the means of ce, prob and the loss's parts."""
     v = logits.shape[-1]
     flat_ref = None if ref_logits is None else ref_logits.reshape(-1, v)
+    flat_old = None if old_ce is None else old_ce.reshape(-1)
     sums = loss_sums(
-        token_columns(logits.reshape(-1, v), targets.reshape(-1), loss, flat_ref), mask.reshape(-1)
+        token_columns(logits.reshape(-1, v), targets.reshape(-1), loss, flat_ref, flat_old), mask.reshape(-1)
     )
     n = mx.maximum(sums.tokens, 1)
     metrics = {"ce": sums.ce / n, "prob": sums.prob / n, "ntoks": n}
@@ -189,10 +204,12 @@ def chunked_terms(
     chunk_tokens: int,
     loss: Loss,
     ref_hidden: mx.array | None = None,
+    old_ce: mx.array | None = None,
 ) -> mx.array:
     """[N, 2 + parts] per-token (objective, CE, *parts) of ``targets`` [N] under ``head(hidden)``
     [N, V] (see :func:`token_columns`); where the loss needs a reference, its logits are
-    ``head(ref_hidden)``, detached.
+    ``head(ref_hidden)``, detached; where it needs the previous policy, ``old_ce`` [N] is its
+    cross-entropy of the targets (each chunk gets its slice; None: the current policy's).
 
     Splits the N tokens into chunks of ``chunk_tokens``; with more than one chunk each is
     wrapped in ``mx.checkpoint`` so its [chunk, V] logits (and reference logits) are recomputed
@@ -203,34 +220,36 @@ def chunked_terms(
     in the forward pass and keeps only that ([chunk, D]), so recomputing it would cost the head's
     two products and the exponentials again for no memory (measured at the Qwen3-0.6B shape, 224
     targets: 11.5-11.7 s a step against 13.2-14.9 s checkpointed, peak 4.17 against 4.24 GB).
-    A loss of the cross-entropy alone gets its objective from the chunks' cross-entropies.
+    A loss of the cross-entropy alone gets its objective from the chunks' cross-entropies (and the
+    whole ``old_ce``, which has no vocabulary dimension).
     """
     if loss.needs_reference and ref_hidden is None:
         raise ValueError(f"the {loss.name} loss needs reference hidden states")
     with_ref = loss.needs_reference
+    old_ce = mx.stop_gradient(old_ce) if old_ce is not None and loss.needs_previous else None
     n = hidden.shape[0]
     kept = kept_softmax_ce(head) if keeps_softmax(head, loss) else None
 
-    def terms(h: mx.array, t: mx.array, ref_h: mx.array | None) -> mx.array:
+    def terms(h: mx.array, t: mx.array, ref_h: mx.array | None, old: mx.array | None) -> mx.array:
         if kept is not None:
             return kept(h, t)[:, None]
         if loss.ce_only:
             return target_ce(head(h), t)[:, None]
         ref_logits = mx.stop_gradient(head(ref_h)) if with_ref else None
-        return token_columns(head(h), t, loss, ref_logits)
+        return token_columns(head(h), t, loss, ref_logits, old)
 
     if chunk_tokens <= 0 or n <= chunk_tokens:
-        out = terms(hidden, targets, ref_hidden)
+        out = terms(hidden, targets, ref_hidden, old_ce)
     else:
         trainable = head.trainable_parameters() if isinstance(head, nn.Module) else {}
 
-        def piece(t: mx.array, ref_h: mx.array | None):
-            # Targets and reference states need no gradient: close over them (checkpoint
-            # differentiates its inputs).
+        def piece(t: mx.array, ref_h: mx.array | None, old: mx.array | None):
+            # Targets, reference states and the previous policy's CE need no gradient: close over
+            # them (checkpoint differentiates its inputs).
             def fn(params, h):
                 if params:
                     head.update(params)
-                return terms(h, t, ref_h)
+                return terms(h, t, ref_h, old)
 
             return mx.checkpoint(fn) if checkpoint else fn
 
@@ -243,9 +262,10 @@ def chunked_terms(
                 # after another, forward and backward, instead of holding all their logits at once.
                 h = h + 0.0 * chunks[-1].sum()
             ref_h = ref_hidden[i : i + chunk_tokens] if with_ref else None
-            chunks.append(piece(targets[i : i + chunk_tokens], ref_h)(trainable, h))
+            old = old_ce[i : i + chunk_tokens] if old_ce is not None else None
+            chunks.append(piece(targets[i : i + chunk_tokens], ref_h, old)(trainable, h))
         out = mx.concatenate(chunks)
-    return columns_of(out[:, 0], loss) if loss.ce_only else out
+    return columns_of(out[:, 0], loss, old_ce) if loss.ce_only else out
 
 
 def chunked_ce(
@@ -257,6 +277,27 @@ def chunked_ce(
     """Per-token cross-entropy of ``targets`` [N] under ``head(hidden)`` [N, V], in chunks
     (:func:`chunked_terms` of the plain cross-entropy)."""
     return chunked_terms(head, hidden, targets, chunk_tokens, LOSSES["sft"]())[:, 1]
+
+
+def detached_ce(
+    head: nn.Module | Callable,
+    hidden: mx.array,
+    targets: mx.array,
+    chunk_tokens: int,
+) -> mx.array:
+    """Per-token cross-entropy [N] float32 of ``targets`` under ``head(hidden)``, without gradient
+    (the previous policy's, for PSFT): chunk by chunk, one after another, never a whole [N, V]
+    logits array; nothing is kept for a backward pass (unlike :func:`chunked_ce` on the CPU, whose
+    kept softmax forms the hidden states' gradient in its forward pass)."""
+    hidden, n = mx.stop_gradient(hidden), hidden.shape[0]
+    step = chunk_tokens if chunk_tokens > 0 else max(n, 1)
+    chunks: list[mx.array] = []
+    for i in range(0, n, step):
+        h = hidden[i : i + step]
+        if chunks:  # evaluated in turn (see chunked_terms)
+            h = h + 0.0 * chunks[-1].sum()
+        chunks.append(target_ce(head(h), targets[i : i + step]))
+    return mx.stop_gradient(mx.concatenate(chunks)) if chunks else mx.zeros((0,), mx.float32)
 
 
 def auto_chunk_tokens(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
