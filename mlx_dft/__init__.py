@@ -3,6 +3,9 @@
 import mlx_dft
 run = mlx_dft.train(loss="dft", adapter="lora", iters=100)
 print(mlx_dft.generate("Question: ...", adapter=run.output))
+
+A run in two calls, to change a part between: ``run = mlx_dft.prepare(...)``, then
+``mlx_dft.fit(run)``.
 """
 
 import os
@@ -17,13 +20,13 @@ _blas.setup()  # must precede the first `import mlx.core`
 from mlx_dft._version import __version__  # noqa: E402
 
 __all__ = [
-    "__version__", "train", "generate", "load", "evaluate", "Callback", "Loss", "Run", "TrainConfig",
-    "UserError", "register_loss",
+    "__version__", "train", "prepare", "fit", "generate", "load", "evaluate", "Callback", "Loss", "Prepared",
+    "Run", "TrainConfig", "UserError", "register_loss",
 ]  # fmt: skip
 
 
 def __getattr__(name):  # lazy: `mlx_dft --help` need not import MLX
-    if name in ("train", "generate", "load"):
+    if name in ("train", "prepare", "fit", "Prepared", "generate", "load"):
         from mlx_dft import api
 
         return getattr(api, name)

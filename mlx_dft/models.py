@@ -229,6 +229,54 @@ def load_model(
     return net, tokenizer, config, path
 
 
+def from_memory(
+    net: nn.Module,
+    tokenizer,
+    config: dict | None = None,
+    dtype: str = "auto",
+    chat_template: str | None = None,
+    keep_quantized: bool = False,
+):
+    """:func:`load_model`'s (model, tokenizer, config) for a model already in memory, as
+    ``mlx_lm.load`` returns it. Its config.json is ``config``, else what the model's ``args``
+    hold (every mlx-lm model has them); a transformers tokenizer is wrapped as mlx-lm's. The chat
+    template is set, and the model dequantized and cast as :func:`load_model` does: in place,
+    the model being the caller's object (dequantizing replaces its layers in it)."""
+    import dataclasses
+
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from transformers import PreTrainedTokenizerBase
+
+    if config is None:
+        args = getattr(net, "args", None)
+        config = args if isinstance(args, dict) else getattr(args, "__dict__", None)
+        if dataclasses.is_dataclass(args):
+            config = dataclasses.asdict(args)
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise UserError(
+            f"model= is a {type(net).__name__} with no config (no .args naming its model_type): give "
+            "model=(model, tokenizer, config), config.json as a dict, as "
+            "mlx_lm.load(path, return_config=True) returns"
+        )
+    config = dict(config)
+    check_model_type(config["model_type"], "model=")
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        tokenizer = TokenizerWrapper(tokenizer, eos_token_ids=config.get("eos_token_id"))
+    elif not isinstance(tokenizer, TokenizerWrapper):
+        raise UserError(
+            f"the tokenizer is a {type(tokenizer).__name__}, not a tokenizer (mlx-lm's, as mlx_lm.load "
+            "returns it, or a transformers one)"
+        )
+    if chat_template:
+        from mlx_dft.data import set_chat_template
+
+        set_chat_template(tokenizer, chat_template)
+    if not keep_quantized:
+        net = dequantize_for_cpu(net, f"the {model_type(config)} model given")
+    cast_model(net, dtype)
+    return net, tokenizer, config
+
+
 def logical_parameters(model: nn.Module) -> int:
     """The model's parameter count, quantized weights counted at their logical size."""
     total = 0
