@@ -461,7 +461,7 @@ def _fit(p: Prepared, callbacks: list[Callback], bar: Progress, closing: list) -
         closing.extend(t.close for t in opened)
 
     if cfg.grad_checkpoint:
-        models.grad_checkpoint(model)
+        models.grad_checkpoint(model, tiled_mlp=cfg.tiled_mlp)
     run = Run(model, tokenizer, cfg, out.path, last_checkpoint=resume.checkpoint if resume else None)
     held = heldout.heldout_problems(cfg, tokenizer) if world.rank() == 0 else None
     bar.phase("evaluating")

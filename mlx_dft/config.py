@@ -194,6 +194,12 @@ class TrainConfig:
         "fits in memory: MLX's CPU has no fast quantized matmul).",
     )
     grad_checkpoint: bool = option(False, "Recompute block activations in the backward pass to save memory.")
+    tiled_mlp: bool = option(
+        False,
+        "With --grad-checkpoint: run each block's MLP over the sequence in tiles of about 16 MiB of "
+        "activations, each recomputed in the backward pass (less memory at long rows and wide MLPs, for "
+        "one more MLP forward pass).",
+    )
     loss_chunk_tokens: int = option(
         0, "Supervised tokens per logits chunk in the loss (0: auto, ~32 MiB of float32 logits a chunk)."
     )
@@ -256,7 +262,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "Model and adapter": (
         "model", "adapter", "num_layers", "lora_rank", "lora_scale", "lora_alpha", "lora_dropout",
         "lora_keys", "aligner_tokens", "aligner_start_layer", "aligner_gate", "adapter_from", "dtype",
-        "keep_quantized", "grad_checkpoint",
+        "keep_quantized", "grad_checkpoint", "tiled_mlp",
     ),
     "Loss": ("loss", *LOSS_OPTIONS, "reference_copy", "sft_warmup_steps", "loss_chunk_tokens"),
     "Optimisation": (
@@ -608,6 +614,8 @@ def validate(cfg: TrainConfig) -> None:
     for flag, beta in (("--adam-beta1", cfg.adam_beta1), ("--adam-beta2", cfg.adam_beta2)):
         check(0 <= beta < 1, f"{flag} must be in [0, 1), not {beta}")
     check(cfg.batch_size >= 1, "--batch-size must be at least 1")
+    tiled_ok = not cfg.tiled_mlp or cfg.grad_checkpoint
+    check(tiled_ok, "--tiled-mlp needs --grad-checkpoint (it tiles the recomputed blocks)")
     check(cfg.grad_accumulation_steps >= 1, "--grad-accumulation-steps must be at least 1")
     check(cfg.iters is None or cfg.iters >= 1, "--iters must be at least 1")
     check(cfg.epochs is None or cfg.epochs > 0, "--epochs must be positive")

@@ -525,9 +525,10 @@ def vocab_size(model: nn.Module) -> int:
     return int(inner.embed_tokens.weight.shape[0])
 
 
-def grad_checkpoint(model: nn.Module) -> None:
+def grad_checkpoint(model: nn.Module, tiled_mlp: bool = False) -> None:
     """Recompute each block in the backward pass of the training loss (see
-    :func:`mlx_dft.patches.wrapped_blocks`; no class of mlx-lm is patched)."""
+    :func:`mlx_dft.patches.wrapped_blocks`; no class of mlx-lm is patched); with ``tiled_mlp``
+    each block's MLP runs in tiles of the sequence (:func:`mlx_dft.patches.tiled_feed_forward`)."""
     from mlx_dft.patches import set_checkpointing
 
-    set_checkpointing(model)
+    set_checkpointing(model, tiled=tiled_mlp)

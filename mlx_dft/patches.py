@@ -388,7 +388,7 @@ def _run(block: nn.Module, packed: Packed | None, at: int | None, x, args: tuple
         return block(x, *args, **kwargs)
 
 
-def _wrapped(block: nn.Module, packed: Packed | None, checkpoint: bool) -> StandIn:
+def _wrapped(block: nn.Module, packed: Packed | None, checkpoint: bool, tiled: bool = False) -> StandIn:
     at = mask_index(block) if packed is not None else None
     if not checkpoint:
         return StandIn(block, lambda x, *args, **kwargs: _run(block, packed, at, x, args, kwargs))
@@ -401,7 +401,7 @@ def _wrapped(block: nn.Module, packed: Packed | None, checkpoint: bool) -> Stand
             block.update(params)
             # The backward pass runs this again after the loss has returned and undone its
             # patches: the recomputation puts the block's own back (the same code as forward).
-            with lean_swiglu(block), chunked_gated_delta(block):
+            with lean_swiglu(block), chunked_gated_delta(block), tiled_feed_forward(block, x, tiled):
                 return _run(block, packed, at, x, args, kwargs)
 
         return mx.checkpoint(inner)(block.trainable_parameters(), x, *args, **kwargs)
@@ -409,23 +409,101 @@ def _wrapped(block: nn.Module, packed: Packed | None, checkpoint: bool) -> Stand
     return StandIn(block, checkpointed)
 
 
+# Bytes of one float32 [tokens, width] array of a block's feed-forward (its widest layer's output)
+# up to which a checkpointed block runs its feed-forward over all tokens at once; past it, the
+# tokens go through in tiles of about this size, each recomputed in the backward pass.
+FEED_FORWARD_TILE_BYTES = 16 * 1024 * 1024
+FEED_FORWARD_NAMES = ("mlp", "feed_forward")
+
+
+def feed_forward_width(module: nn.Module) -> int:
+    """The widest output of the linear layers in ``module`` (dense ``[out, in]`` weights, experts'
+    ``[experts, out, in]``, quantized ones alike): the floats a token holds in its widest
+    activation (an expert layer counted once, not once per expert a token is routed to)."""
+    width = 0
+    for _, m in module.named_modules():
+        w = m.get("weight") if "weight" in m else None
+        if isinstance(w, mx.array) and w.ndim >= 2:
+            width = max(width, int(w.shape[-2]))
+    return width
+
+
+def feed_forward_tiles(tokens: int, width: int, tile_bytes: int = FEED_FORWARD_TILE_BYTES) -> int:
+    """Tiles a checkpointed block splits ``tokens`` into for a feed-forward ``width`` wide."""
+    return max(1, -(-(tokens * width * 4) // max(tile_bytes, 1)))
+
+
+@contextmanager
+def tiled_feed_forward(block: nn.Module, x: mx.array, on: bool = True) -> Iterator[int]:
+    """While it lasts, ``block``'s feed-forward (its ``mlp`` or ``feed_forward``, a per-token
+    function of one [batch, length, hidden] array) runs over the sequence in tiles, each
+    recomputed in the backward pass (``mx.checkpoint``) and chained to the previous tile, so the
+    backward pass of a checkpointed block holds one tile's activations, not the whole
+    sequence's (the widest [tokens, width] arrays of a GeGLU or SwiGLU MLP, several of them:
+    about 1 GB at 4 x 486 tokens of Gemma-3-1B's 6,912-wide MLP). Exact: a feed-forward sees
+    each token alone. Costs one more forward pass of the feed-forward. Yields the tile count
+    (1: nothing changed)."""
+    name = next((n for n in FEED_FORWARD_NAMES if n in block and isinstance(block[n], nn.Module)), None)
+    if not on or name is None or x.ndim != 3:
+        yield 1
+        return
+    ff = block[name]
+    width = feed_forward_width(ff)
+    tiles = min(x.shape[1], feed_forward_tiles(x.shape[0] * x.shape[1], width, FEED_FORWARD_TILE_BYTES))
+    if tiles <= 1:
+        yield 1
+        return
+    size = -(-x.shape[1] // tiles)
+
+    def run(params, h):
+        ff.update(params)
+        with lean_swiglu(ff):  # the backward pass recomputes a tile after the block's patches are undone
+            return ff(h)
+
+    def tiled(h, *args, **kwargs):
+        if args or kwargs or h.ndim != 3:
+            return ff(h, *args, **kwargs)
+        outs: list[mx.array] = []
+        for i in range(0, h.shape[1], size):
+            part = h[:, i : i + size]
+            if outs:  # evaluated one tile after another, forward and backward
+                part = part + 0.0 * outs[-1].sum().astype(part.dtype)
+            outs.append(mx.checkpoint(run)(ff.trainable_parameters(), part))
+        return mx.concatenate(outs, axis=1)
+
+    setattr(block, name, StandIn(ff, tiled))
+    try:
+        yield tiles
+    finally:
+        setattr(block, name, ff)
+
+
 def gradient_checkpointing(model: nn.Module) -> bool:
     """Whether ``model`` recomputes its blocks in the backward pass (:func:`set_checkpointing`)."""
     return bool(getattr(model, "_mlx_dft_checkpoint", False))
 
 
-def set_checkpointing(model: nn.Module, on: bool = True) -> None:
+def tiled_mlp(model: nn.Module) -> bool:
+    """Whether ``model``'s recomputed blocks run their MLP in tiles (:func:`set_checkpointing`)."""
+    return gradient_checkpointing(model) and bool(getattr(model, "_mlx_dft_tiled_mlp", False))
+
+
+def set_checkpointing(model: nn.Module, on: bool = True, tiled: bool = False) -> None:
     """Recompute each block in the backward pass while the training loss runs (what mlx-lm's
-    ``grad_checkpoint`` does by patching the block class; here only inside :func:`wrapped_blocks`)."""
+    ``grad_checkpoint`` does by patching the block class; here only inside :func:`wrapped_blocks`);
+    with ``tiled``, each recomputed block's MLP in tiles (:func:`tiled_feed_forward`)."""
     object.__setattr__(model, "_mlx_dft_checkpoint", bool(on))
+    object.__setattr__(model, "_mlx_dft_tiled_mlp", bool(on and tiled))
 
 
 @contextmanager
-def wrapped_blocks(body: nn.Module, segments: mx.array | None, checkpoint: bool = False) -> Iterator[None]:
+def wrapped_blocks(
+    body: nn.Module, segments: mx.array | None, checkpoint: bool = False, tiled: bool = False
+) -> Iterator[None]:
     """While it lasts, every block of ``body`` runs the packed way when ``segments`` is given
     (block-diagonal attention, each example's RoPE positions from 0; the model's own sliding
-    windows kept) and is recomputed in the backward pass when ``checkpoint``. Nothing changes
-    when neither is asked."""
+    windows kept) and is recomputed in the backward pass when ``checkpoint`` (its MLP in tiles
+    when ``tiled``: :func:`tiled_feed_forward`). Nothing changes when neither is asked."""
     layers = getattr(body, "layers", None)
     if (segments is None and not checkpoint) or not isinstance(layers, list):
         yield
@@ -434,7 +512,7 @@ def wrapped_blocks(body: nn.Module, segments: mx.array | None, checkpoint: bool 
     if packed is not None and layers:
         packed.scale = position_scale(layers[0], body, packed.positions)
     original = list(layers)
-    layers[:] = [_wrapped(b, packed, checkpoint) for b in original]
+    layers[:] = [_wrapped(b, packed, checkpoint, tiled) for b in original]
     try:
         yield
     finally:

@@ -27,7 +27,14 @@ from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
 from mlx_dft.losses import SFT, Loss, LossSums, auto_chunk_tokens, chunked_terms, detached_ce, loss_sums
 from mlx_dft.models import split_model, vocab_size
-from mlx_dft.patches import StandIn, chunked_gated_delta, gradient_checkpointing, lean_swiglu, wrapped_blocks
+from mlx_dft.patches import (
+    StandIn,
+    chunked_gated_delta,
+    gradient_checkpointing,
+    lean_swiglu,
+    tiled_mlp,
+    wrapped_blocks,
+)
 from mlx_dft.progress import Progress
 
 if TYPE_CHECKING:
@@ -160,7 +167,8 @@ def make_loss_fn(
 
     def loss_fn(model, inputs, positions, targets, valid, segments=None, old_ce=None) -> LossSums:
         checkpoint = gradient_checkpointing(model)
-        with wrapped_blocks(body, segments, checkpoint), lean_swiglu(model), chunked_gated_delta(model):
+        blocks = wrapped_blocks(body, segments, checkpoint, tiled_mlp(model))
+        with blocks, lean_swiglu(model), chunked_gated_delta(model):
             if loss.needs_reference:
                 first = adapter_off.first_layer if fast else 0
                 out, ref = _policy_and_reference(body, inputs, adapter_off, first)

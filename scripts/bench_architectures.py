@@ -79,8 +79,12 @@ def make_model(shape: str, dst: Path) -> Path:
     mx.random.seed(0)
     model = model_cls(args_cls.from_dict(cfg))
     dst.mkdir(parents=True)
+    # Both shapes tie the output projection to the embedding, as the real checkpoints do (they hold
+    # no lm_head.weight, so mlx-lm's gemma3_text ties it on load; qwen3_5 builds none when tied).
     weights = {
-        k: mx.random.normal(v.shape) * 0.02 if v.ndim > 1 else v for k, v in tree_flatten(model.parameters())
+        k: mx.random.normal(v.shape) * 0.02 if v.ndim > 1 else v
+        for k, v in tree_flatten(model.parameters())
+        if not k.endswith("lm_head.weight")
     }
     mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "pt"})
     del weights, model
@@ -131,6 +135,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--timeout", type=float, help="seconds a run may take (then reported as out of time)")
     ap.add_argument("--grad-checkpoint", action="store_true", help="both tools recompute blocks backward")
+    ap.add_argument(
+        "--tiled-mlp", action="store_true", help="also run mlx_dft with --tiled-mlp (and its checkpointing)"
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     bench.TIMEOUT = args.timeout
@@ -149,13 +156,15 @@ def main() -> None:
         )  # fmt: skip
         print(f"{shape}: batch {batch_size}, {tokens:.0f} tokens a step; logs in {work}", flush=True)
         row = {"shape": shape, "batch": batch_size, "tokens_per_step": tokens}
-        for name in ("stock", "mlx_dft"):
+        for name in ("stock", "mlx_dft") + (("mlx_dft_tiled",) if args.tiled_mlp else ()):
             t0 = time.time()
             try:
                 if name == "stock":
                     r = bench.stock(run, model, data, work, openblas, "stock")
                 else:
-                    r = bench.ours(run, model, data, work, "ours", **bench.lora_options(run, loss="dft"))
+                    extra = {"tiled_mlp": True, "grad_checkpoint": True} if name == "mlx_dft_tiled" else {}
+                    opts = {**bench.lora_options(run, loss="dft"), **extra}
+                    r = bench.ours(run, model, data, work, name, **opts)
                 row[name] = {"tokens_per_sec": r["steps_per_sec"] * tokens, "peak_gb": r["peak_gb"]}
             except SystemExit as e:
                 row[name] = {"error": str(e)}

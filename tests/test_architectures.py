@@ -6,6 +6,8 @@ compiled), the default LoRA targets, nested configs, the planner, and a short ru
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import mlx_dft.losses
 import mlx.core as mx
 import mlx.nn as nn
@@ -139,6 +141,72 @@ def test_every_loss_matches_its_full_logits_form(arch_dir, model_type, adapter):
         den = sum(float(mx.sum(g2[k] ** 2)) for k in g1) ** 0.5
         assert num <= 1e-4 * max(den, 1e-8), (loss, adapter, num, den)
         model.update(params)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_tiled_mlp_is_exact_under_checkpointing(arch_dir, model_type, monkeypatch):
+    """--tiled-mlp (each recomputed block's MLP run over the sequence in tiles, each recomputed
+    again in the backward pass) gives the loss and gradients of the untiled checkpointed step and
+    of plain autodiff of ``model(inputs)``: the MLP sees each token alone (experts included)."""
+    from mlx_dft import patches
+
+    model, _ = _load(arch_dir(model_type))
+    method = adapters.method("lora")
+    method.apply(model, method.settings(_cfg(adapter="lora"), model))
+    _perturb_adapter(model)
+    inputs, targets, mask = _batch(models.vocab_size(model), length=13)
+    lcfg = loss_of(_cfg(loss="dft"))
+    loss_fn = model_loss_fn(model, lcfg, 4)
+    tiles = []
+    original = patches.tiled_feed_forward
+
+    @contextmanager
+    def counted(block, x, on=True):
+        with original(block, x, on) as n:
+            tiles.append(n)
+            yield n
+
+    monkeypatch.setattr(patches, "tiled_feed_forward", counted)
+    # a tile of 4 tokens of the widest layer's width at this model's shape: 4 tiles of a 13-token row
+    width = max(patches.feed_forward_width(b[n]) for b in models.split_model(model).body.layers
+                for n in patches.FEED_FORWARD_NAMES if n in b)  # fmt: skip
+    monkeypatch.setattr(patches, "FEED_FORWARD_TILE_BYTES", 2 * 4 * width * 4)
+
+    def run(tiled: bool, checkpoint: bool = True):
+        patches.set_checkpointing(model, checkpoint, tiled=tiled)
+
+        def ours(params):
+            model.update(params)
+            return _our_loss(model, loss_fn, inputs, targets, mask)
+
+        params = model.trainable_parameters()
+        out = mx.compile(mx.value_and_grad(ours), inputs=[model.state])(params)
+        model.update(params)
+        patches.set_checkpointing(model, False)
+        return out
+
+    v_plain, g_plain = run(False, checkpoint=False)
+    v0, g0 = run(False)
+    v1, g1 = run(True)
+    assert max(tiles) == 4, tiles  # every block of the tiled run, 1 elsewhere
+    assert patches.feed_forward_tiles(2 * 13, width, patches.FEED_FORWARD_TILE_BYTES) == 4
+    for v, g in ((v0, g0), (v_plain, g_plain)):
+        assert float(v1) == pytest.approx(float(v), rel=1e-5, abs=1e-6)
+        a, b = dict(tree_flatten(g1)), dict(tree_flatten(g))
+        assert a.keys() == b.keys()
+        num = sum(float(mx.sum((a[k] - b[k]) ** 2)) for k in a) ** 0.5
+        den = sum(float(mx.sum(b[k] ** 2)) for k in a) ** 0.5
+        assert num <= 1e-4 * max(den, 1e-8), (model_type, num, den)
+
+
+def test_tiled_mlp_needs_grad_checkpoint(tiny_model, arith_data, tmp_path):
+    from tests.test_cli import assert_one_line_error
+
+    out = tmp_path / "o"
+    p = run_cli("train", "--model", tiny_model, "--data", arith_data, "--output", out, "--iters", 1,
+                "--tiled-mlp")  # fmt: skip
+    assert_one_line_error(p, "--tiled-mlp needs --grad-checkpoint")
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_probe_falls_back_when_the_head_is_not_per_position(arch_dir):
