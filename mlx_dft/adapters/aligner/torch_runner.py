@@ -6,84 +6,323 @@
     model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-0.6B")
     attach_aligner(model, "exported-aligner/")     # a folder from `mlx_dft export`, or a Hub repo id
 
-Exactly the maths of mlx_dft's MLX implementation (the folder format is in :mod:`.hf`): in every
-adapted layer, each query head adds ``gate * softmax(q k^T / sqrt(d)) v`` over the N prefix
-tokens to its attention output before ``o_proj``; prefix keys/values go through the layer's
-k/v projections (with biases, and Qwen3's ``k_norm`` on keys), without RoPE. Implemented as
-forward hooks on the attention modules of the architectures in ``models.ARCHITECTURES``: the layer's
-attention itself is untouched, and the hook adds ``o_proj``'s weight times the prefix term.
+The maths of mlx_dft's MLX implementation (the folder format and the maths are in :mod:`.hf`), on
+any architecture whose attention goes through transformers' attention interface (every decoder
+of transformers 5): transformers' attention modules compute their queries, keys and values (and
+RoPE, q/k norms, shared KV, ...) themselves and then call
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``
+with them. :func:`attach_aligner` registers an attention function
+(``mlx_dft_aligner_<the model's own implementation>``) that calls the model's own one (eager,
+sdpa, flash, ...) unchanged and, in a gated layer, adds the prefix term::
+
+    out_h += g_h * softmax(q_h k^T * scaling [soft-capped if the layer soft-caps]) v
+
+with q the queries exactly as handed to the kernel, ``scaling`` the layer's own, and k, v the
+prefix through the layer's key/value maps, found on the module by name and checked by shape
+(:func:`prefix_maps`): ``k_proj``/``v_proj`` or phi3's fused ``qkv_proj``, biases, the key norm
+per head (``k_norm``, lfm2's ``k_layernorm``) or over the whole key width (olmo2), gemma4's
+scale-less ``v_norm``, its ``k_proj``-as-values layers (no ``v_proj``) and its KV-shared layers
+(the maps of the layer they share with). The term enters before anything the layer does after
+the kernel (qwen3_5's output gate, ``o_proj``). Sinks, sliding windows and the causal mask belong
+to the layer's own attention only. Layers without a gate pass through.
 
 torch and transformers are needed here only; importing mlx_dft does not import them.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from mlx_dft.adapters.aligner import hf
+from mlx_dft.errors import UserError
 from mlx_dft.files import local_or_hub
-from mlx_dft.models import ARCHITECTURES, SHAPE_KEYS
+from mlx_dft.models import SHAPE_KEYS
+
+NAME = "mlx_dft_aligner"
+STATE = "_mlx_dft_aligner"  # on each gated attention module: (holder, gate key, key/value module)
+
+
+class AlignerError(UserError, ValueError):
+    """An Aligner that cannot run on this model (one line: what and why)."""
+
+
+# ------------------------------------------------------------------ the maths
+
+
+def prefix_maps(attn, layer: int, d: int, heads: int):
+    """A function P [N, C] -> (keys, values) [n_kv, N, d] applying ``attn``'s own key/value maps
+    (no RoPE); ``d``/``heads``: the head size and count of the layer's queries. Refuses, naming the
+    layer and the module class, an attention whose maps it cannot recognise."""
+    import torch
+    from torch import nn
+
+    what = f"layer {layer}'s attention ({type(attn).__name__})"
+
+    def linear_out(name: str) -> int | None:
+        m = getattr(attn, name, None)
+        w = getattr(m, "weight", None)
+        return int(w.shape[0]) if isinstance(m, nn.Module) and w is not None and w.ndim == 2 else None
+
+    if linear_out("qkv_proj") is not None:  # phi3: [q | k | v] rows, split as the layer splits them
+        width = (linear_out("qkv_proj") - heads * d) // 2
+        if width <= 0 or heads * d + 2 * width != linear_out("qkv_proj"):
+            raise AlignerError(f"{what}: qkv_proj has {linear_out('qkv_proj')} outputs, not q + 2 kv widths")
+
+        def project(p):
+            kv = attn.qkv_proj(p)[..., heads * d :]
+            return kv[..., :width], kv[..., width:]
+
+    elif linear_out("k_proj") is not None:
+        width = linear_out("k_proj")
+        v_width = linear_out("v_proj")
+        if getattr(attn, "v_proj", None) is not None and v_width != width:
+            raise AlignerError(f"{what}: v_proj has {v_width} outputs, k_proj {width}")
+
+        def project(p):
+            k = attn.k_proj(p)
+            return k, (attn.v_proj(p) if getattr(attn, "v_proj", None) is not None else k)
+
+    else:
+        raise AlignerError(
+            f"{what} has no k_proj/v_proj or qkv_proj that the Aligner knows; its prefix keys and "
+            "values cannot be computed"
+        )
+    n_kv = width // d
+    if n_kv < 1 or n_kv * d != width or heads % n_kv:
+        raise AlignerError(
+            f"{what}: key width {width} is not a whole number of KV groups of {d} for {heads} heads"
+        )
+    k_norm = next(
+        (getattr(attn, n) for n in ("k_norm", "k_layernorm") if getattr(attn, n, None) is not None), None
+    )
+    v_norm = getattr(attn, "v_norm", None)
+    whole_width = False
+    if k_norm is not None:
+        w = getattr(k_norm, "weight", None)
+        size = None if w is None else int(w.numel())
+        if size == width and width != d:
+            whole_width = True  # olmo2: one RMSNorm over all KV heads, before the split
+        elif size not in (None, d):
+            raise AlignerError(
+                f"{what}: key norm of {size} values fits neither the head ({d}) nor the keys ({width})"
+            )
+
+    def maps(prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = prefix.shape[0]
+        k, v = project(prefix)
+        if k_norm is not None and whole_width:
+            k = k_norm(k)
+        k, v = k.reshape(n, n_kv, d), v.reshape(n, n_kv, d)
+        if k_norm is not None and not whole_width:
+            k = k_norm(k)
+        if v_norm is not None:
+            v = v_norm(v)
+        return k.transpose(0, 1), v.transpose(0, 1)
+
+    return maps
+
+
+def prefix_term(query, keys, values, gate, scaling: float, softcap: float | None = None):
+    """``gate_h * softmax(q_h k^T * scaling) v`` for queries [B, H, L, d] and prefix keys/values
+    [n_kv, N, d] (head h reads group h // (H / n_kv)); returns [B, L, H, d], the layout of the
+    attention functions' outputs."""
+    import torch
+
+    heads, n_kv = query.shape[1], keys.shape[0]
+    keys = keys.repeat_interleave(heads // n_kv, dim=0).to(query.dtype)
+    values = values.repeat_interleave(heads // n_kv, dim=0).to(query.dtype)
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling  # [B, H, L, N]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    term = torch.matmul(probs, values) * gate.to(query.dtype).view(1, -1, 1, 1)
+    return term.transpose(1, 2)
+
+
+# ------------------------------------------------------------------ the attention function
+
+
+def _own_implementation(inner: str):
+    """The model's own attention function named ``inner``, per module ("eager" is each modeling
+    file's ``eager_attention_forward``, which knows the layer's sinks and soft-capping)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def own(module):
+        if inner == "eager":
+            fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+            if fn is None:
+                raise AlignerError(f"{type(module).__name__}'s module has no eager_attention_forward")
+            return fn
+        return ALL_ATTENTION_FUNCTIONS[inner]
+
+    return own
+
+
+def _registered(inner: str) -> str:
+    """Register (once) the Aligner's attention function around ``inner``; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = f"{NAME}_{inner}"
+    if name in AttentionInterface._global_mapping:
+        return name
+    own = _own_implementation(inner)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        out, weights = own(module)(module, query, key, value, attention_mask, **kwargs)
+        state = module.__dict__.get(STATE)
+        if state is None or not state[0].enabled:
+            return out, weights
+        holder, gate_key, kv_module = state
+        keys, values = kv_module.__dict__[f"{STATE}_maps"](holder.prefix.to(query.dtype))
+        scaling = kwargs.get("scaling")
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        term = prefix_term(query, keys, values, holder.gates[gate_key], scaling, kwargs.get("softcap"))
+        return out + term.to(out.dtype), weights
+
+    AttentionInterface.register(name, attention)
+    # the same masks as the model's own implementation
+    mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner)
+    if mask is not None:
+        AttentionMaskInterface.register(name, mask)
+    return name
+
+
+# ------------------------------------------------------------------ attaching
+
+
+def _blocks(model, n_layers: int):
+    """The model's decoder blocks: the ``layers`` ModuleList of ``n_layers`` (the language
+    model's, in a multimodal model)."""
+    from torch import nn
+
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "layers" and len(m) == n_layers
+    ]
+    if not found:
+        raise AlignerError(f"{type(model).__name__} has no list of {n_layers} decoder layers")
+    found.sort(key=lambda nm: ("language_model" not in nm[0], len(nm[0])))
+    return found[0][1]
+
+
+def _attention(block, layer: int):
+    for name in ("self_attn", "attention", "attn"):
+        if getattr(block, name, None) is not None:
+            return getattr(block, name)
+    raise AlignerError(
+        f"layer {layer} ({type(block).__name__}) has no attention module, yet the Aligner gates it"
+    )
+
+
+def _kv_source(blocks, layer: int, attn):
+    """The module whose key/value maps ``attn`` uses: itself, or for a layer that reuses another
+    layer's keys and values (gemma4's KV-shared layers, no ``k_proj`` of their own) the last
+    earlier layer of its type that stores them, as transformers picks it."""
+    if not getattr(attn, "is_kv_shared_layer", False):
+        return attn
+    kind = getattr(attn, "layer_type", None)
+    for j in range(layer - 1, -1, -1):
+        other = _attention(blocks[j], j)
+        if getattr(other, "store_full_length_kv", False) and getattr(other, "layer_type", None) == kind:
+            return other
+    raise AlignerError(f"layer {layer} shares keys and values, but no earlier layer of its type stores them")
+
+
+def _model_types(model) -> set[str]:
+    config = model.config
+    types = {getattr(config, "model_type", None)}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types.add(getattr(text, "model_type", None))
+    return {t for t in types if t}
+
+
+def _shapes(model) -> dict[str, int]:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {k: getattr(text, k, None) for k in SHAPE_KEYS}
+
+
+def _check_base(model, spec: dict, folder: Path) -> None:
+    """One line naming both models when this Aligner was made for another one."""
+    mt = spec.get("model_type")
+    have_types, have = _model_types(model), _shapes(model)
+    want = {k: int(spec[k]) for k in SHAPE_KEYS}
+    # transformers names a text-only model ``<type>_text`` (qwen3_5 -> qwen3_5_text)
+    type_ok = mt is None or bool({mt, f"{mt}_text", mt.removesuffix("_text")} & have_types)
+    if type_ok and want == have:
+        return
+    ours = ", ".join(f"{k}={v}" for k, v in want.items())
+    theirs = ", ".join(f"{k}={v}" for k, v in have.items())
+    raise AlignerError(
+        f"{folder}: this Aligner is for a {mt or 'model'} with {ours}; this model is a "
+        f"{model.config.model_type} with {theirs}"
+    )
 
 
 def attach_aligner(model, source: str | Path):
     """Attach the Aligner in ``source`` to ``model`` (in place); returns the model.
 
-    The prefix and gates become ``model.aligner`` (an ``nn.Module``, trainable if you wish)."""
+    The prefix and gates become ``model.aligner`` (an ``nn.Module``; trainable if you wish;
+    ``model.aligner.enabled = False`` gives the base model). The model's attention
+    implementation becomes ``mlx_dft_aligner_<its own>``, which calls its own."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from torch import nn
 
+    if hasattr(model, "aligner"):
+        raise AlignerError(f"{type(model).__name__} already has an Aligner attached")
     folder = local_or_hub(source, ["*.json", "*.safetensors"], "Aligner")
-    cfg = json.loads((folder / "aligner_config.json").read_text())
-    tensors = load_file(str(folder / "aligner_model.safetensors"))
-    mc = model.config
-    if mc.model_type not in ARCHITECTURES:
-        raise ValueError(f"Aligner supports {', '.join(ARCHITECTURES)} models, not {mc.model_type}")
-    for key in SHAPE_KEYS:
-        if int(getattr(mc, key)) != int(cfg[key]):
-            raise ValueError(f"this Aligner needs {key}={cfg[key]}, the model has {getattr(mc, key)}")
-    start, n_layers = int(cfg["start_layer"]), int(cfg["num_hidden_layers"])
+    spec = hf.read_config(folder)
+    weights = folder / hf.HF_WEIGHTS
+    if not weights.is_file():
+        raise AlignerError(f"{folder}: no {hf.HF_WEIGHTS}")
+    with safe_open(str(weights), framework="pt") as f:
+        hf.check_tensors(spec, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, weights)
+    _check_base(model, spec, folder)
+    tensors = load_file(str(weights))
     dtype = next(model.parameters()).dtype
+    blocks = _blocks(model, int(spec["num_hidden_layers"]))
 
     holder = nn.Module()
+    holder.enabled = True
     holder.prefix = nn.Parameter(tensors["prefix"].to(dtype), requires_grad=False)
+    per = int(spec["num_attention_heads"]) if spec["gate"] == "head" else 1
     holder.gates = nn.ParameterDict(
         {
-            str(i): nn.Parameter(tensors[f"layers.{i}.gate"].to(dtype), requires_grad=False)
-            for i in range(start, n_layers)
+            str(i): nn.Parameter(tensors[f"layers.{i}.gate"].reshape(per).to(dtype), requires_grad=False)
+            for i in spec["layers"]
         }
     )
+    attached = []
+    for i in spec["layers"]:
+        attn = _attention(blocks[i], i)
+        source_attn = _kv_source(blocks, i, attn)
+        heads = int(spec["num_attention_heads"])
+        d = getattr(attn, "head_dim", None)
+        q_out = getattr(getattr(attn, "q_proj", None), "weight", None)
+        if d is None:
+            if q_out is None:
+                raise AlignerError(f"layer {i}'s attention ({type(attn).__name__}) has no head_dim")
+            d = q_out.shape[0] // heads
+        maps = prefix_maps(source_attn, i, int(d), heads)
+        if per != 1 and per != heads:
+            raise AlignerError(f"layer {i}: {per} gates for {heads} heads")
+        attached.append((attn, source_attn, maps, str(i)))
+    inner = model.config._attn_implementation or "eager"
+    if inner.startswith(NAME):
+        raise AlignerError("this model already runs an Aligner's attention function")
+    name = _registered(inner)
+    for attn, source_attn, maps, key in attached:
+        # plain attributes (not submodules): the prefix and gates are parameters of model.aligner only
+        source_attn.__dict__[f"{STATE}_maps"] = maps
+        attn.__dict__[STATE] = (holder, key, source_attn)
     model.aligner = holder
-    layers = model.model.layers
-    for i in range(start, n_layers):
-        attn = layers[i].self_attn
-        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-
-        def hook(module, args, kwargs, output, i=i, rope=rope):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            cos, sin = kwargs["position_embeddings"]
-            b, length, _ = hidden.shape
-            d = module.head_dim
-            q = module.q_proj(hidden).view(b, length, -1, d)
-            if hasattr(module, "q_norm"):
-                q = module.q_norm(q)
-            q = q.transpose(1, 2)
-            q, _ = rope(q, q, cos, sin)
-            heads, n_kv = q.shape[1], mc.num_key_value_heads
-            prefix = model.aligner.prefix
-            k = module.k_proj(prefix).view(prefix.shape[0], n_kv, d)
-            if hasattr(module, "k_norm"):
-                k = module.k_norm(k)
-            v = module.v_proj(prefix).view(prefix.shape[0], n_kv, d)
-            k = k.transpose(0, 1).repeat_interleave(heads // n_kv, dim=0)  # [H, N, d]
-            v = v.transpose(0, 1).repeat_interleave(heads // n_kv, dim=0)
-            scores = torch.matmul(q, k.transpose(-1, -2)) * module.scaling  # [B, H, L, N]
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            term = torch.matmul(probs, v) * model.aligner.gates[str(i)].view(1, -1, 1, 1)
-            term = term.transpose(1, 2).reshape(b, length, heads * d)
-            delta = torch.nn.functional.linear(term, module.o_proj.weight)
-            return (output[0] + delta, *output[1:])
-
-        attn.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise AlignerError(f"{type(model).__name__} refused the attention function {name}")
     return model
