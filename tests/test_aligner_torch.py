@@ -14,24 +14,39 @@ from mlx_dft import adapters, api
 from mlx_dft.adapters import aligner
 from mlx_dft.adapters.aligner import hf as aligner_hf
 from mlx_dft.config import TrainConfig
+from mlx_dft.errors import UserError
 from mlx_dft.interop import convert
 from mlx_dft.models import model_signature
+from tests import arch_models
 from tests.arch_models import TYPES, mlx_gpt_oss, write_hf_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 IDS = [[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [1, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
-# the largest |logit difference| torch vs MLX seen per model type (float32), with margin; the base
-# models themselves agree to 1e-4 (tests/test_architectures_peft.py)
-ATOL = dict.fromkeys(TYPES, 1e-4)
+# float32 on CPU: torch and MLX agree to ~3e-6 on these logits (scale ~1) on every type; the base
+# models alone agree to 1e-4 (tests/test_architectures_peft.py), the bound used here
+ATOL = 1e-4
 # what the MLX side does not run yet (mlx_dft.support): skipped with the reason, not failed
 MLX_READY = {"llama", "qwen3"}
+# variants beyond tests/arch_models.py's configs: gemma4's full-attention layers with keys as values
+# (attention_k_eq_v) and their own KV-head count
+VARIANTS = {
+    "gemma4_text-k_eq_v": ("gemma4_text", {"attention_k_eq_v": True, "num_global_key_value_heads": 2})
+}
+CASES = [*TYPES, *VARIANTS]
 
 
-def _mlx_folder(hf_path, model_type, tmp_path):
+def _write(tmp_path, case, monkeypatch):
+    """(transformers folder, the folder mlx-lm reads) of a tiny random model of ``case``."""
+    model_type, extra = VARIANTS.get(case, (case, {}))
+    if extra:
+        monkeypatch.setitem(
+            arch_models.HF_OVERRIDES, model_type, {**arch_models.HF_OVERRIDES.get(model_type, {}), **extra}
+        )
+    hf_path = write_hf_model(tmp_path / "base", model_type)
     # gpt_oss: mlx-lm reads the experts split (as mlx-community converts them), transformers fused
-    return mlx_gpt_oss(hf_path, tmp_path / "mlx") if model_type == "gpt_oss" else hf_path
+    return hf_path, (mlx_gpt_oss(hf_path, tmp_path / "mlx") if model_type == "gpt_oss" else hf_path)
 
 
 def _with_aligner(path, tokens=3, start=0, gate="head", seed=1):
@@ -53,12 +68,8 @@ def _save(path, settings, weights, out):
     """An mlx_dft adapter folder, as a run writes it."""
     out.mkdir()
     config = json.loads((path / "config.json").read_text())
-    cfg = {
-        **settings,
-        "adapter": "aligner",
-        "base_model": str(path),
-        "model_signature": model_signature(config),
-    }
+    signature = model_signature(config)
+    cfg = {**settings, "adapter": "aligner", "base_model": str(path), "model_signature": signature}
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     mx.save_safetensors(str(out / aligner.WEIGHTS_FILE), weights)
     return out
@@ -73,16 +84,33 @@ def _hf(path):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model_type", TYPES)
-def test_exported_aligner_gives_mlx_logits_in_transformers(model_type, tmp_path):
+@pytest.mark.parametrize("case", CASES)
+def test_exported_aligner_gives_mlx_logits_in_transformers(case, tmp_path, monkeypatch):
+    check_parity(case, tmp_path, monkeypatch)
+
+
+# later start layers: gemma4's last layer shares its keys and values with a layer without a gate;
+# qwen3_5 and lfm2 from a block that is not attention; one token (the softmax is 1), layer gates
+@pytest.mark.parametrize(
+    ("case", "tokens", "start", "gate"),
+    [
+        ("gemma4_text", 2, 3, "head"),
+        ("qwen3_5", 1, 2, "layer"),
+        ("lfm2", 4, 1, "layer"),
+        ("phi3", 1, 1, "head"),
+    ],
+)
+def test_later_start_layers_layer_gates_and_one_token(case, tokens, start, gate, tmp_path, monkeypatch):
+    check_parity(case, tmp_path, monkeypatch, tokens=tokens, start=start, gate=gate)
+
+
+def check_parity(case, tmp_path, monkeypatch, **aligner_kw):
     from mlx_dft.torch_aligner import attach_aligner
 
-    if model_type not in MLX_READY:
-        pytest.skip(f"the MLX Aligner does not run {model_type} yet")
-    hf_path = write_hf_model(tmp_path / "base", model_type)
-    path = _mlx_folder(hf_path, model_type, tmp_path)
-    net, settings, weights = _with_aligner(path)
+    if VARIANTS.get(case, (case,))[0] not in MLX_READY:
+        pytest.skip(f"the MLX Aligner does not run {case} yet")
+    hf_path, path = _write(tmp_path, case, monkeypatch)
+    net, settings, weights = _with_aligner(path, **aligner_kw)
     ours = np.array(net(mx.array(IDS)))
     run = _save(path, settings, weights, tmp_path / "run")
     exported = convert.export_adapter(run, tmp_path / "hf")
@@ -90,44 +118,171 @@ def test_exported_aligner_gives_mlx_logits_in_transformers(model_type, tmp_path)
     assert spec["format_version"] == 2 and spec["layers"] == aligner_hf.gated_layers(settings["aligner"])
     model = attach_aligner(_hf(hf_path), exported)
     theirs = _torch_logits(model)
-    diff = float(np.abs(theirs - ours).max())
-    print(f"{model_type}: max |logit difference| torch vs MLX {diff:.2e}")
-    np.testing.assert_allclose(theirs, ours, atol=ATOL[model_type], rtol=0)
+    print(f"{case}: max |logit difference| torch vs MLX {np.abs(theirs - ours).max():.2e}")
+    np.testing.assert_allclose(theirs, ours, atol=ATOL, rtol=0)
     model.aligner.enabled = False
     assert np.abs(ours - _torch_logits(model)).max() > 1e-2  # the Aligner matters
     back = convert.import_adapter(str(exported), tmp_path / "back")  # mlx -> HF -> mlx, bitwise
     a, b = (mx.load(str(p / aligner.WEIGHTS_FILE)) for p in (run, back))
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]) for k in a)
+    ca, cb = (json.loads((p / "adapter_config.json").read_text())["aligner"] for p in (run, back))
+    assert all(ca[k] == cb[k] for k in cb if k in ca) and aligner_hf.gated_layers(ca) == cb["layers"]
 
 
-def _export(path, tmp_path, settings_weights=None, **kw):
-    net, settings, weights = settings_weights or _with_aligner(path, **kw)
-    run = _save(path, settings, weights, tmp_path / "run")
-    return convert.export_adapter(run, tmp_path / "hf")
+# ------------------------------------------------------------------ transformers alone
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-def test_zero_gates_give_the_transformers_base_model_bitwise(model_type, tmp_path):
+def _attention_blocks(model) -> list[int]:
+    from mlx_dft.adapters.aligner.torch_runner import _attention, _blocks
+
+    return [i for i, b in enumerate(_blocks(model)) if _attention(b) is not None]
+
+
+def _hand_made(model, model_type, out, gates="random", tokens=3, version=2):
+    """Our HF Aligner folder for a transformers model, written here (no MLX): every attention
+    block gated."""
+    from safetensors.torch import save_file
+
+    from mlx_dft.adapters.aligner.torch_runner import _blocks, _shapes
+
+    layers = _attention_blocks(model)
+    shapes = _shapes(model, _blocks(model))  # the sizes as the runner reads them
+    heads, hidden = shapes["num_attention_heads"], shapes["hidden_size"]
+    spec = {"format": "mlx_dft.aligner", "format_version": version, "model_type": model_type}
+    spec |= {"num_tokens": tokens, "start_layer": layers[0], "gate": "head", **shapes}
+    if version >= 2:
+        spec["layers"] = layers
+    g = torch.Generator().manual_seed(0)
+    tensors = {"prefix": torch.randn(tokens, hidden, generator=g)}
+    for i in layers if version >= 2 else range(layers[0], shapes["num_hidden_layers"]):
+        tensors[f"layers.{i}.gate"] = (
+            torch.zeros(heads) if gates == "zero" else torch.rand(heads, generator=g) * 2 - 1
+        )
+    out.mkdir()
+    save_file(tensors, str(out / aligner_hf.HF_WEIGHTS))
+    (out / aligner_hf.HF_CONFIG).write_text(json.dumps(spec))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_zero_gates_give_the_transformers_base_model_bitwise(case, tmp_path, monkeypatch):
+    from mlx_dft.torch_aligner import attach_aligner
+
+    model_type = VARIANTS.get(case, (case,))[0]
+    hf_path, _ = _write(tmp_path, case, monkeypatch)
+    base = _torch_logits(_hf(hf_path))
+    model = _hf(hf_path)
+    own = model.config._attn_implementation
+    attach_aligner(model, _hand_made(model, model_type, tmp_path / "zero", gates="zero"))
+    assert model.config._attn_implementation == f"mlx_dft_aligner_{own}"
+    np.testing.assert_array_equal(_torch_logits(model), base)
+    with torch.no_grad():  # non-zero gates move every gated layer's output
+        for g in model.aligner.gates.values():
+            g.fill_(0.5)
+    assert np.abs(_torch_logits(model) - base).max() > 1e-2
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_text", "qwen3_5", "gpt_oss", "lfm2"])
+def test_generation_with_the_kv_cache_equals_recomputation(model_type, tmp_path):
+    """The prefix is not in the cache: each decoding step's queries read it afresh."""
     from mlx_dft.torch_aligner import attach_aligner
 
     hf_path = write_hf_model(tmp_path / "base", model_type)
-    net, settings, weights = _with_aligner(hf_path)
-    weights = {k: (mx.zeros_like(v) if aligner.GATE_LEAF in k else v) for k, v in weights.items()}
-    exported = _export(hf_path, tmp_path, (net, settings, weights))
-    base = _torch_logits(_hf(hf_path))
-    model = attach_aligner(_hf(hf_path), exported)
-    assert model.config._attn_implementation.startswith("mlx_dft_aligner_")
-    np.testing.assert_array_equal(_torch_logits(model), base)
+    model = _hf(hf_path)
+    attach_aligner(model, _hand_made(model, model_type, tmp_path / "al"))
+    ids = torch.tensor(IDS[:1])
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        full = ids
+        for _ in range(6):  # greedy by hand, the whole sequence each step
+            full = torch.cat([full, model(full).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(cached, full)
 
 
-def test_a_mismatched_base_is_refused_in_one_line_naming_both(tmp_path):
+def test_a_version_1_folder_still_runs_and_imports(tmp_path):
     from mlx_dft.torch_aligner import attach_aligner
 
-    exported = _export(write_hf_model(tmp_path / "base", "llama"), tmp_path)
-    other = _hf(write_hf_model(tmp_path / "other", "qwen3"))
+    hf_path = write_hf_model(tmp_path / "base", "llama")
+    v1 = _hand_made(_hf(hf_path), "llama", tmp_path / "v1", version=1)
+    model = attach_aligner(_hf(hf_path), v1)
+    assert sorted(model.aligner.gates) == ["0", "1"]
+    cfg = aligner_hf.import_hf(v1)
+    assert cfg["aligner"]["layers"] == [0, 1] and cfg["aligner"]["layers_prefix"] == "model.layers"
+    assert sorted(cfg["weights"]["aligner.safetensors"]) == [
+        "aligner.prefix", "model.layers.0.self_attn.aligner_gate", "model.layers.1.self_attn.aligner_gate",
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_a_mismatched_base_is_refused_in_one_line_naming_both(tmp_path, monkeypatch):
+    from mlx_dft.torch_aligner import attach_aligner
+
+    folder = _hand_made(_hf(write_hf_model(tmp_path / "base", "llama")), "llama", tmp_path / "al")
+    # another architecture of the very same sizes (ministral3's tiny model), and a llama of other sizes
+    other = _hf(write_hf_model(tmp_path / "other", "ministral3"))
     with pytest.raises(
-        ValueError, match=r"^\S+: this Aligner is for a llama with .*; this model is a qwen3 with"
+        ValueError, match=r"this Aligner is for a llama with .*; this model is a ministral3 with"
     ) as e:
-        attach_aligner(other, exported)
-    assert "\n" not in str(e.value) and not hasattr(other, "aligner")
-    assert other.config._attn_implementation in ("sdpa", "eager")
+        attach_aligner(other, folder)
+    monkeypatch.setitem(arch_models.HF_OVERRIDES, "llama", {"num_key_value_heads": 4})
+    wider = _hf(write_hf_model(tmp_path / "wider", "llama"))
+    with pytest.raises(
+        ValueError, match=r"num_key_value_heads=2.*; this model is a llama .*num_key_value_heads=4"
+    ) as f:
+        attach_aligner(wider, folder)
+    for err, model in ((e, other), (f, wider)):
+        assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+        assert not hasattr(model, "aligner") and model.config._attn_implementation in ("sdpa", "eager")
+
+
+def test_an_attention_it_cannot_read_is_refused_naming_the_layer(tmp_path):
+    from mlx_dft.torch_aligner import attach_aligner
+
+    hf_path = write_hf_model(tmp_path / "base", "llama")
+    folder = _hand_made(_hf(hf_path), "llama", tmp_path / "al")
+    model = _hf(hf_path)
+    attn = model.model.layers[1].self_attn
+    attn.key_map, attn.k_proj = attn.k_proj, None
+    with pytest.raises(
+        ValueError, match=r"^layer 1's attention \(LlamaAttention\) has no k_proj/v_proj or qkv_proj"
+    ):
+        attach_aligner(model, folder)
+    assert not hasattr(model, "aligner")
+
+
+def _edit(folder, **changes):
+    spec = json.loads((folder / aligner_hf.HF_CONFIG).read_text())
+    (folder / aligner_hf.HF_CONFIG).write_text(json.dumps({**spec, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"format_version": 3}, "Aligner format version 3 is not one this mlx_dft reads"),
+        ({"layers": [1, 0]}, "layers must be increasing block indices from 0 to 1"),
+        ({"layers": [0, 2]}, "layers must be increasing block indices from 0 to 1"),
+        ({"layers": [0]}, r"unexpected tensors \['layers.1.gate'\]"),
+        ({"layers": "0,1"}, "layers must be increasing block indices"),
+        ({"gate": "layer"}, "layers.0.gate has 4 values, expected 1"),
+        ({"num_tokens": 2}, r"prefix shape \(3, 64\) disagrees with the config"),
+        (
+            {"mlx_layers_prefix": "model.layers/../x"},
+            "mlx_layers_prefix 'model.layers/../x' is not a module path",
+        ),
+        ({"model_type": ["llama"]}, "model_type \\['llama'\\] is not a string"),
+    ],
+)
+def test_a_damaged_folder_is_refused_in_one_line_by_both_readers(tmp_path, changes, why):
+    from mlx_dft.torch_aligner import attach_aligner
+
+    hf_path = write_hf_model(tmp_path / "base", "llama")
+    folder = _hand_made(_hf(hf_path), "llama", tmp_path / "al")
+    _edit(folder, **changes)
+    with pytest.raises(UserError, match=why):
+        aligner_hf.import_hf(folder)
+    model = _hf(hf_path)
+    with pytest.raises(UserError, match=why):
+        attach_aligner(model, folder)
+    assert not hasattr(model, "aligner")

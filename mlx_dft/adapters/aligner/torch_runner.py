@@ -120,6 +120,7 @@ def prefix_maps(attn, layer: int, d: int, heads: int):
             v = v_norm(v)
         return k.transpose(0, 1), v.transpose(0, 1)
 
+    maps.n_kv = n_kv
     return maps
 
 
@@ -192,29 +193,39 @@ def _registered(inner: str) -> str:
 # ------------------------------------------------------------------ attaching
 
 
-def _blocks(model, n_layers: int):
-    """The model's decoder blocks: the ``layers`` ModuleList of ``n_layers`` (the language
-    model's, in a multimodal model)."""
+def _config_value(config, key: str):
+    """``config.key`` of the text config, or None (also where transformers refuses a global read
+    of a per-layer value, as gemma4's ``num_key_value_heads``)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        return getattr(text, key, None)
+    except Exception:  # noqa: BLE001  (AmbiguousGlobalPerLayerAttributeError)
+        return None
+
+
+def _blocks(model):
+    """The model's decoder blocks: the ``layers`` ModuleList (the language model's, in a
+    multimodal model)."""
     from torch import nn
 
+    n = _config_value(model.config, "num_hidden_layers")
     found = [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "layers" and len(m) == n_layers
+        if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "layers" and (n is None or len(m) == n)
     ]
     if not found:
-        raise AlignerError(f"{type(model).__name__} has no list of {n_layers} decoder layers")
+        raise AlignerError(f"{type(model).__name__} has no list of decoder layers that the Aligner knows")
     found.sort(key=lambda nm: ("language_model" not in nm[0], len(nm[0])))
     return found[0][1]
 
 
-def _attention(block, layer: int):
+def _attention(block):
+    """A block's softmax attention module, or None (qwen3_5's gated-delta, lfm2's conv blocks)."""
     for name in ("self_attn", "attention", "attn"):
         if getattr(block, name, None) is not None:
             return getattr(block, name)
-    raise AlignerError(
-        f"layer {layer} ({type(block).__name__}) has no attention module, yet the Aligner gates it"
-    )
+    return None
 
 
 def _kv_source(blocks, layer: int, attn):
@@ -225,30 +236,56 @@ def _kv_source(blocks, layer: int, attn):
         return attn
     kind = getattr(attn, "layer_type", None)
     for j in range(layer - 1, -1, -1):
-        other = _attention(blocks[j], j)
+        other = _attention(blocks[j])
         if getattr(other, "store_full_length_kv", False) and getattr(other, "layer_type", None) == kind:
             return other
     raise AlignerError(f"layer {layer} shares keys and values, but no earlier layer of its type stores them")
 
 
+def _layer_maps(blocks, i: int, heads: int):
+    """(attention module, module of its key/value maps, the maps) of block ``i``."""
+    attn = _attention(blocks[i])
+    if attn is None:
+        raise AlignerError(
+            f"layer {i} ({type(blocks[i]).__name__}) has no attention module, yet the Aligner gates it"
+        )
+    d = getattr(attn, "head_dim", None)
+    if not isinstance(d, int):
+        q = getattr(getattr(attn, "q_proj", None), "weight", None)
+        if q is None:
+            raise AlignerError(f"layer {i}'s attention ({type(attn).__name__}) has no head_dim")
+        d = int(q.shape[0]) // heads
+    source = _kv_source(blocks, i, attn)
+    return attn, source, prefix_maps(source, i, d, heads)
+
+
 def _model_types(model) -> set[str]:
     config = model.config
-    types = {getattr(config, "model_type", None)}
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types.add(getattr(text, "model_type", None))
-    return {t for t in types if t}
+    return {t for t in (getattr(config, "model_type", None), _config_value(config, "model_type")) if t}
 
 
-def _shapes(model) -> dict[str, int]:
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return {k: getattr(text, k, None) for k in SHAPE_KEYS}
+def _shapes(model, blocks) -> dict[str, int | None]:
+    """The model's sizes as mlx_dft records them: the key/value heads of its first attention layer."""
+    heads = _config_value(model.config, "num_attention_heads")
+    first = next((i for i, b in enumerate(blocks) if _attention(b) is not None), None)
+    n_kv = None
+    if first is not None and isinstance(heads, int):
+        try:
+            n_kv = _layer_maps(blocks, first, heads)[2].n_kv
+        except AlignerError:
+            n_kv = _config_value(model.config, "num_key_value_heads")
+    return {
+        "hidden_size": _config_value(model.config, "hidden_size"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": n_kv,
+        "num_hidden_layers": len(blocks),
+    }
 
 
-def _check_base(model, spec: dict, folder: Path) -> None:
+def _check_base(model, blocks, spec: dict, folder: Path) -> None:
     """One line naming both models when this Aligner was made for another one."""
     mt = spec.get("model_type")
-    have_types, have = _model_types(model), _shapes(model)
+    have_types, have = _model_types(model), _shapes(model, blocks)
     want = {k: int(spec[k]) for k in SHAPE_KEYS}
     # transformers names a text-only model ``<type>_text`` (qwen3_5 -> qwen3_5_text)
     type_ok = mt is None or bool({mt, f"{mt}_text", mt.removesuffix("_text")} & have_types)
@@ -268,7 +305,6 @@ def attach_aligner(model, source: str | Path):
     The prefix and gates become ``model.aligner`` (an ``nn.Module``; trainable if you wish;
     ``model.aligner.enabled = False`` gives the base model). The model's attention
     implementation becomes ``mlx_dft_aligner_<its own>``, which calls its own."""
-    import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
     from torch import nn
@@ -282,47 +318,34 @@ def attach_aligner(model, source: str | Path):
         raise AlignerError(f"{folder}: no {hf.HF_WEIGHTS}")
     with safe_open(str(weights), framework="pt") as f:
         hf.check_tensors(spec, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, weights)
-    _check_base(model, spec, folder)
+    blocks = _blocks(model)
+    _check_base(model, blocks, spec, folder)
     tensors = load_file(str(weights))
     dtype = next(model.parameters()).dtype
-    blocks = _blocks(model, int(spec["num_hidden_layers"]))
+    heads = int(spec["num_attention_heads"])
+    attached = [(*_layer_maps(blocks, i, heads), str(i)) for i in spec["layers"]]
 
     holder = nn.Module()
     holder.enabled = True
     holder.prefix = nn.Parameter(tensors["prefix"].to(dtype), requires_grad=False)
-    per = int(spec["num_attention_heads"]) if spec["gate"] == "head" else 1
+    per = heads if spec["gate"] == "head" else 1
     holder.gates = nn.ParameterDict(
         {
             str(i): nn.Parameter(tensors[f"layers.{i}.gate"].reshape(per).to(dtype), requires_grad=False)
             for i in spec["layers"]
         }
     )
-    attached = []
-    for i in spec["layers"]:
-        attn = _attention(blocks[i], i)
-        source_attn = _kv_source(blocks, i, attn)
-        heads = int(spec["num_attention_heads"])
-        d = getattr(attn, "head_dim", None)
-        q_out = getattr(getattr(attn, "q_proj", None), "weight", None)
-        if d is None:
-            if q_out is None:
-                raise AlignerError(f"layer {i}'s attention ({type(attn).__name__}) has no head_dim")
-            d = q_out.shape[0] // heads
-        maps = prefix_maps(source_attn, i, int(d), heads)
-        if per != 1 and per != heads:
-            raise AlignerError(f"layer {i}: {per} gates for {heads} heads")
-        attached.append((attn, source_attn, maps, str(i)))
     inner = model.config._attn_implementation or "eager"
     if inner.startswith(NAME):
         raise AlignerError("this model already runs an Aligner's attention function")
     name = _registered(inner)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(inner)
+        raise AlignerError(f"{type(model).__name__} refused the attention function {name}")
     for attn, source_attn, maps, key in attached:
         # plain attributes (not submodules): the prefix and gates are parameters of model.aligner only
         source_attn.__dict__[f"{STATE}_maps"] = maps
         attn.__dict__[STATE] = (holder, key, source_attn)
     model.aligner = holder
-    with torch.no_grad():
-        model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
-        raise AlignerError(f"{type(model).__name__} refused the attention function {name}")
     return model
