@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_dft.adapters.aligner.hf import DEFAULT_PREFIX, GATE_NAME, gated_layers
 from mlx_dft.adapters.lora.peft import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 from mlx_dft.errors import UserError
 from mlx_dft.files import save_safetensors, staged_folder
@@ -36,13 +37,17 @@ def export_adaption_prompt(
     if arch is None or not arch.adaption_prompt:
         supported = " and ".join(k for k, v in ARCHITECTURES.items() if v.adaption_prompt)
         reasons.append(f"PEFT adaption prompt supports {supported}, not {mt}")
+    n_layers, layers = int(a["num_hidden_layers"]), gated_layers(a)
+    start = layers[0] if layers else n_layers
+    if layers != list(range(start, n_layers)):
+        reasons.append(f"its gated blocks {layers} are not the top ones (PEFT adapts the top adapter_layers)")
     if reasons:
         raise UserError("cannot export this Aligner as PEFT adaption prompt: " + "; ".join(reasons))
-    n_layers, start = int(a["num_hidden_layers"]), int(a["start_layer"])
     prefix = tensors["aligner.prefix"]
+    blocks = a.get("layers_prefix") or DEFAULT_PREFIX
     out_tensors = {}
-    for i in range(start, n_layers):
-        gate = tensors[f"model.layers.{i}.self_attn.aligner_gate"].reshape(1)
+    for i in layers:
+        gate = tensors[GATE_NAME.format(prefix=blocks, i=i)].reshape(1)
         out_tensors[f"{PEFT_PREFIX}model.layers.{i}.self_attn.adaption_prompt"] = prefix[None]
         out_tensors[f"{PEFT_PREFIX}model.layers.{i}.self_attn.adaption_gate"] = gate
     peft_config = {

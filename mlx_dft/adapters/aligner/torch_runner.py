@@ -176,10 +176,13 @@ def _registered(inner: str) -> str:
         if state is None or not state[0].enabled:
             return out, weights
         holder, gate_key, kv_module = state
-        keys, values = kv_module.__dict__[f"{STATE}_maps"](holder.prefix.to(query.dtype))
+        # to the query's device and dtype: layers may sit on several devices (device_map)
+        prefix = holder.prefix.to(device=query.device, dtype=query.dtype)
+        keys, values = kv_module.__dict__[f"{STATE}_maps"](prefix)
         scaling = kwargs.get("scaling")
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        term = prefix_term(query, keys, values, holder.gates[gate_key], scaling, kwargs.get("softcap"))
+        gate = holder.gates[gate_key].to(query.device)
+        term = prefix_term(query, keys, values, gate, scaling, kwargs.get("softcap"))
         return out + term.to(out.dtype), weights
 
     AttentionInterface.register(name, attention)
@@ -321,17 +324,19 @@ def attach_aligner(model, source: str | Path):
     blocks = _blocks(model)
     _check_base(model, blocks, spec, folder)
     tensors = load_file(str(weights))
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())
     heads = int(spec["num_attention_heads"])
     attached = [(*_layer_maps(blocks, i, heads), str(i)) for i in spec["layers"]]
 
     holder = nn.Module()
     holder.enabled = True
-    holder.prefix = nn.Parameter(tensors["prefix"].to(dtype), requires_grad=False)
+    holder.prefix = nn.Parameter(tensors["prefix"].to(first.device, first.dtype), requires_grad=False)
     per = heads if spec["gate"] == "head" else 1
     holder.gates = nn.ParameterDict(
         {
-            str(i): nn.Parameter(tensors[f"layers.{i}.gate"].reshape(per).to(dtype), requires_grad=False)
+            str(i): nn.Parameter(
+                tensors[f"layers.{i}.gate"].reshape(per).to(first.device, first.dtype), requires_grad=False
+            )
             for i in spec["layers"]
         }
     )
