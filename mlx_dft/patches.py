@@ -552,44 +552,46 @@ def packing_refusal(kind: str, model: nn.Module, body: nn.Module | None) -> str:
 # ------------------------------------------------------------------ attention hooks
 
 _RUNNING: contextvars.ContextVar = contextvars.ContextVar("mlx_dft_attention", default=None)
-_HOOKS: dict[str, dict[str, Callable]] = {}  # mlx-lm module -> {hook name: term}
+_HOOKS: dict[type, dict[str, Callable]] = {}  # attention class -> {hook name: term}
 
 
-def hook_attention(module_name: str, name: str, term: Callable) -> None:
+def hook_attention(attention_cls: type, name: str, term: Callable) -> None:
     """Add ``term(attention_module, queries, scale) -> array | None`` to the output of every
-    attention of mlx-lm's ``mlx_lm.models.<module_name>`` (the queries as the layer rotated them;
-    None adds nothing). Patches the module's ``Attention.__call__`` and its
-    ``scaled_dot_product_attention`` once; a hook of the same name is replaced."""
-    hooks = _HOOKS.get(module_name)
+    attention of class ``attention_cls`` (the queries as the layer hands them to the kernel; None
+    adds nothing). Patches the class's ``__call__`` and the ``scaled_dot_product_attention`` of
+    the mlx-lm module that defines it (qwen3_5 uses qwen3_next's attention, which calls
+    qwen3_next's kernel) once; a hook of the same name is replaced."""
+    hooks = _HOOKS.get(attention_cls)
     if hooks is not None:
         hooks[name] = term
         return
-    mod = importlib.import_module(f"mlx_lm.models.{module_name}")
-    attention_cls = mod.Attention
+    mod = sys.modules[attention_cls.__module__]
     original_call = attention_cls.__call__
     original_sdpa = mod.scaled_dot_product_attention
-    hooks = _HOOKS[module_name] = {name: term}
+    hooks = _HOOKS[attention_cls] = {name: term}
 
-    def __call__(self, x, mask=None, cache=None):
+    def __call__(self, *args, **kwargs):
         token = _RUNNING.set(self)
         try:
-            return original_call(self, x, mask, cache)
+            return original_call(self, *args, **kwargs)
         finally:
             _RUNNING.reset(token)
 
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
         out = original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
         attn = _RUNNING.get()
-        if attn is None:
+        if attn is None or type(attn) not in _HOOKS:
             return out
-        for fn in hooks.values():
+        for fn in _HOOKS[type(attn)].values():
             extra = fn(attn, queries, scale)
             if extra is not None:
                 out = out + extra.astype(out.dtype)
         return out
 
     attention_cls.__call__ = __call__
-    mod.scaled_dot_product_attention = scaled_dot_product_attention
+    if not getattr(original_sdpa, "_mlx_dft_hooked", False):
+        scaled_dot_product_attention._mlx_dft_hooked = True  # type: ignore[attr-defined]
+        mod.scaled_dot_product_attention = scaled_dot_product_attention
 
 
 # ------------------------------------------------------------------ the SwiGLU

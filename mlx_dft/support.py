@@ -62,6 +62,12 @@ def _table(what: str) -> Callable[[nn.Module, dict], str]:
     return check
 
 
+def _aligner(model: nn.Module, config: dict) -> str:
+    from mlx_dft.adapters.aligner.layer import refusal
+
+    return refusal(model)
+
+
 def _peft(model: nn.Module, config: dict) -> str:
     kind = _kind(model)
     if kind not in PEFT_PROVEN:
@@ -76,7 +82,7 @@ FEATURES = {
     "dora": Feature("DoRA", "--fine-tune-type dora", lambda m, c: ""),
     "full": Feature("full", "--fine-tune-type full", lambda m, c: ""),
     "pack": Feature("packing", "--pack", _packing),
-    "aligner": Feature("Aligner", "--fine-tune-type aligner", _table("the Aligner's attention hook")),
+    "aligner": Feature("Aligner", "--fine-tune-type aligner", _aligner),
     "peft": Feature("PEFT export", "mlx_dft export", _peft),
     "gguf": Feature("GGUF", "convert / --gguf", _table("the GGUF reader and writer")),
 }

@@ -185,7 +185,7 @@ def test_parameter_count_llama2_7b_shape():
         c = TrainConfig(adapter="aligner", aligner_gate=gate)
         adapters.apply_adapter(m, "aligner", aligner.settings(c, m))
         assert adapters.count_parameters(m)[0] == expected
-        assert aligner.parameter_count(1, 4096, 32, 2, 32, gate) == expected
+        assert aligner.parameter_count(1, 4096, 30, 32, gate) == expected
 
 
 def test_cached_generation_equals_recomputation():
@@ -287,24 +287,18 @@ def test_aligner_on_a_4bit_model(tiny_model_4bit, arith_data, tmp_path):
 
 
 def test_unsupported_and_mismatched(tmp_path, arith_data):
-    phi = {
-        "model_type": "starcoder2",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 128,
-        "vocab_size": 512,
-        "norm_epsilon": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-    }
-    other = write_model(tmp_path / "sc2", phi)
-    with pytest.raises(UserError, match=r"\(Aligner\) does not support model type .starcoder2.: .*llama"):
+    gemma2 = {
+        "model_type": "gemma2", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2, "vocab_size": 512,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "query_pre_attn_scalar": 16,
+    }  # fmt: skip
+    other = write_model(tmp_path / "g2", gemma2)
+    with pytest.raises(UserError, match=r"\(Aligner\) does not support model type .gemma2.: .*scores itself"):
         mlx_dft.train(
             model=str(other),
             data=str(arith_data),
             adapter="aligner",
+            aligner_start_layer=0,
             iters=1,
             batch_size=4,
             output=str(tmp_path / "x"),

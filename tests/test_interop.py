@@ -236,7 +236,7 @@ def test_official_checkpoints_import(official_dir, tmp_path, name, tokens, hidde
             np.array(w[f"model.layers.{i}.self_attn.aligner_gate"]),
             reference[f"transformer.h.{i}.attn.gating_factor"].float().numpy().reshape(-1),
         )
-    expected = aligner.parameter_count(tokens, hidden, layers, 2, heads, "head")
+    expected = aligner.parameter_count(tokens, hidden, layers - 2, heads, "head")
     assert sum(v.size for v in w.values()) == expected
     assert expected == {(1, 4096): 5056, (10, 5120): 51200 + 38 * 40, (10, 4096): 41920}[(tokens, hidden)]
     # A LLaMA-2-shaped random model (its blocks share one set of weights to fit in memory) runs with it.

@@ -173,6 +173,7 @@ def _sums_and_grads(model, loss_fn, batch):
         ("qwen3", "lora", "dft"),
         ("qwen3", "aligner", "sft"),
         *[(a, "lora", "dft") for a in MORE],
+        *[(a, "aligner", "dft") for a in MORE],
         ("gemma4_text", "lora", "asft"),
         ("gpt_oss", "full", "sft"),
         ("llama", "lora", "dft-checkpointed"),

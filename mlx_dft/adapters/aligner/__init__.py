@@ -17,7 +17,9 @@ from mlx_dft.adapters.aligner import hf, peft
 from mlx_dft.adapters.aligner.layer import (
     GATE_LEAF,
     GATES,
+    adapted_layers,
     apply_aligner,
+    attention_of,
     check_supported,
     constant_shift,
     parameter_count,
@@ -31,6 +33,7 @@ from mlx_dft.adapters.lora.peft import PEFT_CONFIG
 from mlx_dft.adapters.lora.peft import usage as peft_usage
 from mlx_dft.errors import UserError
 from mlx_dft.files import read_json, read_safetensors
+from mlx_dft.models import layers_prefix, model_type
 
 WEIGHTS_FILE = "aligner.safetensors"
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
@@ -38,6 +41,7 @@ OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
 __all__ = [
     "GATE_LEAF",
     "GATES",
+    "attention_of",
     "METHOD",
     "WEIGHTS_FILE",
     "Aligner",
@@ -61,7 +65,7 @@ class Aligner(AdapterMethod):
 
     def plan_terms(self, model: nn.Module, blocks: list[int], kept_blocks: int, token_bytes: float) -> dict:
         """The prefix attention's own activations, per hidden unit of each block keeping them."""
-        return {"aligner_hidden": kept_blocks * token_bytes * model.args.hidden_size}
+        return {"aligner_hidden": kept_blocks * token_bytes * shape_of(model)["hidden_size"]}
     weight_files = (WEIGHTS_FILE,)
     export_formats = ("hf", "peft")
     card_settings = ("aligner_tokens", "aligner_start_layer", "aligner_gate")
@@ -75,13 +79,21 @@ class Aligner(AdapterMethod):
             raise UserError(
                 f"--aligner-start-layer {cfg.aligner_start_layer} must be below the model's {n_layers} layers"
             )
+        shape, layers = shape_of(model), adapted_layers(model, cfg.aligner_start_layer)
+        per_layer = shape["num_attention_heads"]
         return {
             "fine_tune_type": self.name,
             "aligner": {
                 "tokens": cfg.aligner_tokens,
                 "start_layer": cfg.aligner_start_layer,
                 "gate": cfg.aligner_gate,
-                **shape_of(model),
+                **shape,
+                "layers": layers,
+                "layers_prefix": layers_prefix(model),
+                "model_type": model_type(model),
+                "parameters": parameter_count(
+                    cfg.aligner_tokens, shape["hidden_size"], len(layers), per_layer, cfg.aligner_gate
+                ),
             },
         }
 
@@ -95,13 +107,15 @@ class Aligner(AdapterMethod):
 
     def adapter_off(self, model: nn.Module, copy_weights: bool = False) -> AdapterOff:
         """The prefix terms skipped (as gates of 0): exactly the base model."""
-        adapted = [i for i, block in enumerate(model.layers) if GATE_LEAF in block.self_attn]
+        adapted = [
+            i for i, block in enumerate(model.layers) if GATE_LEAF in (attention_of(block) or {})
+        ]
         return AdapterOff(switched_off, first_layer=min(adapted, default=0))
 
     def describe(self, settings: dict) -> str:
         a = settings["aligner"]
         per = a["num_attention_heads"] if a.get("gate", "head") == "head" else 1
-        layers = a["num_hidden_layers"] - a["start_layer"]
+        layers = len(a["layers"]) if "layers" in a else a["num_hidden_layers"] - a["start_layer"]
         gates = f"{per} gate{'s' if per > 1 else ''}"
         return f" = {a['tokens']} tokens x {a['hidden_size']} + {layers} layers x {gates}"
 
