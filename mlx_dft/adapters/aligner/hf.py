@@ -41,6 +41,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_dft.adapters.aligner.layer import parameter_count
 from mlx_dft.architectures import check_sizes
 from mlx_dft.errors import UserError
 from mlx_dft.files import read_json, read_safetensors, save_safetensors, staged_folder
@@ -183,6 +184,10 @@ def _mlx_config(hf: dict, weights: dict) -> dict:
     }
     if hf.get("model_type"):
         aligner["model_type"] = hf["model_type"]
+    aligner["parameters"] = parameter_count(
+        aligner["tokens"], aligner["hidden_size"], len(aligner["layers"]), aligner["num_attention_heads"],
+        aligner["gate"],
+    )  # fmt: skip
     return {
         "fine_tune_type": "aligner",
         "adapter": "aligner",
