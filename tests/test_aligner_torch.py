@@ -47,8 +47,9 @@ def _write(tmp_path, case, monkeypatch):
     return hf_path, (mlx_gpt_oss(hf_path, tmp_path / "mlx") if model_type == "gpt_oss" else hf_path)
 
 
-def _with_aligner(path, tokens=3, start=0, gate="head", seed=1):
-    """The MLX model at ``path`` with an Aligner: random prefix, random gates of both signs."""
+def _with_aligner(path, tokens=3, start=0, gate="head", seed=1, gate_scale=1.0):
+    """The MLX model at ``path`` with an Aligner: random prefix, random gates of both signs (up to
+    ``gate_scale``)."""
     net, _ = api.load(str(path))
     cfg = TrainConfig(adapter="aligner", aligner_tokens=tokens, aligner_start_layer=start, aligner_gate=gate)
     settings = aligner.settings(cfg, net)
@@ -57,7 +58,7 @@ def _with_aligner(path, tokens=3, start=0, gate="head", seed=1):
     new = {}
     for i, (k, v) in enumerate(sorted(params.items())):
         r = mx.random.uniform(-1, 1, v.shape, key=mx.random.key(seed * 1000 + i))
-        new[k] = r if aligner.GATE_LEAF in k else 2 * r
+        new[k] = gate_scale * r if aligner.GATE_LEAF in k else 2 * r
     net.load_weights(list(new.items()), strict=False)
     return net, settings, new
 
@@ -71,6 +72,12 @@ def _save(path, settings, weights, out):
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     mx.save_safetensors(str(out / aligner.WEIGHTS_FILE), weights)
     return out
+
+
+def _export(path, tmp_path, parts):
+    """(MLX model, settings, weights) -> our HF Aligner folder, through an adapter folder."""
+    _, settings, weights = parts
+    return convert.export_adapter(_save(path, settings, weights, tmp_path / "run"), tmp_path / "hf")
 
 
 def _torch_logits(model) -> np.ndarray:
@@ -108,8 +115,8 @@ def check_parity(case, tmp_path, monkeypatch, **aligner_kw):
     hf_path, path = _write(tmp_path, case, monkeypatch)
     net, settings, weights = _with_aligner(path, **aligner_kw)
     ours = np.array(net(mx.array(IDS)))
-    run = _save(path, settings, weights, tmp_path / "run")
-    exported = convert.export_adapter(run, tmp_path / "hf")
+    exported = _export(path, tmp_path, (net, settings, weights))
+    run = tmp_path / "run"
     spec = json.loads((exported / aligner_hf.HF_CONFIG).read_text())
     assert spec["format_version"] == 2 and spec["layers"] == aligner_hf.gated_layers(settings["aligner"])
     model = attach_aligner(_hf(hf_path), exported)
@@ -282,3 +289,26 @@ def test_a_damaged_folder_is_refused_in_one_line_by_both_readers(tmp_path, chang
     with pytest.raises(UserError, match=why):
         attach_aligner(model, folder)
     assert not hasattr(model, "aligner")
+
+
+@pytest.mark.slow
+def test_on_smollm2_the_real_model_torch_gives_mlx_logits(smollm2, tmp_path):
+    """SmolLM2-135M-Instruct (llama, 30 blocks, 9 heads in 3 KV groups): ten prefix tokens from
+    block 2 on, gates up to 0.1 (the official checkpoints' are within 0.14), exported and attached
+    in transformers. A random prefix moves these logits by ~30 through 28 blocks, and float32
+    rounding alone then moves them by ~5e-4 (torch float32 against torch float64); MLX must be as
+    close to the float64 logits as torch's own float32 is."""
+    from mlx_dft.torch_aligner import attach_aligner
+
+    path = smollm2["float32"]
+    net, settings, weights = _with_aligner(path, tokens=10, start=2, gate_scale=0.1)
+    ours = np.array(net(mx.array(IDS)))
+    exported = _export(path, tmp_path, (net, settings, weights))
+    theirs = _torch_logits(attach_aligner(_hf(path), exported))
+    exact = attach_aligner(_hf(path).double(), exported)
+    with torch.no_grad():
+        exact = exact(torch.tensor(IDS)).logits.numpy()
+    torch_error, mlx_error = np.abs(theirs - exact).max(), np.abs(ours - exact).max()
+    print(f"SmolLM2: |torch - MLX| {np.abs(theirs - ours).max():.2e}; from float64: torch {torch_error:.2e}, "
+          f"MLX {mlx_error:.2e}")  # fmt: skip
+    assert mlx_error <= 3 * torch_error + 1e-4
