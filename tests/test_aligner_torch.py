@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_dft import adapters, api
 from mlx_dft.adapters import aligner
 from mlx_dft.adapters.aligner import hf as aligner_hf
+from mlx_dft.adapters.aligner.torch_runner import STATE
 from mlx_dft.config import TrainConfig
 from mlx_dft.errors import UserError
 from mlx_dft.interop import convert
@@ -177,8 +178,12 @@ def test_zero_gates_give_the_transformers_base_model_bitwise(case, tmp_path, mon
     model = _hf(hf_path)
     own = model.config._attn_implementation
     attach_aligner(model, _hand_made(model, model_type, tmp_path / "zero", gates="zero"))
-    assert model.config._attn_implementation == f"mlx_dft_aligner_{own}"
+    gated = [model.model.layers[i].self_attn for i in _attention_blocks(model)]
+    assert all(a.config._attn_implementation == "mlx_dft_aligner" for a in gated)
+    assert model.config._attn_implementation == own  # the model's masks stay its own
     np.testing.assert_array_equal(_torch_logits(model), base)
+    with torch.no_grad():  # gemma4 slices its last layers' queries when the model runs sdpa
+        np.testing.assert_array_equal(model(torch.tensor(IDS), logits_to_keep=3).logits.numpy(), base[:, -3:])
     with torch.no_grad():  # non-zero gates move every gated layer's output
         for g in model.aligner.gates.values():
             g.fill_(0.5)
@@ -237,7 +242,7 @@ def test_a_mismatched_base_is_refused_in_one_line_naming_both(tmp_path, monkeypa
         attach_aligner(wider, folder)
     for err, model in ((e, other), (f, wider)):
         assert isinstance(err.value, UserError) and "\n" not in str(err.value)
-        assert not hasattr(model, "aligner") and model.config._attn_implementation in ("sdpa", "eager")
+        assert not hasattr(model, "aligner") and not any(STATE in m.__dict__ for m in model.modules())
 
 
 def test_an_attention_it_cannot_read_is_refused_naming_the_layer(tmp_path):

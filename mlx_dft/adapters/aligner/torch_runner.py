@@ -11,9 +11,10 @@ any architecture whose attention goes through transformers' attention interface 
 of transformers 5): transformers' attention modules compute their queries, keys and values (and
 RoPE, q/k norms, shared KV, ...) themselves and then call
 ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``
-with them. :func:`attach_aligner` registers an attention function
-(``mlx_dft_aligner_<the model's own implementation>``) that calls the model's own one (eager,
-sdpa, flash, ...) unchanged and, in a gated layer, adds the prefix term::
+with them. :func:`attach_aligner` registers an attention function (``mlx_dft_aligner``) and
+points each gated layer at it (through its own copy of the config, so that the model's masks and
+every check of its implementation's name stay the base model's); it calls the function the layer
+called before (eager, sdpa, flash, ...) unchanged and adds the prefix term::
 
     out_h += g_h * softmax(q_h k^T * scaling [soft-capped if the layer soft-caps]) v
 
@@ -31,6 +32,7 @@ torch and transformers are needed here only; importing mlx_dft does not import t
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -39,8 +41,8 @@ from mlx_dft.errors import UserError
 from mlx_dft.files import local_or_hub
 from mlx_dft.models import SHAPE_KEYS
 
-NAME = "mlx_dft_aligner"
-STATE = "_mlx_dft_aligner"  # on each gated attention module: (holder, gate key, key/value module)
+NAME = "mlx_dft_aligner"  # the attention function gated layers call
+STATE = "_mlx_dft_aligner"  # on each gated attention module: (holder, gate key, prefix maps, own function)
 
 
 class AlignerError(UserError, ValueError):
@@ -144,53 +146,35 @@ def prefix_term(query, keys, values, gate, scaling: float, softcap: float | None
 # ------------------------------------------------------------------ the attention function
 
 
-def _own_implementation(inner: str):
-    """The model's own attention function named ``inner``, per module ("eager" is each modeling
-    file's ``eager_attention_forward``, which knows the layer's sinks and soft-capping)."""
+def _attention_function(module, query, key, value, attention_mask, **kwargs):
+    """What a gated layer calls instead of its own attention function: that function, unchanged,
+    plus the prefix term."""
+    holder, gate_key, maps, own = module.__dict__[STATE]
+    out, weights = own(module, query, key, value, attention_mask, **kwargs)
+    if not holder.enabled:
+        return out, weights
+    # to the query's device and dtype: layers may sit on several devices (device_map)
+    keys, values = maps(holder.prefix.to(device=query.device, dtype=query.dtype))
+    scaling = kwargs.get("scaling")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    gate = holder.gates[gate_key].to(query.device)
+    term = prefix_term(query, keys, values, gate, scaling, kwargs.get("softcap"))
+    return out + term.to(out.dtype), weights
+
+
+def _own_function(attn):
+    """The attention function ``attn`` calls now, looked up as transformers' modules look it up
+    (``eager``: its modeling file's ``eager_attention_forward``, which knows the layer's sinks and
+    soft-capping)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    def own(module):
-        if inner == "eager":
-            fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-            if fn is None:
-                raise AlignerError(f"{type(module).__name__}'s module has no eager_attention_forward")
-            return fn
-        return ALL_ATTENTION_FUNCTIONS[inner]
-
-    return own
-
-
-def _registered(inner: str) -> str:
-    """Register (once) the Aligner's attention function around ``inner``; returns its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    name = f"{NAME}_{inner}"
-    if name in AttentionInterface._global_mapping:
-        return name
-    own = _own_implementation(inner)
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        out, weights = own(module)(module, query, key, value, attention_mask, **kwargs)
-        state = module.__dict__.get(STATE)
-        if state is None or not state[0].enabled:
-            return out, weights
-        holder, gate_key, kv_module = state
-        # to the query's device and dtype: layers may sit on several devices (device_map)
-        prefix = holder.prefix.to(device=query.device, dtype=query.dtype)
-        keys, values = kv_module.__dict__[f"{STATE}_maps"](prefix)
-        scaling = kwargs.get("scaling")
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        gate = holder.gates[gate_key].to(query.device)
-        term = prefix_term(query, keys, values, gate, scaling, kwargs.get("softcap"))
-        return out + term.to(out.dtype), weights
-
-    AttentionInterface.register(name, attention)
-    # the same masks as the model's own implementation
-    mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(inner)
-    if mask is not None:
-        AttentionMaskInterface.register(name, mask)
-    return name
+    inner = attn.config._attn_implementation
+    eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+    if inner == NAME:
+        raise AlignerError(f"{type(attn).__name__} already runs an Aligner")
+    if inner in (None, "eager") and eager is None:
+        raise AlignerError(f"{type(attn).__name__}'s modeling file has no eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS.get_interface(inner or "eager", eager)
 
 
 # ------------------------------------------------------------------ attaching
@@ -306,8 +290,9 @@ def attach_aligner(model, source: str | Path):
     """Attach the Aligner in ``source`` to ``model`` (in place); returns the model.
 
     The prefix and gates become ``model.aligner`` (an ``nn.Module``; trainable if you wish;
-    ``model.aligner.enabled = False`` gives the base model). The model's attention
-    implementation becomes ``mlx_dft_aligner_<its own>``, which calls its own."""
+    ``model.aligner.enabled = False`` gives the base model). Each gated layer calls the attention
+    function ``mlx_dft_aligner``, which calls the function the layer called until then (choose
+    the model's ``attn_implementation`` before attaching)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     from torch import nn
@@ -340,17 +325,18 @@ def attach_aligner(model, source: str | Path):
             for i in spec["layers"]
         }
     )
-    inner = model.config._attn_implementation or "eager"
-    if inner.startswith(NAME):
-        raise AlignerError("this model already runs an Aligner's attention function")
-    name = _registered(inner)
-    model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:
-        model.set_attn_implementation(inner)
-        raise AlignerError(f"{type(model).__name__} refused the attention function {name}")
-    for attn, source_attn, maps, key in attached:
+    from transformers import AttentionInterface
+
+    own = [_own_function(attn) for attn, *_ in attached]
+    AttentionInterface.register(NAME, _attention_function)
+    for (attn, _, maps, key), fn in zip(attached, own):
+        # Only the gated layers switch, each through a copy of its config: the model keeps its own
+        # implementation's name, masks, and every check of that name (gemma4 slices its last
+        # layers' queries for sdpa only, ...).
+        config = copy.copy(attn.config)
+        config._attn_implementation_internal = NAME
+        attn.config = config
         # plain attributes (not submodules): the prefix and gates are parameters of model.aligner only
-        source_attn.__dict__[f"{STATE}_maps"] = maps
-        attn.__dict__[STATE] = (holder, key, source_attn)
+        attn.__dict__[STATE] = (holder, key, maps, fn)
     model.aligner = holder
     return model
