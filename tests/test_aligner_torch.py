@@ -131,6 +131,8 @@ def check_parity(case, tmp_path, monkeypatch, **aligner_kw):
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]) for k in a)
     ca, cb = (json.loads((p / "adapter_config.json").read_text())["aligner"] for p in (run, back))
     assert ca == cb
+    again, _ = api.load(str(path), str(back))  # and MLX runs the imported folder with the same logits
+    np.testing.assert_array_equal(np.array(again(mx.array(IDS))), ours)
 
 
 # ------------------------------------------------------------------ transformers alone
