@@ -262,6 +262,27 @@ def test_an_attention_it_cannot_read_is_refused_naming_the_layer(tmp_path):
     assert not hasattr(model, "aligner")
 
 
+def test_an_attention_that_computes_its_scores_itself_is_refused(tmp_path):
+    """It would never call the Aligner's attention function: refused, not silently left out."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from mlx_dft.torch_aligner import attach_aligner
+
+    class OwnScores(LlamaAttention):
+        def forward(self, hidden_states, *args, **kwargs):
+            return self.o_proj(self.v_proj(hidden_states).repeat(1, 1, 2)), None
+
+    hf_path = write_hf_model(tmp_path / "base", "llama")
+    folder = _hand_made(_hf(hf_path), "llama", tmp_path / "al")
+    model = _hf(hf_path)
+    own = OwnScores(model.config, 0)
+    own.load_state_dict(model.model.layers[0].self_attn.state_dict())
+    model.model.layers[0].self_attn = own
+    with pytest.raises(ValueError, match=r"^layer 0's attention \(OwnScores\) computes its scores without"):
+        attach_aligner(model, folder)
+    assert not hasattr(model, "aligner")
+
+
 def _edit(folder, **changes):
     spec = json.loads((folder / aligner_hf.HF_CONFIG).read_text())
     (folder / aligner_hf.HF_CONFIG).write_text(json.dumps({**spec, **changes}))
@@ -319,3 +340,25 @@ def test_on_smollm2_the_real_model_torch_gives_mlx_logits(smollm2, tmp_path):
     print(f"SmolLM2: |torch - MLX| {np.abs(theirs - ours).max():.2e}; from float64: torch {torch_error:.2e}, "
           f"MLX {mlx_error:.2e}")  # fmt: skip
     assert mlx_error <= 3 * torch_error + 1e-4
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_the_prefix_term_is_the_papers_formula_per_head(softcap):
+    """Against per-head loops in numpy: grouped queries (head h reads group h // (H / n_kv)), the
+    layer's scaling, soft-capped scores where the layer soft-caps (gemma2 passes ``softcap``)."""
+    from mlx_dft.adapters.aligner.torch_runner import prefix_term
+
+    rng = np.random.default_rng(0)
+    b, h, n_kv, length, n, d, scaling = 2, 6, 2, 5, 4, 8, 0.3
+    q, k, v = rng.normal(size=(b, h, length, d)), rng.normal(size=(n_kv, n, d)), rng.normal(size=(n_kv, n, d))
+    g = rng.uniform(-1, 1, h)
+    got = prefix_term(*(torch.tensor(x) for x in (q, k, v, g)), scaling, softcap).numpy()  # [B, L, H, d]
+    for bi in range(b):
+        for hi in range(h):
+            kv = hi // (h // n_kv)
+            s = q[bi, hi] @ k[kv].T * scaling
+            if softcap is not None:
+                s = np.tanh(s / softcap) * softcap
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            np.testing.assert_allclose(got[bi, :, hi], g[hi] * p @ v[kv], rtol=1e-12, atol=1e-12)

@@ -138,7 +138,8 @@ def prefix_term(query, keys, values, gate, scaling: float, softcap: float | None
     scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling  # [B, H, L, N]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    # the softmax in float32 at least (half-precision models), float64 for float64 ones
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(query.dtype)
     term = torch.matmul(probs, values) * gate.to(query.dtype).view(1, -1, 1, 1)
     return term.transpose(1, 2)
 
@@ -160,6 +161,25 @@ def _attention_function(module, query, key, value, attention_mask, **kwargs):
     gate = holder.gates[gate_key].to(query.device)
     term = prefix_term(query, keys, values, gate, scaling, kwargs.get("softcap"))
     return out + term.to(out.dtype), weights
+
+
+def _calls_the_interface(attn) -> bool:
+    """Whether ``attn``'s forward (its own or an inherited one) looks up transformers' attention
+    interface: an attention that computes its scores itself would never call ours. True when the
+    source cannot be read."""
+    import inspect
+
+    for cls in type(attn).__mro__:
+        if "forward" in vars(cls):
+            try:
+                src = inspect.getsource(vars(cls)["forward"])
+            except (OSError, TypeError):
+                return True
+            if "ALL_ATTENTION_FUNCTIONS" in src or "get_interface" in src:
+                return True
+            if "super()" not in src:
+                return False
+    return False
 
 
 def _own_function(attn):
@@ -242,6 +262,11 @@ def _layer_maps(blocks, i: int, heads: int):
         if q is None:
             raise AlignerError(f"layer {i}'s attention ({type(attn).__name__}) has no head_dim")
         d = int(q.shape[0]) // heads
+    if not _calls_the_interface(attn):
+        raise AlignerError(
+            f"layer {i}'s attention ({type(attn).__name__}) computes its scores without transformers' "
+            "attention interface: the Aligner cannot enter it"
+        )
     source = _kv_source(blocks, i, attn)
     return attn, source, prefix_maps(source, i, d, heads)
 
