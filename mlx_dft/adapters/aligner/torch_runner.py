@@ -62,9 +62,14 @@ def prefix_maps(attn, layer: int, d: int, heads: int):
     what = f"layer {layer}'s attention ({type(attn).__name__})"
 
     def linear_out(name: str) -> int | None:
+        """Output width of a linear layer (``out_features``: quantized layers pack their weight)."""
         m = getattr(attn, name, None)
+        if not isinstance(m, nn.Module):
+            return None
+        if isinstance(getattr(m, "out_features", None), int):
+            return m.out_features
         w = getattr(m, "weight", None)
-        return int(w.shape[0]) if isinstance(m, nn.Module) and w is not None and w.ndim == 2 else None
+        return int(w.shape[0]) if w is not None and w.ndim == 2 else None
 
     if linear_out("qkv_proj") is not None:  # phi3: [q | k | v] rows, split as the layer splits them
         width = (linear_out("qkv_proj") - heads * d) // 2
