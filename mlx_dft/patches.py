@@ -478,6 +478,17 @@ def tiled_feed_forward(block: nn.Module, x: mx.array, on: bool = True) -> Iterat
         setattr(block, name, ff)
 
 
+def feed_forward_tiling(model: nn.Module, tokens: int, length: int) -> tuple[int, int] | None:
+    """(tiles, width) :func:`tiled_feed_forward` gives the MLP of ``model``'s first block with one
+    for a batch of ``tokens`` tokens in rows of ``length`` (None when no block has one)."""
+    block = model.layers[0] if getattr(model, "layers", None) else None
+    name = next((n for n in FEED_FORWARD_NAMES if block is not None and n in block), None)
+    if name is None or not isinstance(block[name], nn.Module):
+        return None
+    width = feed_forward_width(block[name])
+    return min(length, feed_forward_tiles(tokens, width, FEED_FORWARD_TILE_BYTES)), width
+
+
 def gradient_checkpointing(model: nn.Module) -> bool:
     """Whether ``model`` recomputes its blocks in the backward pass (:func:`set_checkpointing`)."""
     return bool(getattr(model, "_mlx_dft_checkpoint", False))
