@@ -106,6 +106,29 @@ def prepare(
         bar.close()
 
 
+def _tiling_line(model, cfg, train_set) -> str:
+    """What --tiled-mlp does at the run's longest batch: how many tiles a block's MLP runs in (a
+    note when one tile holds the whole batch, so the option changes nothing)."""
+    from mlx_dft.patches import FEED_FORWARD_TILE_BYTES, feed_forward_tiling
+
+    length = min(cfg.max_seq_length, max((len(t) for t in train_set.tokens), default=1))
+    tokens = cfg.batch_size * length
+    tiling = feed_forward_tiling(model, tokens, length)
+    if tiling is None:
+        return "note: --tiled-mlp has no effect: this model's blocks have no mlp/feed_forward to tile"
+    tiles, width = tiling
+    mib = FEED_FORWARD_TILE_BYTES >> 20
+    if tiles <= 1:
+        return (
+            f"note: --tiled-mlp has no effect here: a batch of up to {cfg.batch_size} x {length} tokens of a "
+            f"{width:,}-wide MLP fits one {mib} MiB tile"
+        )
+    return (
+        f"tiled MLP: each recomputed block's MLP ({width:,} wide) runs in {tiles} tiles of at most "
+        f"{-(-length // tiles)} positions at the longest batch ({cfg.batch_size} x {length} tokens)"
+    )
+
+
 def fit(run: Prepared, *, callbacks: Iterable[Callback] = (), progress: bool = True) -> Run:
     """Train a :class:`Prepared` run to its end, as :func:`train` does after preparing: checks
     the parts that were swapped (see :class:`Prepared`), writes the output folder, trains,
@@ -462,6 +485,8 @@ def _fit(p: Prepared, callbacks: list[Callback], bar: Progress, closing: list) -
 
     if cfg.grad_checkpoint:
         models.grad_checkpoint(model, tiled_mlp=cfg.tiled_mlp)
+    if cfg.tiled_mlp:
+        say(_tiling_line(model, cfg, p.train_set))
     run = Run(model, tokenizer, cfg, out.path, last_checkpoint=resume.checkpoint if resume else None)
     held = heldout.heldout_problems(cfg, tokenizer) if world.rank() == 0 else None
     bar.phase("evaluating")

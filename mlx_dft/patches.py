@@ -478,6 +478,17 @@ def tiled_feed_forward(block: nn.Module, x: mx.array, on: bool = True) -> Iterat
         setattr(block, name, ff)
 
 
+def feed_forward_tiling(model: nn.Module, tokens: int, length: int) -> tuple[int, int] | None:
+    """(tiles, width) :func:`tiled_feed_forward` gives the MLP of ``model``'s first block with one
+    for a batch of ``tokens`` tokens in rows of ``length`` (None when no block has one)."""
+    block = model.layers[0] if getattr(model, "layers", None) else None
+    name = next((n for n in FEED_FORWARD_NAMES if block is not None and n in block), None)
+    if name is None or not isinstance(block[name], nn.Module):
+        return None
+    width = feed_forward_width(block[name])
+    return min(length, feed_forward_tiles(tokens, width, FEED_FORWARD_TILE_BYTES)), width
+
+
 def gradient_checkpointing(model: nn.Module) -> bool:
     """Whether ``model`` recomputes its blocks in the backward pass (:func:`set_checkpointing`)."""
     return bool(getattr(model, "_mlx_dft_checkpoint", False))
@@ -555,43 +566,69 @@ _RUNNING: contextvars.ContextVar = contextvars.ContextVar("mlx_dft_attention", d
 _HOOKS: dict[type, dict[str, Callable]] = {}  # attention class -> {hook name: term}
 
 
-def hook_attention(attention_cls: type, name: str, term: Callable) -> None:
-    """Add ``term(attention_module, queries, scale) -> array | None`` to the output of every
-    attention of class ``attention_cls`` (the queries as the layer hands them to the kernel; None
-    adds nothing). Patches the class's ``__call__`` and the ``scaled_dot_product_attention`` of
-    the mlx-lm module that defines it (qwen3_5 uses qwen3_next's attention, which calls
-    qwen3_next's kernel) once; a hook of the same name is replaced."""
+def hook_attention(attention_cls: type, name: str, term: Callable, queries: Callable | None = None) -> None:
+    """Add ``term(attention_module, queries, scale) -> array | None`` (None adds nothing) to the
+    output of every attention of class ``attention_cls`` (its ``__call__`` is patched once; a hook
+    of the same name is replaced).
+
+    Where the class calls mlx-lm's attention kernel, the term is added to the kernel's output, for
+    the queries and scale the layer hands it: the ``scaled_dot_product_attention`` of the mlx-lm
+    module that defines the class is wrapped (qwen3_5 uses qwen3_next's attention, which calls
+    qwen3_next's kernel). An attention that computes its scores itself (gemma2) gives
+    ``queries(attention_module, x, cache) -> (queries, scale)``, the queries as it computes them,
+    before it runs; the term then reaches the output through the layer's output projection
+    (linear: ``o_proj(a + t) = o_proj(a) + o_proj(t) - o_proj(0)``).
+    """
     hooks = _HOOKS.get(attention_cls)
     if hooks is not None:
         hooks[name] = term
         return
     mod = sys.modules[attention_cls.__module__]
     original_call = attention_cls.__call__
-    original_sdpa = mod.scaled_dot_product_attention
+    original_sdpa = getattr(mod, "scaled_dot_product_attention", None)
+    if not callable(original_sdpa) and queries is None:
+        raise ValueError(f"{attention_cls.__qualname__} calls no attention kernel and no queries were given")
     hooks = _HOOKS[attention_cls] = {name: term}
 
-    def __call__(self, *args, **kwargs):
-        token = _RUNNING.set(self)
-        try:
-            return original_call(self, *args, **kwargs)
-        finally:
-            _RUNNING.reset(token)
+    if callable(original_sdpa):
 
-    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
-        out = original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
-        attn = _RUNNING.get()
-        if attn is None or type(attn) not in _HOOKS:
+        def __call__(self, *args, **kwargs):
+            token = _RUNNING.set(self)
+            try:
+                return original_call(self, *args, **kwargs)
+            finally:
+                _RUNNING.reset(token)
+
+        def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
+            out = original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
+            attn = _RUNNING.get()
+            if attn is None or type(attn) not in _HOOKS:
+                return out
+            for fn in _HOOKS[type(attn)].values():
+                extra = fn(attn, queries, scale)
+                if extra is not None:
+                    out = out + extra.astype(out.dtype)
             return out
-        for fn in _HOOKS[type(attn)].values():
-            extra = fn(attn, queries, scale)
-            if extra is not None:
-                out = out + extra.astype(out.dtype)
-        return out
+
+        if not getattr(original_sdpa, "_mlx_dft_hooked", False):
+            scaled_dot_product_attention._mlx_dft_hooked = True  # type: ignore[attr-defined]
+            mod.scaled_dot_product_attention = scaled_dot_product_attention
+    else:
+        signature = inspect.signature(original_call)
+
+        def __call__(self, *args, **kwargs):
+            cache = signature.bind(self, *args, **kwargs).arguments.get("cache")
+            q, scale = queries(self, args[0] if args else kwargs["x"], cache)  # before the cache grows
+            out = original_call(self, *args, **kwargs)
+            extras = [e for fn in _HOOKS[attention_cls].values() if (e := fn(self, q, scale)) is not None]
+            if not extras:
+                return out
+            t = sum(extras[1:], extras[0])  # [B, H, L, d]
+            b, _, length, _ = t.shape
+            t = t.transpose(0, 2, 1, 3).reshape(b, length, -1).astype(out.dtype)
+            return out + self.o_proj(t) - self.o_proj(mx.zeros_like(t[:1, :1]))
 
     attention_cls.__call__ = __call__
-    if not getattr(original_sdpa, "_mlx_dft_hooked", False):
-        scaled_dot_product_attention._mlx_dft_hooked = True  # type: ignore[attr-defined]
-        mod.scaled_dot_product_attention = scaled_dot_product_attention
 
 
 # ------------------------------------------------------------------ the SwiGLU

@@ -209,6 +209,22 @@ def test_tiled_mlp_needs_grad_checkpoint(tiny_model, arith_data, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_tiled_mlp_says_how_many_tiles_a_block_gets(tiny_model, arith_data, tmp_path, monkeypatch, capsys):
+    """The start-up line: a note when one tile holds the whole batch (the option changes nothing),
+    else the tile count at the longest batch."""
+    import mlx_dft
+    from mlx_dft import patches
+
+    common = dict(model=str(tiny_model), data=str(arith_data), iters=1, batch_size=2, grad_checkpoint=True,
+                  tiled_mlp=True, accuracy_problems=0, progress=False)  # fmt: skip
+    mlx_dft.train(**common, output=str(tmp_path / "a"))
+    assert "note: --tiled-mlp has no effect here: a batch of up to 2 x" in capsys.readouterr().out
+    monkeypatch.setattr(patches, "FEED_FORWARD_TILE_BYTES", 4096)
+    mlx_dft.train(**common, output=str(tmp_path / "b"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("tiled MLP:"))
+    assert "runs in" in line and "tiles of at most" in line and "(2 x" in line
+
+
 def test_probe_falls_back_when_the_head_is_not_per_position(arch_dir):
     """A model whose output mixes positions after its body (no mlx-lm model does; a crafted one
     here) fails the probe: full logits, with the reason, and the loss is still right."""

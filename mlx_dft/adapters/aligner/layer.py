@@ -33,8 +33,12 @@ every patch point of mlx_dft lives): the attention classes of the adapted layers
 that marks which layer is running, and their modules' ``scaled_dot_product_attention`` a wrapper
 that adds the prefix term to the output of the real one. Both are pass-throughs for layers without
 an Aligner. No second projection of the queries, no second attention pass. Prefix keys and values
-are computed in each forward pass (N tokens) and never enter the KV cache. An attention that does
-not call mlx-lm's kernel (gemma2 computes its soft-capped scores itself) is refused by name.
+are computed in each forward pass (N tokens) and never enter the KV cache.
+
+gemma2 computes its soft-capped scores itself, without the kernel: its queries are recomputed as
+it computes them (:data:`OWN_SCORES`), the prefix scores are soft-capped as the layer's, and the
+term reaches the output through ``o_proj`` (one more query projection a layer). Other attentions
+that call no kernel, or are not a block's ``self_attn`` (gpt2's ``attn``...), are refused by name.
 """
 
 from __future__ import annotations
@@ -135,11 +139,29 @@ def _has_kv_maps(attn: nn.Module) -> bool:
     return "qkv_proj" in attn or ("k_proj" in attn and values)
 
 
+# Attention classes that compute their scores themselves instead of calling mlx-lm's kernel, whose
+# queries :func:`_own_queries` recomputes as they do (read from their source): q_proj, heads,
+# RoPE at the cache's offset, then ``* scale``; scores soft-capped by ``attn_logit_softcapping``.
+OWN_SCORES = {"mlx_lm.models.gemma2.Attention"}
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _own_queries(attn: nn.Module, x: mx.array, cache) -> tuple[mx.array, float]:
+    """The queries [B, H, L, d] and scale of an attention of :data:`OWN_SCORES`, before it runs."""
+    b, length, _ = x.shape
+    q = attn.q_proj(x).reshape(b, length, heads(attn), -1).transpose(0, 2, 1, 3)
+    q = attn.rope(q, offset=cache.offset if cache is not None else 0)
+    return q, attn.scale
+
+
 def _refusal(model: nn.Module, index: int, attn: nn.Module) -> str:
     """'' when the Aligner can adapt attention layer ``index``, else why not."""
     cls = type(attn)
     kernel = getattr(sys.modules.get(cls.__module__), "scaled_dot_product_attention", None)
-    if not callable(kernel):
+    if not callable(kernel) and _class_name(cls) not in OWN_SCORES:
         return f"its attention ({cls.__name__}) computes its scores itself instead of calling mlx-lm's kernel"
     if not any(k in attn for k in OUTPUT_MAPS):
         return f"its attention ({cls.__name__}) has no output projection named {' or '.join(OUTPUT_MAPS)}"
@@ -159,6 +181,11 @@ def refusal(model: nn.Module) -> str:
     """'' when the Aligner supports ``model``, else why not (:mod:`mlx_dft.support`)."""
     layers = attention_layers(model)
     if not layers:
+        others = sorted(
+            {k for block in model.layers for k, m in block.items() if "Attention" in type(m).__name__}
+        )
+        if others:
+            return f"its attention ({', '.join(others)}) is not a `self_attn` layer the Aligner reads"
         return "the model has no softmax attention layer for the prefix to enter"
     for i, attn in layers:
         why = _refusal(model, i, attn)
@@ -207,6 +234,9 @@ def prefix_term(attn: nn.Module, queries: mx.array, scale: float) -> mx.array:
     else:
         q = queries.reshape(b, n_kv, h // n_kv, length, d)
         scores = (q * scale) @ keys[None, :, None].swapaxes(-1, -2)  # [B, n_kv, rep, L, N]
+        cap = getattr(attn, "attn_logit_softcapping", None)
+        if cap:  # the layer soft-caps its scores (gemma2): the prefix's are capped alike
+            scores = mx.tanh(scores / cap) * cap
         probs = mx.softmax(scores, axis=-1, precise=True)
         term = (probs @ values[None, :, None]).reshape(b, h, length, -1)
     return term * gate.reshape(1, -1, 1, 1)
@@ -228,8 +258,8 @@ def _install(attention_classes: set[type]) -> None:
     the patch)."""
     from mlx_dft.patches import hook_attention
 
-    for cls in sorted(attention_classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
-        hook_attention(cls, "aligner", _term)
+    for cls in sorted(attention_classes, key=_class_name):
+        hook_attention(cls, "aligner", _term, _own_queries if _class_name(cls) in OWN_SCORES else None)
 
 
 @contextmanager
