@@ -33,12 +33,21 @@ ATOL = 1e-4
 VARIANTS = {
     "gemma4_text-k_eq_v": ("gemma4_text", {"attention_k_eq_v": True, "num_global_key_value_heads": 2})
 }
-CASES = [*TYPES, *VARIANTS]
+# model types beyond tests/arch_models.py: gemma2, whose attention soft-caps its scores
+EXTRA = {
+    "gemma2": {
+        "model_type": "gemma2", **arch_models.BASE, "num_hidden_layers": 2, "head_dim": 16,
+        "query_pre_attn_scalar": 16, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 30.0,
+    },
+}  # fmt: skip
+CASES = [*TYPES, *VARIANTS, *EXTRA]
 
 
 def _write(tmp_path, case, monkeypatch):
     """(transformers folder, the folder mlx-lm reads) of a tiny random model of ``case``."""
     model_type, extra = VARIANTS.get(case, (case, {}))
+    if model_type in EXTRA:
+        monkeypatch.setitem(arch_models.CONFIGS, model_type, EXTRA[model_type])
     if extra:
         monkeypatch.setitem(
             arch_models.HF_OVERRIDES, model_type, {**arch_models.HF_OVERRIDES.get(model_type, {}), **extra}
