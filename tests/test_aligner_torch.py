@@ -371,3 +371,23 @@ def test_the_prefix_term_is_the_papers_formula_per_head(softcap):
             p = np.exp(s - s.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
             np.testing.assert_allclose(got[bi, :, hi], g[hi] * p @ v[kv], rtol=1e-12, atol=1e-12)
+
+
+def test_a_gate_on_a_block_without_attention_is_refused(tmp_path):
+    """lfm2's block 0 is a convolution: a folder that gates it is not from this model."""
+    from safetensors.torch import load_file, save_file
+
+    from mlx_dft.torch_aligner import attach_aligner
+
+    hf_path = write_hf_model(tmp_path / "base", "lfm2")
+    folder = _hand_made(_hf(hf_path), "lfm2", tmp_path / "al")
+    tensors = load_file(str(folder / aligner_hf.HF_WEIGHTS))
+    tensors["layers.0.gate"] = tensors.pop("layers.1.gate")
+    save_file(tensors, str(folder / aligner_hf.HF_WEIGHTS))
+    _edit(folder, layers=[0], start_layer=0)
+    model = _hf(hf_path)
+    with pytest.raises(
+        ValueError, match=r"^layer 0 \(Lfm2DecoderLayer\) has no attention module, yet the Aligner gates"
+    ):
+        attach_aligner(model, folder)
+    assert not hasattr(model, "aligner")
