@@ -711,6 +711,9 @@ BAD = {
     "tensor type": r"tensor blk\.0\.attn_q\.weight has type Q8_K, which mlx_dft does not read \(it reads F",
     "no tokenizer": r"the GGUF file has no tokenizer metadata",
     "not gguf": r"is not a GGUF file \(it does not start with 'GGUF'\)",
+    "lying K-quant shape": r"attn_q\.weight of type Q4_K has rows of 255 values, not a multiple of 256",
+    "lying block count": r"tensors blk\.0\.attn_q\.weight and blk\.0\.attn_k\.weight overlap",
+    "truncated super-block": r"truncated GGUF file \(tensor blk\.0\.attn_q\.weight ends at byte \d+",
 }
 
 
@@ -724,6 +727,22 @@ def _bad_file(kind: str, tmp: Path) -> Path:
         return write_tiny_gguf(tmp / "m.gguf", override={"blk.0.attn_q.weight": _q8k_tensor()})
     if kind == "no tokenizer":
         return write_tiny_gguf(tmp / "m.gguf", tokenizer=False)
+    if kind in ("lying K-quant shape", "lying block count", "truncated super-block"):
+        rng = np.random.default_rng(0)
+        path = write_tiny_gguf(tmp / "m.gguf", hidden=256,
+                               blocks=lambda name, shp: (random_blocks(shp, Q.Q4_K, rng), Q.Q4_K)
+                               if name == "blk.0.attn_q.weight" else None)  # fmt: skip
+        data = bytearray(path.read_bytes())
+        dims = data.index(b"blk.0.attn_q.weight") + len(b"blk.0.attn_q.weight") + 4  # after n_dims
+        if kind == "lying K-quant shape":  # a row of 255 values: no whole number of super-blocks
+            struct.pack_into("<Q", data, dims, 255)
+        elif kind == "lying block count":  # 4096 rows more than its bytes, over the next tensors
+            struct.pack_into("<Q", data, dims + 8, 64 + 4096)
+        else:  # the file ends in the middle of the tensor's third super-block
+            start = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.0.attn_q.weight")
+            data = data[: start.data_offset + 2 * 144 + 50]
+        path.write_bytes(bytes(data))
+        return path
     path = write_tiny_gguf(tmp / "m.gguf")
     path.write_bytes(path.read_bytes()[:-100])
     return path
