@@ -342,12 +342,19 @@ def import_cmd(src, out, model):
 @click.option(
     "--dequantize", is_flag=True, help="Write float32 weights (transformers needs them; fast on CPU)."
 )
-def convert_cmd(gguf_file, out, dequantize):
+@click.option(
+    "--requantize",
+    is_flag=True,
+    help="Re-quantize K-quant, IQ, MXFP4 and Q5 tensors to MLX's affine layout at their bits (4 at "
+    "least; the added error is printed) instead of float16 (the default for --model FILE.gguf on a GPU).",
+)
+def convert_cmd(gguf_file, out, dequantize, requantize):
     """Convert a GGUF model (llama.cpp, Ollama, LM Studio) into a Hugging Face-layout folder that
-    mlx-lm loads (quantized tensors stay MLX-quantized unless --dequantize)."""
+    mlx-lm loads (Q4_0/Q4_1/Q8_0 tensors stay MLX-quantized unless --dequantize; other block types
+    become float16, or MLX-quantized with --requantize)."""
     from mlx_dft.gguf.convert import convert_gguf
 
-    path = convert_gguf(gguf_file, out, dequantize)
+    path = convert_gguf(gguf_file, out, dequantize, requantize=requantize)
     click.echo(f"converted {gguf_file} -> {path}")
 
 

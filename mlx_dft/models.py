@@ -128,11 +128,13 @@ def resolve_model_path(model: str) -> Path:
     """A local model folder, a Hugging Face repo id fetched (or found in the cache), or a GGUF
     file converted once into a cached folder (:func:`mlx_dft.gguf.convert.cached_conversion`):
     float32 on a CPU device, where MLX's quantized products are slow (as ``--dtype auto``
-    computes in float32 there), MLX-quantized elsewhere."""
+    computes in float32 there), MLX-quantized elsewhere (block types MLX has no layout for
+    re-quantized to its affine one: a 4-bit file stays 4-bit)."""
     if str(model).lower().endswith(".gguf") and Path(model).expanduser().is_file():
         from mlx_dft.gguf.convert import cached_conversion
 
-        return cached_conversion(model, dequantize=mx.default_device() == mx.cpu)
+        cpu = mx.default_device() == mx.cpu
+        return cached_conversion(model, dequantize=cpu, requantize=not cpu)
     path = local_or_hub(model, MODEL_FILES, "model")
     if not (path / "config.json").is_file():
         raise UserError(f"model folder {path} has no config.json")

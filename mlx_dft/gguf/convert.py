@@ -12,6 +12,11 @@ shape against the mlx-lm model the config describes. Then it writes ``config.jso
   entry, which mlx-lm's loader takes as a per-module override.
 - ``dequantize=True`` writes float32 weights, dequantized with scales and biases cast to float32
   first (the file's float16 ones cost ~1e-1 in the logits; float32 ones ~1e-4).
+- Types MLX has no layout for (K-quants, IQ, MXFP4, Q5_x) are dequantized by gguf-py to float16
+  (float32 with ``dequantize``), or with ``requantize=True`` re-quantized to MLX's affine layout
+  (:mod:`.requant`: Q4_K and Q5_K keep their codes, a Q4_K_M file stays 4-bit), the error that
+  adds measured per type against the file's own values and said in one line. ``--model
+  FILE.gguf`` requantizes on a GPU, where MLX's quantized products are fast.
 
 :func:`cached_conversion` is what ``--model FILE.gguf`` uses: one converted folder per file
 version under ``$MLX_DFT_CACHE/gguf`` (default ``~/.cache/mlx_dft/gguf``), reused when present.
@@ -33,7 +38,7 @@ from mlx.utils import tree_flatten
 from mlx_dft.architectures import ARCHITECTURES, check_sizes
 from mlx_dft.errors import UserError
 from mlx_dft.files import TMP_PREFIX, atomic_write_json, check_apart, save_safetensors, staged_folder
-from mlx_dft.gguf import names
+from mlx_dft.gguf import names, requant
 from mlx_dft.gguf.reader import GROUP_SIZE, GGUFHeader, load_tensors, read_header
 from mlx_dft.gguf.tokenizer import build_tokenizer, token_id_list, write_tokenizer
 
@@ -130,9 +135,14 @@ def _hf_rows(a: mx.array, heads: int | None) -> mx.array:
     return names.to_hf_rows(a, heads) if heads else a
 
 
-def _convert_tensors(header: GGUFHeader, cfg: dict, dequantize: bool) -> tuple[dict[str, mx.array], dict]:
-    """(weights under Hugging Face names, per-module bits of the quantized ones), checked
-    against the parameters of the model ``cfg`` describes."""
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _convert_tensors(
+    header: GGUFHeader, cfg: dict, dequantize: bool, requantize: bool = False
+) -> tuple[dict[str, mx.array], dict, requant.RequantizeError]:
+    """(weights under Hugging Face names, per-module bits of the quantized ones, the error
+    re-quantizing added), checked against the parameters of the model ``cfg`` describes."""
     hf_names = {}
     for name in header.tensors:
         hf = names.to_hf_name(name)
@@ -153,11 +163,33 @@ def _convert_tensors(header: GGUFHeader, cfg: dict, dequantize: bool) -> tuple[d
                 f"GGUF tensor {name} has shape {header.tensors[name].shape}, "
                 f"the model expects {tuple(expected[hf].shape)}"
             )
-    arrays = load_tensors(header, mx.float32 if dequantize else mx.float16)
+    errors = requant.RequantizeError()
+    requantized = {
+        name for name, info in header.tensors.items()
+        if requantize and info.type not in FLOAT_TYPES and not header.native
+        and hasattr(modules.get(hf_names[name][: -len(".weight")]), "to_quantized")
+    }  # fmt: skip
+
+    def each(info, arr: mx.array, raw):
+        """A re-quantized tensor's MLX (weight, scales, biases, bits), made as it is read; the file's
+        other block-type tensors as float16."""
+        if info.name in requantized:
+            heads = names.reordered_heads(hf_names[info.name], cfg)
+            *arrays, b = requant.requantize(info, arr, raw, errors)
+            return (*(_hf_rows(a, heads) for a in arrays), b)
+        return arr.astype(mx.float16) if info.type not in FLOAT_TYPES else arr
+
+    dtype = mx.float32 if dequantize or requantize else mx.float16
+    arrays = load_tensors(header, dtype, each if requantize else None)
     weights, bits = {}, {}
     for name, info in header.tensors.items():
         hf = hf_names[name]
         heads = names.reordered_heads(hf, cfg)
+        if name in requantized:
+            hf_base = hf[: -len(".weight")]
+            packed, scales, biases, bits[hf_base] = arrays[name]
+            weights[hf], weights[f"{hf_base}.scales"], weights[f"{hf_base}.biases"] = packed, scales, biases
+            continue
         if not info.quantized or not header.native:  # (a file read through gguf-py is all floats)
             w = arrays[name]
             weights[hf] = _hf_rows(w.astype(mx.float32) if dequantize else w, heads)
@@ -178,7 +210,7 @@ def _convert_tensors(header: GGUFHeader, cfg: dict, dequantize: bool) -> tuple[d
         else:
             weights[hf], weights[f"{hf_base}.scales"], weights[f"{hf_base}.biases"] = w, scales, biases
             bits[hf_base] = b
-    return weights, bits
+    return weights, bits, errors
 
 
 def _quantization(bits: dict[str, int]) -> dict | None:
@@ -191,9 +223,12 @@ def _quantization(bits: dict[str, int]) -> dict | None:
 
 
 def convert_gguf(
-    path: str | Path, out: str | Path, dequantize: bool = False, overwrite: bool = False
+    path: str | Path, out: str | Path, dequantize: bool = False, overwrite: bool = False,
+    requantize: bool = False,
 ) -> Path:
     """Convert the GGUF file ``path`` into the model folder ``out``; returns ``out``."""
+    if dequantize and requantize:
+        raise UserError("--dequantize and --requantize ask for opposite things: choose one")
     check_apart(Path(out).expanduser(), {"GGUF file": path}, what="--out")
     header = read_header(path)
     cfg = model_config(header)
@@ -208,13 +243,15 @@ def convert_gguf(
         ids = token_id_list(special, *names_)
         if ids:
             cfg[key] = ids[0] if len(ids) == 1 else ids
-    if not header.native:
+    if not header.native and not requantize:
         print(
             f"note: {Path(path).name}: {', '.join(header.dequantized_types())} tensors are dequantized "
             f"with gguf-py to {'float32' if dequantize else 'float16'} (MLX has no layout for their blocks)",
             file=sys.stderr,
         )
-    weights, bits = _convert_tensors(header, cfg, dequantize)
+    weights, bits, errors = _convert_tensors(header, cfg, dequantize, requantize)
+    if errors.sums:
+        print(errors.line(Path(path).name), file=sys.stderr)
     if (q := _quantization(bits)) is not None:
         cfg["quantization"] = q
     else:
@@ -236,7 +273,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("MLX_DFT_CACHE") or Path.home() / ".cache" / "mlx_dft") / "gguf"
 
 
-def cached_conversion(path: str | Path, dequantize: bool, root: Path | None = None) -> Path:
+def cached_conversion(
+    path: str | Path, dequantize: bool, root: Path | None = None, requantize: bool = False
+) -> Path:
     """The converted folder of the GGUF file ``path`` under ``root`` (default :func:`cache_root`),
     converting it on first use.
 
@@ -245,7 +284,7 @@ def cached_conversion(path: str | Path, dequantize: bool, root: Path | None = No
     rename wins, the other discards its copy; a folder under the final name is always whole."""
     path = Path(path).expanduser().resolve()
     stat = path.stat()
-    variant = "float32" if dequantize else "quantized"
+    variant = "float32" if dequantize else "requantized" if requantize else "quantized"
     root = Path(root) if root is not None else cache_root()
     out = root / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{variant}"
     if (out / "config.json").is_file():
@@ -253,7 +292,7 @@ def cached_conversion(path: str | Path, dequantize: bool, root: Path | None = No
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{out.name}."))
     try:
-        convert_gguf(path, work / "model", dequantize)
+        convert_gguf(path, work / "model", dequantize, requantize=requantize)
         try:
             os.rename(work / "model", out)
         except OSError:

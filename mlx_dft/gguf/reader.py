@@ -319,14 +319,15 @@ def expected_arrays(info: TensorInfo) -> dict[str, tuple[int, ...]]:
     }
 
 
-def load_tensors(header: GGUFHeader, dtype: mx.Dtype = mx.float16) -> dict[str, mx.array]:
+def load_tensors(header: GGUFHeader, dtype: mx.Dtype = mx.float16, each=None) -> dict[str, mx.array]:
     """The tensors of a file :func:`read_header` validated: keyed as :func:`expected_arrays` says
-    where :attr:`GGUFHeader.native`; else each tensor as floats (:func:`load_dequantized`).
+    where :attr:`GGUFHeader.native`; else each tensor as floats (:func:`load_dequantized`, which
+    passes each through ``each``).
 
     BF16 tensors are read here, exactly: MLX's reader narrows them to float16, which cannot hold
     bfloat16's range."""
     if not header.native:
-        return load_dequantized(header, dtype)
+        return load_dequantized(header, dtype, each)
     expected: dict[str, tuple[int, ...]] = {}
     for info in header.tensors.values():
         arrays = expected_arrays(info)
@@ -354,10 +355,12 @@ def load_tensors(header: GGUFHeader, dtype: mx.Dtype = mx.float16) -> dict[str, 
     return arrays
 
 
-def load_dequantized(header: GGUFHeader, dtype: mx.Dtype = mx.float16) -> dict[str, mx.array]:
+def load_dequantized(header: GGUFHeader, dtype: mx.Dtype = mx.float16, each=None) -> dict[str, mx.array]:
     """Every tensor of the file as floats, read from the offsets :func:`read_header` checked:
     F32, F16 and BF16 as stored, every block type dequantized by gguf-py (llama.cpp's reference
-    dequantizers, in float32) and then cast to ``dtype`` (float32 keeps the values exactly)."""
+    dequantizers, in float32) and then cast to ``dtype`` (float32 keeps the values exactly).
+    ``each(info, array, raw)``, when given, replaces each tensor as it is read, ``raw`` its bytes
+    (re-quantization: the file's float values are never all held at once)."""
     import gguf
 
     out = {}
@@ -378,6 +381,8 @@ def load_dequantized(header: GGUFHeader, dtype: mx.Dtype = mx.float16) -> dict[s
             rows = raw.reshape(-1, info.shape[-1] // block * block_bytes)
             values = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[info.type])
             arr = mx.array(values.astype(np.float32, copy=False).reshape(info.shape)).astype(dtype)
+        if each is not None:
+            arr = each(info, arr, raw)
         out[info.name] = arr
         mx.eval(arr)  # one tensor at a time: the file's bytes are not all held twice
     return out
