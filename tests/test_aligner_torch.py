@@ -391,3 +391,19 @@ def test_a_gate_on_a_block_without_attention_is_refused(tmp_path):
     ):
         attach_aligner(model, folder)
     assert not hasattr(model, "aligner")
+
+
+def test_the_attached_aligner_trains_in_pytorch(tmp_path):
+    """``model.aligner``'s prefix and gates take gradients once made trainable (the base stays frozen)."""
+    from mlx_dft.torch_aligner import attach_aligner
+
+    hf_path = write_hf_model(tmp_path / "base", "qwen3_5")
+    model = _hf(hf_path)
+    attach_aligner(model, _hand_made(model, "qwen3_5", tmp_path / "al"))
+    model.requires_grad_(False)
+    model.aligner.requires_grad_(True)
+    ids = torch.tensor(IDS)
+    model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.aligner.named_parameters()}
+    assert sorted(grads) == ["gates.1", "gates.3", "prefix"]
+    assert all(g is not None and float(g.abs().max()) > 0 for g in grads.values())
