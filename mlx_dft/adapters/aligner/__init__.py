@@ -20,7 +20,6 @@ from mlx_dft.adapters.aligner.layer import (
     adapted_layers,
     apply_aligner,
     attention_of,
-    check_supported,
     constant_shift,
     parameter_count,
     prefix_keys_values,
@@ -103,6 +102,7 @@ class Aligner(AdapterMethod):
         return {"fine_tune_type": self.name, "aligner": dict(config["aligner"])}
 
     def apply(self, model: nn.Module, settings: dict) -> None:
+        check_supported(model)
         apply_aligner(model, settings)
 
     def adapter_off(self, model: nn.Module, copy_weights: bool = False) -> AdapterOff:
@@ -167,6 +167,14 @@ class Aligner(AdapterMethod):
                     peft_usage(base, repo_id),
                 )
         return None
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse a model the Aligner cannot adapt, in one line naming the feature, the model type and
+    why (:mod:`mlx_dft.support`, which asks :func:`.layer.refusal`)."""
+    from mlx_dft import support
+
+    support.require("aligner", model)
 
 
 METHOD = Aligner()

@@ -275,14 +275,6 @@ def switched_off():
 # ------------------------------------------------------------------ applying it
 
 
-def check_supported(model: nn.Module) -> None:
-    """Refuse a model the Aligner cannot adapt, in one line naming the feature, the model type and
-    why (:mod:`mlx_dft.support`)."""
-    from mlx_dft import support
-
-    support.require("aligner", model)
-
-
 def adapted_layers(model: nn.Module, start: int) -> list[int]:
     """The block indices from ``start`` on that have softmax attention (refused when none)."""
     layers = [i for i, _ in attention_layers(model) if i >= start]
@@ -312,7 +304,8 @@ def parameter_count(tokens: int, hidden: int, adapted: int, heads_per_layer: int
 
 
 def apply_aligner(model: nn.Module, s: dict) -> None:
-    check_supported(model)
+    """Give ``model`` the Aligner ``s`` describes (a model :func:`refusal` accepts: the adapter's
+    :meth:`~mlx_dft.adapters.aligner.Aligner.apply` checks it first)."""
     a = s["aligner"]
     tokens, start, gate = int(a["tokens"]), int(a["start_layer"]), a.get("gate", "head")
     if gate not in GATES:
