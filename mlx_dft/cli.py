@@ -174,15 +174,22 @@ def train(config, mlx_lm_train, **options):
 
 @cli.command("plan")
 @config_option
+@click.option(
+    "--machines", type=int, default=None, help="FSDP: one machine's peak with the run sharded over N."
+)
+@click.option(
+    "--memory", default=None, help="FSDP: each machine's memory (64GB): the fewest machines the run fits on."
+)
 @dataclass_options(TrainConfig)
-def plan_cmd(config, **options):
+def plan_cmd(config, machines, memory, **options):
     """Estimate a run's peak memory and step time before loading anything (the model's config.json
-    only), say whether it fits this machine, and what to change if not. Takes train's options."""
+    only), say whether it fits this machine, and what to change if not. Takes train's options; with
+    --machines/--memory (or --shard fsdp), the same for a run sharded over several machines."""
     from mlx_dft import plan
     from mlx_dft.config import resolve
 
     cfg, _, _ = resolve(config, _given(options))
-    for line in plan.report(cfg)[1]:
+    for line in plan.report(cfg, machines, memory)[1]:
         click.echo(line)
 
 

@@ -59,8 +59,26 @@ STEP_OVERHEAD_S = 0.137
 MEMORY_SHARE = 0.8  # of physical memory a run may take (the OS and the rest keep the remainder)
 
 
+class _Peak:
+    """The peak of the parts a plan names, and whether it fits its ``memory`` (0: unknown)."""
+
+    weights: float
+    optimizer: float
+    activations: float
+    loss: float
+    memory: float
+
+    @property
+    def peak(self) -> float:
+        return self.weights + self.optimizer + self.activations + self.loss
+
+    @property
+    def fits(self) -> bool:
+        return not self.memory or self.peak <= self.memory
+
+
 @dataclass
-class Plan:
+class Plan(_Peak):
     model: str
     model_type: str
     parameters: int
@@ -80,14 +98,7 @@ class Plan:
     terms: dict = field(default_factory=dict)  # activation and loss sizes before their constants
     known: float = 0.0  # the bytes that need no constant: weights, optimizer, checkpoints
     layout: str = ""  # vocabulary, kinds of blocks, experts, loss path (:func:`layout`)
-
-    @property
-    def peak(self) -> float:
-        return self.weights + self.optimizer + self.activations + self.loss
-
-    @property
-    def fits(self) -> bool:
-        return not self.memory or self.peak <= self.memory
+    largest_unit: float = 0.0  # bytes of the largest block, embedding or output projection
 
     @property
     def tokens(self) -> int:
@@ -320,7 +331,53 @@ def estimate(cfg: TrainConfig, length: int | None = None, gflops: float | None =
                 optimizer, activations, loss, usable_memory(), flops, gflops, notes, terms,
                 weights + optimizer + checkpoints)  # fmt: skip
     plan.layout = layout(model, vocab)
+    units = [sum(v.size for _, v in tree_flatten(blk.parameters())) for blk in model.layers]
+    units += [v.size for k, v in tree_flatten(model.parameters()) if "layers." not in k and v.ndim >= 2]
+    plan.largest_unit = max(units, default=0) * width
     return plan
+
+
+@dataclass
+class ShardedPlan(_Peak):
+    """One process's share of a run sharded over ``machines`` (``--shard fsdp``)."""
+
+    machines: int
+    weights: float  # this process's part of every weight, plus the unit gathered whole
+    gathered: float  # of which: the largest unit whole, twice (forward, and backward with its gradient)
+    optimizer: float
+    activations: float
+    loss: float
+    memory: float  # each machine's usable memory (0: unknown)
+
+
+def estimate_sharded(
+    cfg: TrainConfig, machines: int, memory: float = 0.0, length: int | None = None,
+    gflops: float | None = None,
+) -> ShardedPlan:
+    """The peak of one of ``machines`` processes of an FSDP run of ``cfg`` (the global batch
+    ``--batch-size`` split between them, each with ``memory`` bytes usable): the weights, gradients
+    and optimizer state 1/N each; the largest unit (a block, the embedding or the output
+    projection) gathered whole twice at once at most (its weights, then its weights and gradient in
+    the backward pass); the activations and loss of its share of the batch."""
+    import dataclasses
+
+    if machines < 1:
+        raise UserError(f"--machines {machines} must be at least 1")
+    share = dataclasses.replace(cfg, batch_size=max(1, -(-cfg.batch_size // machines)))
+    p = estimate(share, length, gflops)
+    gathered = 2 * p.largest_unit if machines > 1 else 0.0
+    return ShardedPlan(machines, p.weights / machines + gathered, gathered, p.optimizer / machines,
+                       p.activations, p.loss, memory)  # fmt: skip
+
+
+def smallest_machines(
+    cfg: TrainConfig, memory: float, length: int | None, gflops: float, most: int = 64
+) -> int:
+    """The fewest machines of ``memory`` bytes each an FSDP run of ``cfg`` fits on (0: none up to
+    ``most``)."""
+    return next(
+        (n for n in range(1, most + 1) if estimate_sharded(cfg, n, memory, length, gflops).fits), 0
+    )
 
 
 def layout(model: nn.Module, vocab: int) -> str:
@@ -384,6 +441,8 @@ def data_length(cfg: TrainConfig, notes: list[str] | None = None) -> int | None:
     try:
         path = local_or_hub(cfg.model or str(default_model_path()), TOKENIZER_FILES, "model")
         tokenizer = load_tokenizer(path)
+        if not tokenizer.encode("Hello, world"):  # transformers 5 builds an empty one from config.json alone
+            raise ValueError("an empty tokenizer")
     except Exception as e:  # noqa: BLE001  (no tokenizer files, or none that load: say so, plan on)
         if notes is not None:
             notes.append(
@@ -400,12 +459,62 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def report(cfg: TrainConfig) -> tuple[Plan, list[str]]:
-    """The plan of ``cfg`` and the lines ``mlx_dft plan`` prints."""
+def parse_memory(text: str) -> float:
+    """Bytes of ``64GB``, ``512 MB``, ``1.5TB`` (decimal units; a bare number is GB)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(TB|GB|MB|T|G|M)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--memory {text!r}: give a size such as 64GB or 512MB")
+    unit = (m.group(2) or "GB").upper()[0]
+    return float(m.group(1)) * {"T": 1e12, "G": 1e9, "M": 1e6}[unit]
+
+
+def sharded_lines(
+    cfg: TrainConfig, machines: int | None, memory: float, length: int | None, gflops: float
+) -> list[str]:
+    """``mlx_dft plan --shard fsdp [--machines N] [--memory 64GB]``: one machine's peak, and the
+    fewest machines of that memory the run fits on."""
+    lines = []
+    if machines:
+        s = estimate_sharded(cfg, machines, memory, length, gflops)
+        of = f" of {_gb(memory)}" if memory else ""
+        lines += [
+            f"sharded over {machines} machines (--shard fsdp), each process:",
+            f"  weights           {_gb(s.weights)}  (1/{machines} of each, plus {_gb(s.gathered)} "
+            "gathered whole at once)",
+            f"  gradients + {cfg.optimizer:<5} {_gb(s.optimizer)}",
+            f"  activations       {_gb(s.activations)}  (its {max(1, -(-cfg.batch_size // machines))} "
+            f"of the batch of {cfg.batch_size})",
+            f"  loss (logits)     {_gb(s.loss)}",
+            f"  peak (estimate)   {_gb(s.peak)}{of}: " + ("fits" if s.fits else "does NOT fit"),
+        ]
+    if memory:
+        n = smallest_machines(cfg, memory, length, gflops)
+        lines.append(
+            f"fewest machines of {_gb(memory)} for --shard fsdp: {n}" if n
+            else f"no number of machines up to 64 of {_gb(memory)} fits this run with --shard fsdp"
+        )
+    return lines
+
+
+def report(
+    cfg: TrainConfig, machines: int | None = None, memory: str | float | None = None
+) -> tuple[Plan, list[str]]:
+    """The plan of ``cfg`` and the lines ``mlx_dft plan`` prints; with ``machines`` or under
+    ``--shard fsdp``, one machine's share of the run sharded over them, and with ``memory`` (each
+    machine's, e.g. ``"64GB"``) the fewest machines it fits on."""
     notes: list[str] = []
     length = data_length(cfg, notes)
     p = estimate(cfg, length)
     p.notes.extend(notes)
+    mem = parse_memory(memory) if isinstance(memory, str) else float(memory or 0)
+    if machines is not None and machines < 1:
+        raise UserError(f"--machines {machines} must be at least 1")
+    if getattr(cfg, "shard", "none") == "fsdp" or machines or mem:
+        sharded = sharded_lines(cfg, machines or (None if mem else 2), mem or p.memory, length, p.gflops)
+    else:
+        sharded = []
     lines = [
         f"plan: {p.model} ({p.model_type}, {p.parameters / 1e6:,.1f}M parameters)",
         f"  {p.layout}",
@@ -449,4 +558,4 @@ def report(cfg: TrainConfig) -> tuple[Plan, list[str]]:
             tips.append("--pack: rows of several short examples (no padding)")
         if tips:
             lines += ["to use less memory or time:", *(f"  {t}" for t in tips)]
-    return p, lines
+    return p, lines + sharded

@@ -68,8 +68,9 @@ def test_plan_on_the_cli_reads_only_config_json(tmp_path):
     assert "qwen3" in out and "batch 2 x 256 tokens (packed rows)" in out
 
 
-def test_plan_without_a_tokenizer_plans_at_max_seq_length_and_says_so(tmp_path):
-    model = _config_only(tmp_path / "no-tokenizer", "llama-40m")
+@pytest.mark.parametrize("shape", ["llama-40m", "qwen3-0.6b"])  # (qwen3's: transformers builds an empty one)
+def test_plan_without_a_tokenizer_plans_at_max_seq_length_and_says_so(tmp_path, shape):
+    model = _config_only(tmp_path / "no-tokenizer", shape)
     p = run_cli("plan", "--model", model, "--batch-size", "2", "--max-seq-length", "300")
     assert p.returncode == 0, p.stderr
     assert "batch 2 x 304 tokens" in p.stdout  # inputs padded as batches are
@@ -104,3 +105,48 @@ def test_a_quantized_config_on_the_cpu_is_planned_in_float32(tmp_path):
     kept = plan.estimate(TrainConfig(model=str(folder), keep_quantized=True), 256, gflops=100.0)
     assert floats.weights == 4 * floats.parameters and "float32" in floats.notes[0]
     assert kept.weights < floats.weights / 4
+
+
+# ------------------------------------------------------------------ sharded over several machines
+
+
+def test_fsdp_plan_splits_weights_and_optimizer_and_counts_what_is_gathered(tmp_path):
+    """One machine of N holds 1/N of the weights, gradients and optimizer state, plus the largest
+    unit (a block, the embedding or the output projection) whole twice, and the activations of
+    its share of the global batch."""
+    row = next(r for r in MEASURED["runs"] if r["shape"] == "qwen3-0.6b")
+    cfg = _config(row, tmp_path / "model")
+    cfg = TrainConfig(**{**cfg.to_dict(), "adapter": "full", "batch_size": 8, "grad_checkpoint": True})
+    gflops = MEASURED["gflops"]["qwen3-0.6b"]
+    one = plan.estimate(cfg, 128, gflops)
+    for n in (2, 4):
+        s = plan.estimate_sharded(cfg, n, 0.0, 128, gflops)
+        share = plan.estimate(TrainConfig(**{**cfg.to_dict(), "batch_size": 8 // n}), 128, gflops)
+        assert s.gathered == 2 * one.largest_unit > 0
+        assert abs(s.weights - (one.weights / n + s.gathered)) < 1e3
+        assert abs(s.optimizer - one.optimizer / n) < 1e3
+        assert s.activations == share.activations and s.loss == share.loss
+        assert s.peak < one.peak
+    # the fewest machines: the first N whose share fits, N - 1 not
+    need = plan.estimate_sharded(cfg, 3, 0.0, 128, gflops).peak * 1.001
+    assert plan.smallest_machines(cfg, need, 128, gflops) == 3
+    assert not plan.estimate_sharded(cfg, 2, need, 128, gflops).fits
+
+
+def test_fsdp_plan_on_the_cli(tmp_path):
+    model = _config_only(tmp_path / "only-config", "qwen3-0.6b")
+    p = run_cli("plan", "--model", model, "--fine-tune-type", "full", "--batch-size", "4", "--max-seq-length",
+                "256", "--pack", "--machines", "2", "--memory", "3GB")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "sharded over 2 machines (--shard fsdp), each process:" in p.stdout
+    assert "(its 2 of the batch of 4)" in p.stdout and "of 3.00 GB:" in p.stdout
+    assert "fewest machines of 3.00 GB for --shard fsdp:" in p.stdout
+    for bad, said in ((("--memory", "lots"), "--memory 'lots': give a size"),
+                      (("--machines", "0"), "--machines 0 must be at least 1")):  # fmt: skip
+        r = run_cli("plan", "--model", model, *bad)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and said in r.stderr, r.stderr
+
+
+def test_memory_sizes_parse():
+    assert plan.parse_memory("64GB") == 64e9 and plan.parse_memory("512 mb") == 512e6
+    assert plan.parse_memory("1.5TB") == 1.5e12 and plan.parse_memory("24") == 24e9
