@@ -62,6 +62,14 @@ def _table(what: str) -> Callable[[nn.Module, dict], str]:
     return check
 
 
+def _gguf(model: nn.Module, config: dict) -> str:
+    from mlx_dft.gguf.archs import ARCHS
+
+    if _kind(model) in ARCHS:
+        return ""
+    return f"the GGUF reader and writer cover {', '.join(ARCHS)} only so far"
+
+
 def _peft(model: nn.Module, config: dict) -> str:
     kind = _kind(model)
     if kind not in PEFT_PROVEN:
@@ -78,7 +86,7 @@ FEATURES = {
     "pack": Feature("packing", "--pack", _packing),
     "aligner": Feature("Aligner", "--fine-tune-type aligner", _table("the Aligner's attention hook")),
     "peft": Feature("PEFT export", "mlx_dft export", _peft),
-    "gguf": Feature("GGUF", "convert / --gguf", _table("the GGUF reader and writer")),
+    "gguf": Feature("GGUF", "convert / --gguf", _gguf),
 }
 
 

@@ -5,8 +5,11 @@ architecture and its parameters, the tokenizer (:mod:`.tokenizer`), and every te
 shape against the mlx-lm model the config describes. Then it writes ``config.json``,
 ``model.safetensors`` and the tokenizer files into a staged folder renamed into place whole.
 
-- Tensor names follow :func:`names.to_hf_name`; llama.cpp's rotary row order of q/k is undone
-  with :func:`names.to_hf_rows` (packed weights, scales and biases alike).
+- The architecture's table entry (:mod:`.archs`) gives the model type, its own metadata and
+  llama.cpp's departures from the model's layout: tensor names are those the mlx-lm model's
+  parameters have in gguf-py's tables (:func:`names.gguf_names`); llama.cpp's rotary row order of
+  q/k is undone with :func:`names.to_hf_rows` (packed weights, scales and biases alike); Gemma's
+  norms, stored as 1 + w, lose their 1 (in float32: a weight w comes back within 2^-24 of itself).
 - Q4_0/Q4_1/Q8_0 tensors stay MLX-quantized (affine, groups of 32): ``quantization`` in
   config.json gives the most common bit width, and every module whose width differs its own
   entry, which mlx-lm's loader takes as a per-module override.
@@ -30,22 +33,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_dft.architectures import ARCHITECTURES, check_sizes
+from mlx_dft.architectures import check_sizes
 from mlx_dft.errors import UserError
 from mlx_dft.files import TMP_PREFIX, atomic_write_json, check_apart, save_safetensors, staged_folder
 from mlx_dft.gguf import names
+from mlx_dft.gguf.archs import ARCHS, model_type_of
 from mlx_dft.gguf.reader import GROUP_SIZE, GGUFHeader, load_tensors, read_header
 from mlx_dft.gguf.tokenizer import build_tokenizer, token_id_list, write_tokenizer
-
-
-def model_type_of(arch: str) -> str:
-    """The ``model_type`` for a GGUF ``general.architecture`` (the table entry named like it
-    first: a llama-architecture file is a llama model, whatever model it was converted from)."""
-    matches = [mt for mt, a in ARCHITECTURES.items() if a.gguf == arch]
-    if not matches:
-        supported = sorted({a.gguf for a in ARCHITECTURES.values()})
-        raise UserError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(supported)})")
-    return arch if arch in matches else matches[0]
 
 
 def _number(meta: dict, key: str, kind: type, default=None):
@@ -72,7 +66,7 @@ def model_config(header: GGUFHeader) -> dict:
     model_type = model_type_of(arch)
     prefix = f"{arch}."
     keys = names.CONFIG_KEYS
-    cfg: dict = {"model_type": model_type, "architectures": [ARCHITECTURES[model_type].hf_class]}
+    cfg: dict = {"model_type": model_type, "architectures": [ARCHS[model_type].hf_class]}
     for hf_key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         cfg[hf_key] = _number(meta, prefix + keys[hf_key], int)
     heads = cfg["num_attention_heads"]
@@ -89,6 +83,11 @@ def model_config(header: GGUFHeader) -> dict:
             f"GGUF head counts {heads}/{cfg['num_key_value_heads']} and head size {head_dim} do not fit"
         )
     cfg["head_dim"] = head_dim
+    rotary = _number(meta, f"{prefix}rope.dimension_count", int, head_dim)
+    if rotary != head_dim:
+        if rotary > head_dim or rotary % 2:
+            raise UserError(f"GGUF rope.dimension_count {rotary} does not fit the head size {head_dim}")
+        cfg["partial_rotary_factor"] = rotary / head_dim
     scaling = meta.get(f"{prefix}rope.scaling.type", "none")
     if scaling == "linear":
         factor = _number(meta, f"{prefix}rope.scaling.factor", float)
@@ -104,9 +103,11 @@ def model_config(header: GGUFHeader) -> dict:
         raise UserError(f"{header.path} has no token_embd.weight tensor")
     cfg["vocab_size"] = tensors["token_embd.weight"].shape[0]
     cfg["tie_word_embeddings"] = "output.weight" not in tensors
-    if model_type in ("llama", "mistral"):
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
-        cfg["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    def get(key: str, kind: type, default=None):  # (an absent key's default is taken as it is)
+        key = key.format(arch=arch)
+        return _number(meta, key, kind) if key in meta or default is None else default
+
+    cfg.update(ARCHS[model_type].read(get, cfg, tensors))
     check_sizes(cfg, header.path)
     return cfg
 
@@ -133,21 +134,22 @@ def _hf_rows(a: mx.array, heads: int | None) -> mx.array:
 def _convert_tensors(header: GGUFHeader, cfg: dict, dequantize: bool) -> tuple[dict[str, mx.array], dict]:
     """(weights under Hugging Face names, per-module bits of the quantized ones), checked
     against the parameters of the model ``cfg`` describes."""
-    hf_names = {}
-    for name in header.tensors:
-        hf = names.to_hf_name(name)
-        if hf is None:
-            raise UserError(f"GGUF tensor {name} has no counterpart in a {cfg['model_type']} model")
-        hf_names[name] = hf
     model = _build(cfg)
     expected = dict(tree_flatten(model.parameters()))
     modules = dict(model.named_modules())
-    missing = sorted(set(expected) - set(hf_names.values()))
+    known = names.gguf_names(expected, cfg["model_type"], cfg["num_hidden_layers"])
+    missing = sorted(set(expected) - set(known.values()))
+    if missing:
+        raise UserError(f"a {cfg['model_type']} model's {missing[0]} has no GGUF name in gguf-py's tables")
+    missing = sorted(hf for name, hf in known.items() if name not in header.tensors)
     if missing:
         raise UserError(f"the GGUF file lacks {len(missing)} tensors of the model, e.g. {missing[0]}")
+    hf_names = {}
+    for name in header.tensors:
+        if name not in known:
+            raise UserError(f"GGUF tensor {name} has no counterpart in a {cfg['model_type']} model")
+        hf_names[name] = known[name]
     for name, hf in hf_names.items():
-        if hf not in expected:
-            raise UserError(f"GGUF tensor {name} ({hf}) is not a parameter of a {cfg['model_type']} model")
         if tuple(expected[hf].shape) != header.tensors[name].shape:
             raise UserError(
                 f"GGUF tensor {name} has shape {header.tensors[name].shape}, "
@@ -161,6 +163,8 @@ def _convert_tensors(header: GGUFHeader, cfg: dict, dequantize: bool) -> tuple[d
         if not info.quantized or not header.native:  # (a file read through gguf-py is all floats)
             w = arrays[name]
             weights[hf] = _hf_rows(w.astype(mx.float32) if dequantize else w, heads)
+            if names.plus_one(hf, cfg):
+                weights[hf] = (weights[hf].astype(mx.float32) - 1).astype(weights[hf].dtype)
             continue
         base, hf_base = name[: -len(".weight")], hf[: -len(".weight")]
         w, scales, biases = (

@@ -4,8 +4,11 @@
 - Metadata: ``general.*`` (architecture, type, name, file type), the architecture's parameters
   from config.json (:data:`mlx_dft.gguf.names.CONFIG_KEYS`, plus the rotary dimension count, the
   vocabulary size, key/value lengths), and the tokenizer (:mod:`mlx_dft.gguf.vocab`).
-- Tensors: renamed with :func:`~mlx_dft.gguf.names.to_gguf_name`; the q/k rows of llama/mistral
-  reordered to llama.cpp's rotary layout (:func:`~mlx_dft.gguf.names.to_gguf_rows`); no
+  and the architecture's own keys (:mod:`mlx_dft.gguf.archs`, which refuses what llama.cpp would
+  compute differently).
+- Tensors: renamed with :func:`~mlx_dft.gguf.names.to_gguf_name` (gguf-py's tables); the q/k rows
+  of the architectures with llama.cpp's "normal" RoPE reordered to its rotary layout
+  (:func:`~mlx_dft.gguf.names.to_gguf_rows`); Gemma's norms stored as 1 + w; no
   ``output.weight`` when the embedding is tied (llama.cpp then uses ``token_embd``).
 - Types (``gguf_type``): ``f32``; ``f16``; ``q8_0``; ``q4_0``. Norms, biases and other 1-D tensors
   stay F32 in every type, and so does a matrix whose rows are not a multiple of 32 values when a
@@ -24,10 +27,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_dft.architectures import architecture
 from mlx_dft.errors import UserError
 from mlx_dft.files import check_safetensors, read_json
-from mlx_dft.gguf.names import CONFIG_KEYS, reordered_heads, to_gguf_name, to_gguf_rows
+from mlx_dft.gguf.archs import arch_of
+from mlx_dft.gguf.names import CONFIG_KEYS, plus_one, reordered_heads, to_gguf_name, to_gguf_rows
 from mlx_dft.gguf.vocab import add_tokenizer
 from mlx_dft.gguf.writer import GGUFWriter
 
@@ -77,6 +80,7 @@ def _rope(config: dict) -> tuple[float | None, dict | None]:
 
 def add_architecture(writer: GGUFWriter, config: dict, arch: str, n_vocab: int) -> None:
     """``{arch}.*`` parameters from a config.json."""
+    extra = arch_of(str(config.get("model_type")), "GGUF export").write(config)  # refusals first
     theta, scaling = _rope(config)
     values = {**config, "rope_theta": theta}
     if values.get("num_key_value_heads") is None:
@@ -91,8 +95,17 @@ def add_architecture(writer: GGUFWriter, config: dict, arch: str, n_vocab: int) 
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if config.get("head_dim"):
         writer.add_uint32(f"{arch}.attention.value_length", head_dim)
-    writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
+    rotary = head_dim * float(config.get("partial_rotary_factor") or 1.0)
+    if rotary != int(rotary) or int(rotary) % 2:
+        raise UserError(f"config.json: partial_rotary_factor gives {rotary} rotary dimensions (not even)")
+    writer.add_uint32(f"{arch}.rope.dimension_count", int(rotary))
     writer.add_uint32(f"{arch}.vocab_size", n_vocab)
+    for key, value in extra.items():
+        key = key.format(arch=arch)
+        if isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
     if scaling:
         writer.add_string(f"{arch}.rope.scaling.type", scaling["type"])
         writer.add_float32(f"{arch}.rope.scaling.factor", scaling["factor"])
@@ -124,7 +137,8 @@ def write_model_gguf(
         raise UserError(
             f"{folder} holds quantized weights; GGUF export needs float ones (fuse with --dequantize)"
         )
-    arch = architecture(str(config.get("model_type")), "GGUF export").gguf
+    model_type = str(config.get("model_type"))
+    arch = arch_of(model_type, "GGUF export").gguf
     weights = _weights(folder)
     tied = bool(config.get("tie_word_embeddings", False))
     if "model.embed_tokens.weight" not in weights:
@@ -145,7 +159,7 @@ def write_model_gguf(
     for hf_name in sorted(weights, key=_order):
         if SKIPPED.search(hf_name) or (tied and hf_name == "lm_head.weight"):
             continue
-        gguf_name = to_gguf_name(hf_name)
+        gguf_name = to_gguf_name(hf_name, model_type, int(config["num_hidden_layers"]))
         if gguf_name is None:
             raise UserError(f"{folder}: tensor {hf_name} has no GGUF name (an unsupported layer?)")
         shape = tuple(weights[hf_name].shape)
@@ -158,9 +172,11 @@ def write_model_gguf(
 
 def _reader(weights: dict[str, mx.array], hf_name: str, config: dict):
     heads = reordered_heads(hf_name, config)
+    one = plus_one(hf_name, config)
 
     def read() -> np.ndarray:
         w = _numpy(weights.pop(hf_name))  # dropped once written: one tensor in memory at a time
+        w = w + np.float32(1) if one else w
         return w if heads is None else to_gguf_rows(w, heads)
 
     return read

@@ -1,0 +1,177 @@
+"""Which mlx-lm model types GGUF covers, and what each needs beyond the llama family's layout.
+
+One entry per model type (:data:`ARCHS`): its GGUF ``general.architecture`` (a name of gguf-py's
+``MODEL_ARCH``, whose ``TensorNameMap`` names its tensors, :mod:`.names`), and the differences
+llama.cpp's loader for that architecture expects (read in llama.cpp's ``src/models/<arch>.cpp``):
+
+- ``reorders_qk``: llama.cpp's "normal" RoPE rotates adjacent pairs, so its converter reorders the
+  q/k rows of these architectures (llama, mistral, smollm3, granite); the others use NEOX RoPE,
+  which is Hugging Face's rotate-half, rows as they are.
+- ``norm_plus_one``: the model's RMSNorm multiplies by ``1 + w`` (Gemma); llama.cpp multiplies by
+  the stored weight, so the file holds ``1 + w``.
+- ``write`` / ``read``: the architecture's own metadata (gguf-py's ``Keys``), from config.json and
+  back, refusing in one line what llama.cpp would compute differently from mlx-lm (smollm3's
+  RoPE-less layers are every 4th there, fixed; Gemma 3 scales queries by the head size; Qwen3-MoE
+  always renormalises the top-k expert weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gguf import Keys
+
+from mlx_dft.errors import UserError
+
+# (key template, value) pairs: {arch} in the template is the GGUF architecture.
+Metadata = dict[str, object]
+# get(key template, type, default): one checked number from the file's metadata.
+Getter = Callable[..., object]
+
+
+def _nothing(*_) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    gguf: str
+    hf_class: str
+    reorders_qk: bool = False
+    norm_plus_one: bool = False
+    write: Callable[[dict], Metadata] = field(default=_nothing)
+    read: Callable[[Getter, dict, dict], dict] = field(default=_nothing)  # (get, config so far, tensors)
+
+
+def _biases(get: Getter, cfg: dict, tensors: dict) -> dict:
+    return {"attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": "blk.0.ffn_up.bias" in tensors}
+
+
+# smollm3: llama.cpp leaves RoPE out of every 4th layer (n_no_rope_layer_step = 4, not in the file).
+SMOLLM3_NO_ROPE_STEP = 4
+
+
+def _smollm3_write(config: dict) -> Metadata:
+    n = int(config["num_hidden_layers"])
+    interval = int(config.get("no_rope_layer_interval") or SMOLLM3_NO_ROPE_STEP)
+    ours = config.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
+    theirs = [int((i + 1) % SMOLLM3_NO_ROPE_STEP != 0) for i in range(n)]
+    if [int(x) for x in ours] != theirs:
+        raise UserError(
+            "llama.cpp's smollm3 leaves RoPE out of every 4th layer; this model's no_rope_layers "
+            f"{list(ours)} differ, so llama.cpp would compute another model"
+        )
+    return {}
+
+
+def _smollm3_read(get: Getter, cfg: dict, tensors: dict) -> dict:
+    return {"no_rope_layer_interval": SMOLLM3_NO_ROPE_STEP}
+
+
+def _gemma3_write(config: dict) -> Metadata:
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if float(config.get("query_pre_attn_scalar", head_dim)) != float(head_dim):
+        raise UserError(
+            f"llama.cpp's gemma3 scales queries by the head size ({head_dim}); this model's "
+            f"query_pre_attn_scalar is {config['query_pre_attn_scalar']}"
+        )
+    if config.get("final_logit_softcapping"):
+        raise UserError("mlx-lm's gemma3_text computes no final logit soft-capping; llama.cpp would")
+    if int(config.get("sliding_window_pattern", 6)) <= 1:
+        return {}  # every layer global: llama.cpp then wants no window at all
+    return {
+        Keys.Attention.SLIDING_WINDOW: int(config.get("sliding_window", 512)),
+        Keys.Attention.SLIDING_WINDOW_PATTERN: int(config.get("sliding_window_pattern", 6)),
+        Keys.Rope.FREQ_BASE_SWA: float(config.get("rope_local_base_freq", 10000.0)),
+    }
+
+
+def _gemma3_read(get: Getter, cfg: dict, tensors: dict) -> dict:
+    if get(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, float, 0.0):
+        raise UserError("the GGUF file soft-caps the final logits, which mlx-lm's gemma3_text does not")
+    window = get(Keys.Attention.SLIDING_WINDOW, int, 0)
+    local_base = get(Keys.Rope.FREQ_BASE_SWA, float, 10000.0)  # (llama.cpp's default)
+    out = {"query_pre_attn_scalar": cfg["head_dim"], "rope_local_base_freq": local_base}
+    if window:  # (llama.cpp's gemma3: every 6th layer global, unless the file says)
+        pattern = get(Keys.Attention.SLIDING_WINDOW_PATTERN, int, 6)
+        out.update(sliding_window=window, sliding_window_pattern=pattern)
+    else:
+        out.update(sliding_window=1, sliding_window_pattern=1)  # every layer global
+    return out
+
+
+def _qwen3_moe_write(config: dict) -> Metadata:
+    n = int(config["num_hidden_layers"])
+    step = int(config.get("decoder_sparse_step", 1))
+    dense = [i for i in range(n) if i in (config.get("mlp_only_layers") or []) or (i + 1) % step]
+    if dense:
+        raise UserError(f"llama.cpp's qwen3moe has experts in every layer; layers {dense} are dense")
+    if not config.get("norm_topk_prob", False):
+        raise UserError("llama.cpp's qwen3moe renormalises the top-k expert weights; norm_topk_prob is false")
+    return {
+        Keys.LLM.EXPERT_COUNT: int(config["num_experts"]),
+        Keys.LLM.EXPERT_USED_COUNT: int(config["num_experts_per_tok"]),
+        Keys.LLM.EXPERT_FEED_FORWARD_LENGTH: int(config["moe_intermediate_size"]),
+    }
+
+
+def _qwen3_moe_read(get: Getter, cfg: dict, tensors: dict) -> dict:
+    return {
+        "num_experts": get(Keys.LLM.EXPERT_COUNT, int),
+        "num_experts_per_tok": get(Keys.LLM.EXPERT_USED_COUNT, int),
+        "moe_intermediate_size": get(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, int),
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+    }  # fmt: skip
+
+
+GRANITE_KEYS = {
+    "attention_multiplier": Keys.Attention.SCALE,
+    "embedding_multiplier": Keys.LLM.EMBEDDING_SCALE,
+    "residual_multiplier": Keys.LLM.RESIDUAL_SCALE,
+    "logits_scaling": Keys.LLM.LOGIT_SCALE,
+}
+
+
+def _granite_write(config: dict) -> Metadata:
+    return {key: float(config[name]) for name, key in GRANITE_KEYS.items()}
+
+
+def _granite_read(get: Getter, cfg: dict, tensors: dict) -> dict:
+    return {name: get(key, float, 1.0) for name, key in GRANITE_KEYS.items()} | _biases(get, cfg, tensors)
+
+
+ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("llama", "LlamaForCausalLM", reorders_qk=True, read=_biases),
+    "mistral": GGUFArch("llama", "MistralForCausalLM", reorders_qk=True, read=_biases),
+    "qwen2": GGUFArch("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": GGUFArch("qwen3", "Qwen3ForCausalLM"),
+    "smollm3": GGUFArch("smollm3", "SmolLM3ForCausalLM", reorders_qk=True, write=_smollm3_write,
+                        read=_smollm3_read),
+    "phi3": GGUFArch("phi3", "Phi3ForCausalLM"),
+    "gemma3_text": GGUFArch("gemma3", "Gemma3ForCausalLM", norm_plus_one=True, write=_gemma3_write,
+                            read=_gemma3_read),
+    "qwen3_moe": GGUFArch("qwen3moe", "Qwen3MoeForCausalLM", write=_qwen3_moe_write, read=_qwen3_moe_read),
+    "olmo2": GGUFArch("olmo2", "Olmo2ForCausalLM"),
+    "granite": GGUFArch("granite", "GraniteForCausalLM", reorders_qk=True, write=_granite_write,
+                        read=_granite_read),
+}  # fmt: skip
+
+
+def arch_of(model_type: str, what: str = "GGUF") -> GGUFArch:
+    """The entry for ``model_type``; refuses another in one line naming it."""
+    if model_type not in ARCHS:
+        raise UserError(f"{what} supports model types {', '.join(ARCHS)}; this model is {model_type!r}")
+    return ARCHS[model_type]
+
+
+def model_type_of(gguf_arch: str) -> str:
+    """The ``model_type`` for a GGUF ``general.architecture`` (the entry named like it first: a
+    llama-architecture file is a llama model, whatever model it was converted from)."""
+    matches = [mt for mt, a in ARCHS.items() if a.gguf == gguf_arch]
+    if not matches:
+        supported = sorted({a.gguf for a in ARCHS.values()})
+        raise UserError(
+            f"GGUF architecture {gguf_arch!r} is not supported (supported: {', '.join(supported)})"
+        )
+    return gguf_arch if gguf_arch in matches else matches[0]
