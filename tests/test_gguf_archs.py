@@ -1,5 +1,5 @@
-"""GGUF beyond the llama family: smollm3, phi3, gemma3_text, qwen3_moe, olmo2 and granite, written
-and read here, proven by llama.cpp itself (llama-cpp-python, in a child process).
+"""GGUF beyond the llama family: smollm3, phi3, gemma3_text, qwen3_moe, olmo2, granite and
+ministral3, written and read here, proven by llama.cpp itself (llama-cpp-python, in a child process).
 
 Per architecture, on tests/arch_models.py's tiny random models (mlx-lm's own classes):
 - written: a random LoRA fused with ``fuse(..., gguf="f32")`` (and ``f16`` from the same folder)
@@ -32,9 +32,14 @@ from mlx_dft.interop.fuse import fuse
 
 gguf = pytest.importorskip("gguf")
 
-COVERED = ["smollm3", "phi3", "gemma3_text", "qwen3_moe", "olmo2", "granite"]
-# llama.cpp's smollm3 leaves RoPE out of every 4th layer (fixed in its loader, not in the file).
-OVERRIDES = {"smollm3": {"no_rope_layer_interval": 4}}
+COVERED = ["smollm3", "phi3", "gemma3_text", "qwen3_moe", "olmo2", "granite", "ministral3"]
+# llama.cpp's smollm3 leaves RoPE out of every 4th layer (fixed in its loader, not in the file);
+# its mistral3 has no sliding-window layers (ministral3 keeps Llama 4's attention temperature,
+# which the 20 positions of IDS reach: original_max_position_embeddings is 8).
+OVERRIDES = {
+    "smollm3": {"no_rope_layer_interval": 4},
+    "ministral3": {"layer_types": None, "sliding_window": None},
+}
 # K-quants are blocks of 256 values along a row: a width of 256 makes llama.cpp use them.
 WIDE = {"hidden_size": 256, "intermediate_size": 256}
 IDS = [1, 5, 70, 256, 300, 301, 12, 99, 180, 7, 33, 41, 2, 77, 400, 3, 18, 250, 9, 64]
@@ -170,8 +175,12 @@ def test_llama_cpp_quantized_files_read_as_llama_cpp_reads_them(wide_f32, ftype,
     assert set(ours) == set(reference)
     for name, ref in reference.items():
         np.testing.assert_allclose(ours[name], ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max(), err_msg=name)
-    # and the logits are llama.cpp's, to the precision of its quantized products
-    logits, theirs = mlx_logits(out), llama_cpp_logits(path)
+    # llama.cpp computes our logits from the weights we read (an f32 file of them)...
+    logits = mlx_logits(out)
+    again = write_model_gguf(out, tmp_path / "read-f32.gguf", "f32")
+    np.testing.assert_allclose(llama_cpp_logits(again), logits, rtol=0, atol=F32_TOL.get(kind, 1e-5))
+    # ...and from the quantized file, to the precision of its quantized products
+    theirs = llama_cpp_logits(path)
     err = np.abs(logits - theirs).max() / np.abs(theirs).max()
     assert err <= QUANT_REL_TOL.get(kind, QUANT_REL_TOL_DEFAULT), (kind, ftype, err)
 
@@ -202,6 +211,7 @@ def test_a_model_type_we_do_not_write_is_refused_in_one_line(tmp_path):
         ("gemma3_text", {"query_pre_attn_scalar": 32}, "llama.cpp's gemma3 scales queries by the head size"),
         ("qwen3_moe", {"norm_topk_prob": False}, "renormalises the top-k expert weights"),
         ("qwen3_moe", {"mlp_only_layers": [1]}, r"has experts in every layer; layers \[1\] are dense"),
+        ("ministral3", {}, r"llama.cpp's mistral3 has no sliding-window attention; layers \[0\] slide"),
     ],
 )
 def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, kind, overrides, message):

@@ -141,6 +141,29 @@ def _granite_read(get: Getter, cfg: dict, tensors: dict) -> dict:
     return {name: get(key, float, 1.0) for name, key in GRANITE_KEYS.items()} | _biases(get, cfg, tensors)
 
 
+def _ministral3_write(config: dict) -> Metadata:
+    sliding = [i for i, t in enumerate(config.get("layer_types") or []) if t == "sliding_attention"]
+    if sliding and config.get("sliding_window"):
+        raise UserError(f"llama.cpp's mistral3 has no sliding-window attention; layers {sliding} slide")
+    rope = config.get("rope_parameters") or {}
+    if not rope.get("llama_4_scaling_beta"):
+        return {}
+    # Llama 4's attention temperature: queries x 1 + beta * log(1 + floor(position / original))
+    return {
+        Keys.Attention.TEMPERATURE_SCALE: float(rope["llama_4_scaling_beta"]),
+        Keys.Rope.SCALING_ORIG_CTX_LEN: int(rope["original_max_position_embeddings"]),
+    }
+
+
+def _ministral3_read(get: Getter, cfg: dict, tensors: dict) -> dict:
+    # mlx-lm's ministral3 takes its RoPE (scaling included) from rope_parameters alone
+    rope = {"rope_type": "default", **(cfg.get("rope_scaling") or {}), "rope_theta": cfg["rope_theta"]}
+    rope["llama_4_scaling_beta"] = get(Keys.Attention.TEMPERATURE_SCALE, float, 0.0)
+    rope["original_max_position_embeddings"] = get(Keys.Rope.SCALING_ORIG_CTX_LEN, int,
+                                                   cfg["max_position_embeddings"])  # fmt: skip
+    return {"rope_parameters": rope}
+
+
 ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("llama", "LlamaForCausalLM", reorders_qk=True, read=_biases),
     "mistral": GGUFArch("llama", "MistralForCausalLM", reorders_qk=True, read=_biases),
@@ -155,6 +178,8 @@ ARCHS: dict[str, GGUFArch] = {
     "olmo2": GGUFArch("olmo2", "Olmo2ForCausalLM"),
     "granite": GGUFArch("granite", "GraniteForCausalLM", reorders_qk=True, write=_granite_write,
                         read=_granite_read),
+    "ministral3": GGUFArch("mistral3", "Ministral3ForCausalLM", reorders_qk=True, write=_ministral3_write,
+                           read=_ministral3_read),
 }  # fmt: skip
 
 
