@@ -1,5 +1,5 @@
-"""GGUF beyond the llama family: smollm3, phi3, gemma3_text, qwen3_moe, olmo2, granite and
-ministral3, written and read here, proven by llama.cpp itself (llama-cpp-python, in a child process).
+"""GGUF beyond the llama family: smollm3, phi3, gemma3_text, qwen3_moe, olmo2, granite,
+ministral3 and lfm2, written and read here, proven by llama.cpp itself (llama-cpp-python, in a child process).
 
 Per architecture, on tests/arch_models.py's tiny random models (mlx-lm's own classes):
 - written: a random LoRA fused with ``fuse(..., gguf="f32")`` (and ``f16`` from the same folder)
@@ -27,12 +27,12 @@ from mlx_dft.errors import UserError
 from mlx_dft.gguf.archs import ARCHS
 from mlx_dft.gguf.convert import convert_gguf
 from mlx_dft.gguf.export import write_model_gguf
-from mlx_dft.gguf.names import plus_one, reordered_heads, to_gguf_name, to_gguf_rows
+from mlx_dft.gguf.names import plus_one, reordered_heads, stored_shape, to_gguf_name, to_gguf_rows
 from mlx_dft.interop.fuse import fuse
 
 gguf = pytest.importorskip("gguf")
 
-COVERED = ["smollm3", "phi3", "gemma3_text", "qwen3_moe", "olmo2", "granite", "ministral3"]
+COVERED = ["smollm3", "phi3", "gemma3_text", "qwen3_moe", "olmo2", "granite", "ministral3", "lfm2"]
 # llama.cpp's smollm3 leaves RoPE out of every 4th layer (fixed in its loader, not in the file);
 # its mistral3 has no sliding-window layers (ministral3 keeps Llama 4's attention temperature,
 # which the 20 positions of IDS reach: original_max_position_embeddings is 8).
@@ -42,6 +42,7 @@ OVERRIDES = {
 }
 # K-quants are blocks of 256 values along a row: a width of 256 makes llama.cpp use them.
 WIDE = {"hidden_size": 256, "intermediate_size": 256}
+WIDE_EXTRA = {"qwen3_moe": {"moe_intermediate_size": 256}, "lfm2": {"block_dim": 256, "block_ff_dim": 256}}
 IDS = [1, 5, 70, 256, 300, 301, 12, 99, 180, 7, 33, 41, 2, 77, 400, 3, 18, 250, 9, 64]
 LIBRARY = isolated.library_version(native_llama_cpp.binding())
 
@@ -63,7 +64,8 @@ QUANT_REL_TOL_DEFAULT = 0.06
 
 
 def llama_cpp_logits(path, ids=IDS):
-    return isolated.call("native_llama_cpp:logits", str(path), list(ids), None, library=LIBRARY)
+    # (a GGML_ASSERT on several threads can hang rather than abort: 2 minutes, not isolated's 10)
+    return isolated.call("native_llama_cpp:logits", str(path), list(ids), None, library=LIBRARY, timeout=120)
 
 
 def mlx_logits(model_path, adapter=None, ids=IDS):
@@ -142,8 +144,8 @@ def test_our_gguf_reads_back_to_the_same_model(fused, tmp_path):
 def wide_f32(request, tmp_path_factory):
     kind = request.param
     root = tmp_path_factory.mktemp(f"{kind}-wide")
-    extra = {"moe_intermediate_size": 256} if kind == "qwen3_moe" else {}
-    base = write_arch_model(root / "base", kind, **WIDE, **extra, **OVERRIDES.get(kind, {}))
+    sizes = {**WIDE, **WIDE_EXTRA.get(kind, {}), **OVERRIDES.get(kind, {})}
+    base = write_arch_model(root / "base", kind, **sizes)
     return kind, base, write_model_gguf(base, root / "model-f32.gguf", "f32")
 
 
@@ -151,7 +153,7 @@ def to_gguf_space(hf_weights: dict, config: dict) -> dict:
     """Our converted weights as llama.cpp stores them (names, q/k row order, Gemma's 1 + w)."""
     out = {}
     for name, w in hf_weights.items():
-        a = np.array(w.astype(mx.float32))
+        a = np.array(w.astype(mx.float32)).reshape(stored_shape(name, w.shape, config["model_type"]))
         if plus_one(name, config):
             a = a + np.float32(1)
         heads = reordered_heads(name, config)
@@ -191,15 +193,16 @@ def test_llama_cpp_quantized_files_read_as_llama_cpp_reads_them(wide_f32, ftype,
 def test_an_architecture_we_do_not_cover_is_refused_in_one_line(tmp_path):
     from test_gguf import write_tiny_gguf
 
-    path = write_tiny_gguf(tmp_path / "m.gguf", file_arch="lfm2")
-    with pytest.raises(UserError, match=r"^GGUF architecture 'lfm2' is not supported \(supported: ") as e:
+    path = write_tiny_gguf(tmp_path / "m.gguf", file_arch="gemma4")
+    with pytest.raises(UserError, match=r"^GGUF architecture 'gemma4' is not supported \(supported: ") as e:
         convert_gguf(path, tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
 def test_a_model_type_we_do_not_write_is_refused_in_one_line(tmp_path):
-    folder = write_arch_model(tmp_path / "m", "lfm2")
-    with pytest.raises(UserError, match=r"^GGUF export supports model types .*; this model is 'lfm2'$"):
+    folder = write_arch_model(tmp_path / "m", "gemma4_text")
+    refusal = r"^GGUF export supports model types .*; this model is 'gemma4_text'$"
+    with pytest.raises(UserError, match=refusal):
         write_model_gguf(folder, tmp_path / "m.gguf", "f32")
     assert not list(tmp_path.glob("*.gguf*"))
 

@@ -40,6 +40,8 @@ class GGUFArch:
     hf_class: str
     reorders_qk: bool = False
     norm_plus_one: bool = False
+    # convolutions: llama.cpp drops their 1-sized axis and reads them as F32 only (lfm2)
+    squeezed: tuple[str, ...] = ()
     write: Callable[[dict], Metadata] = field(default=_nothing)
     read: Callable[[Getter, dict, dict], dict] = field(default=_nothing)  # (get, config so far, tensors)
 
@@ -164,6 +166,40 @@ def _ministral3_read(get: Getter, cfg: dict, tensors: dict) -> dict:
     return {"rope_parameters": rope}
 
 
+def _lfm2_write(config: dict) -> Metadata:
+    n = int(config["num_hidden_layers"])
+    attn = config.get("full_attn_idxs")
+    if attn is None:
+        attn = [i for i, t in enumerate(config.get("layer_types") or []) if t == "full_attention"]
+    kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    ff = int(config.get("block_ff_dim") or config["intermediate_size"])
+    if config.get("block_auto_adjust_ff_dim"):  # the width mlx-lm's (and transformers') Lfm2MLP builds
+        ff = int(2 * ff / 3)
+        if config.get("block_ffn_dim_multiplier") is not None:
+            ff = int(config["block_ffn_dim_multiplier"] * ff)
+        ff = config["block_multiple_of"] * -(-ff // config["block_multiple_of"])
+    return {
+        # llama.cpp tells convolution layers from attention ones by a key/value head count of 0
+        Keys.Attention.HEAD_COUNT_KV: [kv if i in attn else 0 for i in range(n)],
+        Keys.LLM.FEED_FORWARD_LENGTH: ff,
+        Keys.Attention.LAYERNORM_RMS_EPS: float(config.get("norm_eps", config.get("rms_norm_eps", 1e-5))),
+        Keys.ShortConv.L_CACHE: int(config["conv_L_cache"]),
+    }
+
+
+def _lfm2_read(get: Getter, cfg: dict, tensors: dict) -> dict:
+    if get(Keys.Attention.SLIDING_WINDOW, int, 0):
+        raise UserError("the GGUF lfm2 file has sliding-window attention, which mlx-lm's lfm2 does not")
+    kv = get(Keys.Attention.HEAD_COUNT_KV, list)
+    return {
+        "norm_eps": cfg["rms_norm_eps"], "conv_bias": "blk.0.shortconv.in_proj.bias" in tensors,
+        "conv_L_cache": get(Keys.ShortConv.L_CACHE, int), "block_dim": cfg["hidden_size"],
+        "block_ff_dim": cfg["intermediate_size"], "block_auto_adjust_ff_dim": False,
+        "block_multiple_of": 1, "block_ffn_dim_multiplier": 1.0, "tie_word_embeddings": True,
+        "full_attn_idxs": [i for i, v in enumerate(kv) if v],
+    }  # fmt: skip
+
+
 ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("llama", "LlamaForCausalLM", reorders_qk=True, read=_biases),
     "mistral": GGUFArch("llama", "MistralForCausalLM", reorders_qk=True, read=_biases),
@@ -180,6 +216,8 @@ ARCHS: dict[str, GGUFArch] = {
                         read=_granite_read),
     "ministral3": GGUFArch("mistral3", "Ministral3ForCausalLM", reorders_qk=True, write=_ministral3_write,
                            read=_ministral3_read),
+    "lfm2": GGUFArch("lfm2", "Lfm2ForCausalLM", squeezed=("conv.conv.weight",), write=_lfm2_write,
+                     read=_lfm2_read),
 }  # fmt: skip
 
 

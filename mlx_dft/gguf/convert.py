@@ -70,7 +70,14 @@ def model_config(header: GGUFHeader) -> dict:
     for hf_key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         cfg[hf_key] = _number(meta, prefix + keys[hf_key], int)
     heads = cfg["num_attention_heads"]
-    cfg["num_key_value_heads"] = _number(meta, prefix + keys["num_key_value_heads"], int, heads)
+    kv = meta.get(prefix + keys["num_key_value_heads"], heads)
+    if isinstance(kv, list):  # per layer (lfm2: 0 for its convolution layers)
+        counts = sorted({v for v in kv if v})
+        if len(kv) != cfg["num_hidden_layers"] or len(counts) != 1:
+            raise UserError(f"GGUF per-layer key/value head counts {str(kv)[:60]} are not one per layer")
+        cfg["num_key_value_heads"] = _number({"kv": counts[0]}, "kv", int)
+    else:
+        cfg["num_key_value_heads"] = _number(meta, prefix + keys["num_key_value_heads"], int, heads)
     cfg["rms_norm_eps"] = _number(meta, prefix + keys["rms_norm_eps"], float)
     cfg["rope_theta"] = _number(meta, prefix + keys["rope_theta"], float, 10000.0)
     check_sizes(cfg, header.path)  # before any size is divided by or allocated from
@@ -105,7 +112,14 @@ def model_config(header: GGUFHeader) -> dict:
     cfg["tie_word_embeddings"] = "output.weight" not in tensors
     def get(key: str, kind: type, default=None):  # (an absent key's default is taken as it is)
         key = key.format(arch=arch)
-        return _number(meta, key, kind) if key in meta or default is None else default
+        if key not in meta and default is not None:
+            return default
+        if kind is list:
+            value = meta.get(key)
+            if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+                raise UserError(f"GGUF metadata {key} = {str(value)[:60]} is not a list of counts")
+            return value
+        return _number(meta, key, kind)
 
     cfg.update(ARCHS[model_type].read(get, cfg, tensors))
     check_sizes(cfg, header.path)
@@ -150,10 +164,12 @@ def _convert_tensors(header: GGUFHeader, cfg: dict, dequantize: bool) -> tuple[d
             raise UserError(f"GGUF tensor {name} has no counterpart in a {cfg['model_type']} model")
         hf_names[name] = known[name]
     for name, hf in hf_names.items():
-        if tuple(expected[hf].shape) != header.tensors[name].shape:
+        # (as llama.cpp holds it: lfm2's convolution without its 1-sized axis, reshaped below)
+        shape = names.stored_shape(hf, tuple(expected[hf].shape), cfg["model_type"])
+        if shape != header.tensors[name].shape:
             raise UserError(
                 f"GGUF tensor {name} has shape {header.tensors[name].shape}, "
-                f"the model expects {tuple(expected[hf].shape)}"
+                f"the model expects {shape}"
             )
     arrays = load_tensors(header, mx.float32 if dequantize else mx.float16)
     weights, bits = {}, {}
@@ -165,6 +181,7 @@ def _convert_tensors(header: GGUFHeader, cfg: dict, dequantize: bool) -> tuple[d
             weights[hf] = _hf_rows(w.astype(mx.float32) if dequantize else w, heads)
             if names.plus_one(hf, cfg):
                 weights[hf] = (weights[hf].astype(mx.float32) - 1).astype(weights[hf].dtype)
+            weights[hf] = weights[hf].reshape(expected[hf].shape)  # (lfm2's squeezed convolution)
             continue
         base, hf_base = name[: -len(".weight")], hf[: -len(".weight")]
         w, scales, biases = (

@@ -30,9 +30,16 @@ import numpy as np
 from mlx_dft.errors import UserError
 from mlx_dft.files import check_safetensors, read_json
 from mlx_dft.gguf.archs import arch_of
-from mlx_dft.gguf.names import CONFIG_KEYS, plus_one, reordered_heads, to_gguf_name, to_gguf_rows
+from mlx_dft.gguf.names import (
+    CONFIG_KEYS,
+    plus_one,
+    reordered_heads,
+    stored_shape,
+    to_gguf_name,
+    to_gguf_rows,
+)
 from mlx_dft.gguf.vocab import add_tokenizer
-from mlx_dft.gguf.writer import GGUFWriter
+from mlx_dft.gguf.writer import GGUFWriter, ValueType
 
 # --gguf-type -> llama.cpp's general.file_type (enum llama_ftype) and the type of 2-D tensors.
 GGUF_TYPES = {"f32": (0, "F32"), "f16": (1, "F16"), "q8_0": (7, "Q8_0"), "q4_0": (2, "Q4_0")}
@@ -53,10 +60,11 @@ def file_name(gguf_type: str) -> str:
     return f"model-{check_gguf_type(gguf_type)}.gguf"
 
 
-def tensor_type(gguf_type: str, shape: tuple[int, ...], output: bool) -> str:
-    """The stored type of one tensor (see the module docstring)."""
+def tensor_type(gguf_type: str, shape: tuple[int, ...], output: bool, convolution: bool = False) -> str:
+    """The stored type of one tensor (see the module docstring; a convolution stays F32, as
+    llama.cpp's converter keeps it: its CPU convolution reads float32 weights only)."""
     wanted = GGUF_TYPES[gguf_type][1]
-    if len(shape) < 2 or wanted == "F32":
+    if len(shape) < 2 or wanted == "F32" or convolution:
         return "F32"
     if wanted in ("Q8_0", "Q4_0") and shape[-1] % 32:
         return "F32"
@@ -79,36 +87,44 @@ def _rope(config: dict) -> tuple[float | None, dict | None]:
 
 
 def add_architecture(writer: GGUFWriter, config: dict, arch: str, n_vocab: int) -> None:
-    """``{arch}.*`` parameters from a config.json."""
+    """``{arch}.*`` parameters from a config.json (the architecture's own keys last, over the
+    common ones: lfm2's per-layer key/value head counts, its ``norm_eps``)."""
     extra = arch_of(str(config.get("model_type")), "GGUF export").write(config)  # refusals first
     theta, scaling = _rope(config)
     values = {**config, "rope_theta": theta}
     if values.get("num_key_value_heads") is None:
         values["num_key_value_heads"] = config["num_attention_heads"]
+    keys: dict[str, object] = {}
     for hf_key, gguf_key in CONFIG_KEYS.items():
-        if values.get(hf_key) is None:
-            continue
-        if hf_key in FLOAT_KEYS:
-            writer.add_float32(f"{arch}.{gguf_key}", values[hf_key])
-        else:
-            writer.add_uint32(f"{arch}.{gguf_key}", values[hf_key])
+        if values.get(hf_key) is not None:
+            keys[gguf_key] = float(values[hf_key]) if hf_key in FLOAT_KEYS else int(values[hf_key])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if config.get("head_dim"):
-        writer.add_uint32(f"{arch}.attention.value_length", head_dim)
+        keys["attention.value_length"] = int(head_dim)
     rotary = head_dim * float(config.get("partial_rotary_factor") or 1.0)
     if rotary != int(rotary) or int(rotary) % 2:
         raise UserError(f"config.json: partial_rotary_factor gives {rotary} rotary dimensions (not even)")
-    writer.add_uint32(f"{arch}.rope.dimension_count", int(rotary))
-    writer.add_uint32(f"{arch}.vocab_size", n_vocab)
-    for key, value in extra.items():
-        key = key.format(arch=arch)
-        if isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_uint32(key, value)
+    keys["rope.dimension_count"] = int(rotary)
+    keys["vocab_size"] = n_vocab
     if scaling:
-        writer.add_string(f"{arch}.rope.scaling.type", scaling["type"])
-        writer.add_float32(f"{arch}.rope.scaling.factor", scaling["factor"])
+        keys["rope.scaling.type"] = scaling["type"]
+        keys["rope.scaling.factor"] = float(scaling["factor"])
+    keys = {f"{arch}.{k}": v for k, v in keys.items()}
+    keys.update({k.format(arch=arch): v for k, v in extra.items()})
+    for key, value in keys.items():
+        _add_value(writer, key, value)
+
+
+def _add_value(writer: GGUFWriter, key: str, value) -> None:
+    """A metadata value typed as llama.cpp reads it: floats FLOAT32, counts UINT32."""
+    if isinstance(value, list):
+        writer.add_array(key, ValueType.UINT32, [int(v) for v in value])
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    else:
+        writer.add_uint32(key, value)
 
 
 def _weights(folder: Path) -> dict[str, mx.array]:
@@ -138,9 +154,11 @@ def write_model_gguf(
             f"{folder} holds quantized weights; GGUF export needs float ones (fuse with --dequantize)"
         )
     model_type = str(config.get("model_type"))
-    arch = arch_of(model_type, "GGUF export").gguf
+    entry = arch_of(model_type, "GGUF export")
+    arch = entry.gguf
     weights = _weights(folder)
-    tied = bool(config.get("tie_word_embeddings", False))
+    # (lfm2 ties without saying so: its config has tie_embedding, its weights no lm_head)
+    tied = bool(config.get("tie_word_embeddings", "lm_head.weight" not in weights))
     if "model.embed_tokens.weight" not in weights:
         raise UserError(f"{folder}: no model.embed_tokens.weight tensor")
     if not tied and "lm_head.weight" not in weights:
@@ -162,10 +180,11 @@ def write_model_gguf(
         gguf_name = to_gguf_name(hf_name, model_type, int(config["num_hidden_layers"]))
         if gguf_name is None:
             raise UserError(f"{folder}: tensor {hf_name} has no GGUF name (an unsupported layer?)")
-        shape = tuple(weights[hf_name].shape)
+        shape = stored_shape(hf_name, tuple(weights[hf_name].shape), model_type)
         output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
         writer.add_tensor(
-            gguf_name, shape, tensor_type(gguf_type, shape, output), _reader(weights, hf_name, config)
+            gguf_name, shape, tensor_type(gguf_type, shape, output, hf_name.endswith(entry.squeezed)),
+            _reader(weights, hf_name, config),
         )
     return writer.write(out)
 
@@ -173,10 +192,12 @@ def write_model_gguf(
 def _reader(weights: dict[str, mx.array], hf_name: str, config: dict):
     heads = reordered_heads(hf_name, config)
     one = plus_one(hf_name, config)
+    model_type = config["model_type"]
 
     def read() -> np.ndarray:
         w = _numpy(weights.pop(hf_name))  # dropped once written: one tensor in memory at a time
         w = w + np.float32(1) if one else w
+        w = w.reshape(stored_shape(hf_name, w.shape, model_type))
         return w if heads is None else to_gguf_rows(w, heads)
 
     return read

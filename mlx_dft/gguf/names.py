@@ -92,6 +92,13 @@ def plus_one(hf_name: str, config: dict) -> bool:
     return bool(arch and arch.norm_plus_one and hf_name.endswith("norm.weight"))
 
 
+def stored_shape(hf_name: str, shape: tuple[int, ...], model_type: str) -> tuple[int, ...]:
+    """The shape llama.cpp holds a tensor in (lfm2's convolution without its 1-sized axis)."""
+    if hf_name.endswith(ARCHS[model_type].squeezed):
+        return tuple(s for s in shape if s != 1)
+    return tuple(shape)
+
+
 # A numpy or an MLX array: the row reorders use only reshape and swapaxes, which both have.
 Rows = TypeVar("Rows", np.ndarray, mx.array)
 
