@@ -200,6 +200,36 @@ def _lfm2_read(get: Getter, cfg: dict, tensors: dict) -> dict:
     }  # fmt: skip
 
 
+def _gpt_oss_layers(n: int) -> list[str]:
+    """llama.cpp's gpt-oss layers: sliding and full in turn, sliding first (its pattern 2)."""
+    return ["full_attention" if i % 2 else "sliding_attention" for i in range(n)]
+
+
+def _gpt_oss_write(config: dict) -> Metadata:
+    n = int(config["num_hidden_layers"])
+    if (config.get("layer_types") or _gpt_oss_layers(n)) != _gpt_oss_layers(n):
+        raise UserError("llama.cpp's gpt-oss alternates sliding and full attention layers, sliding first; "
+                        f"this model's layer_types are {config['layer_types']}")  # fmt: skip
+    return {
+        Keys.LLM.EXPERT_COUNT: int(config["num_local_experts"]),
+        Keys.LLM.EXPERT_USED_COUNT: int(config["num_experts_per_tok"]),
+        Keys.LLM.EXPERT_FEED_FORWARD_LENGTH: int(config["intermediate_size"]),
+        Keys.Attention.SLIDING_WINDOW: int(config.get("sliding_window", 128)),
+    }
+
+
+def _gpt_oss_read(get: Getter, cfg: dict, tensors: dict) -> dict:
+    if get(Keys.Attention.SLIDING_WINDOW_PATTERN, int, 2) != 2:
+        raise UserError("the GGUF gpt-oss file has another sliding-window pattern than every other layer")
+    return {
+        "num_local_experts": get(Keys.LLM.EXPERT_COUNT, int),
+        "num_experts_per_tok": get(Keys.LLM.EXPERT_USED_COUNT, int),
+        "intermediate_size": get(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, int),
+        "sliding_window": get(Keys.Attention.SLIDING_WINDOW, int),
+        "layer_types": _gpt_oss_layers(cfg["num_hidden_layers"]),
+    }
+
+
 ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("llama", "LlamaForCausalLM", reorders_qk=True, read=_biases),
     "mistral": GGUFArch("llama", "MistralForCausalLM", reorders_qk=True, read=_biases),
@@ -218,6 +248,7 @@ ARCHS: dict[str, GGUFArch] = {
                            read=_ministral3_read),
     "lfm2": GGUFArch("lfm2", "Lfm2ForCausalLM", squeezed=("conv.conv.weight",), write=_lfm2_write,
                      read=_lfm2_read),
+    "gpt_oss": GGUFArch("gpt-oss", "GptOssForCausalLM", write=_gpt_oss_write, read=_gpt_oss_read),
 }  # fmt: skip
 
 

@@ -10,11 +10,12 @@
   of the architectures with llama.cpp's "normal" RoPE reordered to its rotary layout
   (:func:`~mlx_dft.gguf.names.to_gguf_rows`); Gemma's norms stored as 1 + w; no
   ``output.weight`` when the embedding is tied (llama.cpp then uses ``token_embd``).
-- Types (``gguf_type``): ``f32``; ``f16``; ``q8_0``; ``q4_0``. Norms, biases and other 1-D tensors
-  stay F32 in every type, and so does a matrix whose rows are not a multiple of 32 values when a
-  quantized type is asked (llama.cpp's blocks are 32 values). With ``q4_0`` the output projection
-  (``output.weight``, or ``token_embd`` when tied) is Q8_0, as llama.cpp's quantizer keeps it at a
-  higher precision (Q6_K there; K-quants are not written here).
+- Types (``gguf_type``): ``f32``; ``f16``; ``q8_0``; ``q4_0``. Norms, biases (of any shape) and
+  other 1-D tensors, and convolutions, stay F32 in every type, and so does a matrix whose rows
+  are not a multiple of 32 values when a quantized type is asked (llama.cpp's blocks are 32
+  values). With ``q4_0`` the output projection (``output.weight``, or ``token_embd`` when tied)
+  is Q8_0, as llama.cpp's quantizer keeps it at a higher precision (Q6_K there; K-quants are not
+  written here).
 
 MLX-quantized folders are refused: dequantize them first (``mlx_dft fuse --dequantize``).
 """
@@ -60,11 +61,10 @@ def file_name(gguf_type: str) -> str:
     return f"model-{check_gguf_type(gguf_type)}.gguf"
 
 
-def tensor_type(gguf_type: str, shape: tuple[int, ...], output: bool, convolution: bool = False) -> str:
-    """The stored type of one tensor (see the module docstring; a convolution stays F32, as
-    llama.cpp's converter keeps it: its CPU convolution reads float32 weights only)."""
+def tensor_type(gguf_type: str, shape: tuple[int, ...], output: bool, f32: bool = False) -> str:
+    """The stored type of one tensor (see the module docstring); ``f32``: F32 whatever its shape."""
     wanted = GGUF_TYPES[gguf_type][1]
-    if len(shape) < 2 or wanted == "F32" or convolution:
+    if len(shape) < 2 or wanted == "F32" or f32:
         return "F32"
     if wanted in ("Q8_0", "Q4_0") and shape[-1] % 32:
         return "F32"
@@ -182,9 +182,11 @@ def write_model_gguf(
             raise UserError(f"{folder}: tensor {hf_name} has no GGUF name (an unsupported layer?)")
         shape = stored_shape(hf_name, tuple(weights[hf_name].shape), model_type)
         output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+        # F32 too: a convolution (llama.cpp's CPU one reads float32 only) and a bias of any shape
+        # (gpt-oss's per-expert ones: llama.cpp adds them to float32 activations, F16 aborts it)
+        f32 = hf_name.endswith(entry.squeezed) or hf_name.endswith(".bias")
         writer.add_tensor(
-            gguf_name, shape, tensor_type(gguf_type, shape, output, hf_name.endswith(entry.squeezed)),
-            _reader(weights, hf_name, config),
+            gguf_name, shape, tensor_type(gguf_type, shape, output, f32), _reader(weights, hf_name, config)
         )
     return writer.write(out)
 

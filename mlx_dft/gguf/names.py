@@ -56,8 +56,8 @@ def to_gguf_name(name: str, model_type: str = "llama", n_blocks: int = 1024) -> 
     """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` in ``model_type``'s
     GGUF architecture; None if llama.cpp has no such tensor there."""
     module, _, leaf = name.rpartition(".")
-    if leaf not in LEAVES:
-        return None
+    if leaf not in LEAVES:  # a parameter of its own (gpt-oss's attention sinks): llama.cpp's .weight
+        module, leaf = name, "weight"
     for mlx_part, hf_part in MLX_ALIASES.items():
         module = module.replace(mlx_part, hf_part)
     gguf_module = _table(ARCHS[model_type].gguf, n_blocks).get_name(module)
