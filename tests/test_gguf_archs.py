@@ -18,7 +18,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from arch_models import write_arch_model
+from arch_models import CONFIGS, write_arch_model
 from mlx.utils import tree_flatten
 
 import isolated
@@ -190,6 +190,30 @@ def test_llama_cpp_quantized_files_read_as_llama_cpp_reads_them(wide_f32, ftype,
     assert err <= QUANT_REL_TOL.get(kind, QUANT_REL_TOL_DEFAULT), (kind, ftype, err)
 
 
+# YaRN as the published gpt-oss checkpoints have it (truncate false: mlx-lm and llama.cpp both
+# truncate the correction range), an original context short enough to matter on these shapes.
+YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "original_max_position_embeddings": 16, "truncate": False}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt_oss", "ministral3"])
+def test_yarn_rope_scaling_is_written_and_read_as_llama_cpp_computes_it(kind, tmp_path):
+    if kind == "ministral3":  # (its RoPE, scaling included, is read from rope_parameters)
+        overrides = {**OVERRIDES[kind], "rope_parameters": {**CONFIGS[kind]["rope_parameters"], **YARN}}
+    else:
+        overrides = {"rope_scaling": YARN}
+    folder = write_arch_model(tmp_path / "yarn", kind, **overrides)
+    plain = mlx_logits(write_arch_model(tmp_path / "plain", kind, **OVERRIDES.get(kind, {})))
+    ours = mlx_logits(folder)
+    assert np.abs(ours - plain).max() > 0.1  # YaRN changes these logits
+    path = write_model_gguf(folder, tmp_path / "m.gguf", "f32")
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
+    arch = ARCHS[kind].gguf
+    assert meta[f"{arch}.rope.scaling.type"] == "yarn" and meta[f"{arch}.rope.scaling.factor"] == 32.0
+    np.testing.assert_allclose(llama_cpp_logits(path), ours, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(mlx_logits(convert_gguf(path, tmp_path / "back", dequantize=True)), ours)
+
+
 # ------------------------------------------------------------------ refusals
 
 
@@ -219,6 +243,7 @@ def test_a_model_type_we_do_not_write_is_refused_in_one_line(tmp_path):
         ("qwen3_moe", {"mlp_only_layers": [1]}, r"has experts in every layer; layers \[1\] are dense"),
         ("ministral3", {}, r"llama.cpp's mistral3 has no sliding-window attention; layers \[0\] slide"),
         ("gpt_oss", {"layer_types": ["full_attention", "sliding_attention"]}, r"sliding first; this model's"),
+        ("llama", {"rope_scaling": {**YARN, "beta_fast": 16.0}}, r"YaRN with \{'beta_fast': 16.0\} is not"),
     ],
 )
 def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, kind, overrides, message):

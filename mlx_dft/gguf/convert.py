@@ -99,8 +99,16 @@ def model_config(header: GGUFHeader) -> dict:
     if scaling == "linear":
         factor = _number(meta, f"{prefix}rope.scaling.factor", float)
         cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": factor}
+    elif scaling == "yarn":  # (llama.cpp's fixed correction range and magnitude: export._yarn)
+        for key in ("yarn_beta_fast", "yarn_beta_slow", "yarn_log_multiplier"):
+            if f"{prefix}rope.scaling.{key}" in meta:
+                raise UserError(f"GGUF YaRN with rope.scaling.{key} is not supported")
+        factor = _number(meta, f"{prefix}rope.scaling.factor", float)
+        original = _number(meta, f"{prefix}rope.scaling.original_context_length", int)
+        cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": factor, "beta_fast": 32.0,
+                               "beta_slow": 1.0, "original_max_position_embeddings": original}  # fmt: skip
     elif scaling != "none":
-        raise UserError(f"GGUF RoPE scaling {scaling!r} is not supported (supported: none, linear)")
+        raise UserError(f"GGUF RoPE scaling {scaling!r} is not supported (supported: none, linear, yarn)")
     if "rope_freqs.weight" in tensors:
         raise UserError(
             "the GGUF file has rope_freqs.weight (per-frequency RoPE factors, as in Llama 3.1), "

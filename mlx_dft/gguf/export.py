@@ -81,9 +81,23 @@ def _rope(config: dict) -> tuple[float | None, dict | None]:
         return theta, None
     if kind == "linear":
         return theta, {"type": "linear", "factor": float((scaling or params)["factor"])}
+    if kind == "yarn":
+        return theta, _yarn(scaling or params)
     raise UserError(
-        f"config.json: rope scaling of type {kind!r} is not written to GGUF (default and linear are)"
+        f"config.json: rope scaling of type {kind!r} is not written to GGUF (default, linear and yarn are)"
     )
+
+
+def _yarn(s: dict) -> dict:
+    """YaRN as llama.cpp computes it for every architecture: its correction range from beta_fast
+    32 and beta_slow 1 (the keys are read by mistral3 alone) and the magnitude 1 + 0.1 ln(factor)
+    (mlx-lm's with mscale 1 and no mscale_all_dim); other settings are refused."""
+    fixed = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+    odd = {k: s[k] for k, v in fixed.items() if s.get(k) is not None and float(s[k]) != v}
+    if odd:
+        raise UserError(f"config.json: YaRN with {odd} is not written to GGUF (llama.cpp fixes {fixed})")
+    return {"type": "yarn", "factor": float(s["factor"]),
+            "original_context_length": int(s["original_max_position_embeddings"])}  # fmt: skip
 
 
 def add_architecture(writer: GGUFWriter, config: dict, arch: str, n_vocab: int) -> None:
@@ -109,6 +123,8 @@ def add_architecture(writer: GGUFWriter, config: dict, arch: str, n_vocab: int) 
     if scaling:
         keys["rope.scaling.type"] = scaling["type"]
         keys["rope.scaling.factor"] = float(scaling["factor"])
+        if "original_context_length" in scaling:
+            keys["rope.scaling.original_context_length"] = scaling["original_context_length"]
     keys = {f"{arch}.{k}": v for k, v in keys.items()}
     keys.update({k.format(arch=arch): v for k, v in extra.items()})
     for key, value in keys.items():
