@@ -214,6 +214,22 @@ def test_yarn_rope_scaling_is_written_and_read_as_llama_cpp_computes_it(kind, tm
     np.testing.assert_array_equal(mlx_logits(convert_gguf(path, tmp_path / "back", dequantize=True)), ours)
 
 
+def test_a_yarn_file_llama_cpp_would_read_otherwise_is_refused(tmp_path, monkeypatch):
+    """A file whose YaRN names another beta than llama.cpp's default (mistral3 reads it) is
+    refused when read: mlx-lm's YaRN would compute another correction range."""
+    import dataclasses
+
+    from mlx_dft.gguf import archs
+
+    beta = {"{arch}.rope.scaling.yarn_beta_fast": 16.0}
+    monkeypatch.setitem(archs.ARCHS, "llama", dataclasses.replace(archs.ARCHS["llama"], write=lambda c: beta))
+    path = write_model_gguf(write_arch_model(tmp_path / "m", "llama", rope_scaling=YARN), tmp_path / "m.gguf")
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"^GGUF YaRN with rope.scaling.yarn_beta_fast = 16.0 is not"):
+        convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ refusals
 
 

@@ -100,9 +100,10 @@ def model_config(header: GGUFHeader) -> dict:
         factor = _number(meta, f"{prefix}rope.scaling.factor", float)
         cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": factor}
     elif scaling == "yarn":  # (llama.cpp's fixed correction range and magnitude: export._yarn)
-        for key in ("yarn_beta_fast", "yarn_beta_slow", "yarn_log_multiplier"):
-            if f"{prefix}rope.scaling.{key}" in meta:
-                raise UserError(f"GGUF YaRN with rope.scaling.{key} is not supported")
+        for key, fixed in (("yarn_beta_fast", 32.0), ("yarn_beta_slow", 1.0), ("yarn_log_multiplier", 0.0)):
+            value = meta.get(f"{prefix}rope.scaling.{key}", fixed)
+            if value != fixed:
+                raise UserError(f"GGUF YaRN with rope.scaling.{key} = {str(value)[:20]} is not supported")
         factor = _number(meta, f"{prefix}rope.scaling.factor", float)
         original = _number(meta, f"{prefix}rope.scaling.original_context_length", int)
         cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": factor, "beta_fast": 32.0,
