@@ -190,6 +190,30 @@ def test_llama_cpp_quantized_files_read_as_llama_cpp_reads_them(wide_f32, ftype,
     assert err <= QUANT_REL_TOL.get(kind, QUANT_REL_TOL_DEFAULT), (kind, ftype, err)
 
 
+# transformers' GGUF loader (an independent reader) takes a gemma3 file's query scale and layer
+# pattern from its defaults (256, every 6th layer global), not the file: a Gemma 3 1B-shaped head.
+HF_SHAPES = {"gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window_pattern": 6,
+                             "num_hidden_layers": 6, "sliding_window": 5}}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["phi3", "lfm2", "gemma3_text"])
+def test_transformers_gguf_loader_reads_our_file_as_our_model(kind, tmp_path):
+    """Where transformers (pinned) reads the architecture's GGUF: our model's logits within 1e-4
+    (measured 7e-7 phi3, 1e-6 lfm2, 1.3e-5 gemma3). Its qwen3moe and gpt-oss readers leave the
+    expert width at their defaults (the file's expert_feed_forward_length unread), so not those."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    folder = write_arch_model(tmp_path / "m", kind, **HF_SHAPES.get(kind, {}))
+    (tmp_path / "g").mkdir()
+    write_model_gguf(folder, tmp_path / "g" / "m.gguf", "f32")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "g"), gguf_file="m.gguf", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([IDS])).logits[0].numpy()
+    np.testing.assert_allclose(theirs, mlx_logits(folder), rtol=0, atol=1e-4)
+
+
 # YaRN as the published gpt-oss checkpoints have it (truncate false: mlx-lm and llama.cpp both
 # truncate the correction range), an original context short enough to matter on these shapes.
 YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
