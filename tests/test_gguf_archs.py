@@ -190,6 +190,21 @@ def test_llama_cpp_quantized_files_read_as_llama_cpp_reads_them(wide_f32, ftype,
     assert err <= QUANT_REL_TOL.get(kind, QUANT_REL_TOL_DEFAULT), (kind, ftype, err)
 
 
+def test_the_cli_and_model_file_paths_read_a_new_architecture(fused, tmp_path, monkeypatch):
+    """``mlx_dft convert FILE.gguf`` and ``--model FILE.gguf`` (mlx_dft.load through the cache)
+    give the fused model's logits (float32 conversion on this CPU)."""
+    from conftest import run_cli
+
+    kind, folder, _, _ = fused
+    expected = mlx_logits(folder)
+    done = run_cli("convert", folder / "model-f32.gguf", "--out", tmp_path / "out", "--dequantize")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(mlx_logits(tmp_path / "out"), expected, rtol=0, atol=1e-5)
+    monkeypatch.setenv("MLX_DFT_CACHE", str(tmp_path / "cache"))
+    if mx.default_device() == mx.cpu:  # (a GPU keeps quantized types quantized: not these f32 ones)
+        np.testing.assert_allclose(mlx_logits(folder / "model-f32.gguf"), expected, rtol=0, atol=1e-5)
+
+
 # transformers' GGUF loader (an independent reader) takes a gemma3 file's query scale and layer
 # pattern from its defaults (256, every 6th layer global), not the file: a Gemma 3 1B-shaped head.
 HF_SHAPES = {"gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window_pattern": 6,
