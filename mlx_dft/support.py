@@ -68,6 +68,14 @@ def _aligner(model: nn.Module, config: dict) -> str:
     return refusal(model)
 
 
+def _gguf(model: nn.Module, config: dict) -> str:
+    from mlx_dft.gguf.archs import ARCHS
+
+    if _kind(model) in ARCHS:
+        return ""
+    return f"the GGUF reader and writer cover {', '.join(ARCHS)} only so far"
+
+
 def _peft(model: nn.Module, config: dict) -> str:
     kind = _kind(model)
     if kind not in PEFT_PROVEN:
@@ -84,7 +92,7 @@ FEATURES = {
     "pack": Feature("packing", "--pack", _packing),
     "aligner": Feature("Aligner", "--fine-tune-type aligner", _aligner),
     "peft": Feature("PEFT export", "mlx_dft export", _peft),
-    "gguf": Feature("GGUF", "convert / --gguf", _table("the GGUF reader and writer")),
+    "gguf": Feature("GGUF", "convert / --gguf", _gguf),
 }
 
 

@@ -161,3 +161,43 @@ def quantize(src: str, dst: str, ftype: str) -> str:
     rc = L.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize returned {rc}"
     return dst
+
+
+def dequantize(model_path: str) -> dict[str, np.ndarray]:
+    """{name: float32 array in numpy order} of every tensor of a GGUF file, dequantized by ggml's
+    own ``to_float`` (``ggml_get_type_traits``): llama.cpp's reference for what a block means,
+    independent of gguf-py's numpy dequantizers. Raw bytes from gguf-py's reader."""
+    if binding() != "llama-cpp-python":
+        pytest.skip("ggml's dequantizers need llama-cpp-python's shared libraries")
+    import ctypes
+    from pathlib import Path
+
+    import gguf
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+
+    class Traits(ctypes.Structure):
+        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                    ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                    ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                    ("from_float_ref", ctypes.c_void_p)]  # fmt: skip
+
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    out = {}
+    for t in gguf.GGUFReader(model_path).tensors:
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        n = int(np.prod(shape))
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            out[t.name] = np.array(t.data, np.float32).reshape(shape)
+            continue
+        traits = lib.ggml_get_type_traits(int(t.tensor_type)).contents
+        assert traits.to_float, f"ggml has no to_float for {t.tensor_type.name}"
+        raw = np.ascontiguousarray(np.asarray(t.data).view(np.uint8))
+        assert raw.size == n // traits.blck_size * traits.type_size, (t.name, raw.size)
+        y = np.empty(n, np.float32)
+        to_float_t(traits.to_float)(raw.ctypes.data, y.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)
+        out[t.name] = y.reshape(shape)
+    return out

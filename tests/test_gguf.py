@@ -469,7 +469,7 @@ def write_tiny_gguf(
         heads = names.reordered_heads(hf, cfg)
         if heads:
             value = names.to_gguf_rows(value, heads)
-        name = names.to_gguf_name(hf)
+        name = names.to_gguf_name(hf, arch)
         stored = blocks(name, value.shape) if blocks and p.ndim > 1 else None
         if override and name in override:
             data, kind = override[name]
@@ -707,7 +707,7 @@ def _q8k_tensor() -> tuple[np.ndarray, object]:
 
 BAD = {
     "truncated": r"truncated GGUF file \(tensor .* ends at byte \d+, the file has \d+ bytes\)",
-    "architecture": r"GGUF architecture 'gpt2' is not supported \(supported: llama, qwen2, qwen3\)",
+    "architecture": r"GGUF architecture 'gpt2' is not supported \(supported: gemma3, gpt-oss, ",
     "tensor type": r"tensor blk\.0\.attn_q\.weight has type Q8_K, which mlx_dft does not read \(it reads F",
     "no tokenizer": r"the GGUF file has no tokenizer metadata",
     "not gguf": r"is not a GGUF file \(it does not start with 'GGUF'\)",

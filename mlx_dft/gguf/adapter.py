@@ -23,13 +23,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_dft.architectures import architecture
 from mlx_dft.errors import UserError
 from mlx_dft.files import read_json, read_safetensors, staged_folder
+from mlx_dft.gguf.archs import ARCHS
 from mlx_dft.gguf.names import reordered_heads, to_gguf_name, to_gguf_rows
 from mlx_dft.gguf.writer import GGUFWriter
 
 FILE = "adapter.gguf"
+# The model types whose LoRA files llama.cpp is shown to apply (tests/test_gguf_export.py).
+LORA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _model_config(config: dict, base_model: str | None) -> dict:
@@ -63,7 +65,7 @@ def lora_tensors(weights: dict[str, mx.array], params: dict, model_config: dict)
         modules.setdefault(module, {})[leaf] = w
     out = {}
     for module, parts in sorted(modules.items()):
-        target = to_gguf_name(module + ".weight")
+        target = to_gguf_name(module + ".weight", str(model_config.get("model_type")))
         if target is None or "lora_a" not in parts or "lora_b" not in parts:
             raise UserError(
                 f"LoRA on {module} has no llama.cpp form (not a block linear layer, or A/B missing)"
@@ -125,7 +127,11 @@ def export_lora_gguf(adapter_dir: Path, config: dict, out: Path, base_model: str
     """Write ``out/adapter.gguf`` from an mlx_dft (or mlx-lm) LoRA folder."""
     adapter_dir = Path(adapter_dir)
     model_config = _model_config(config, base_model)
-    arch = architecture(str(model_config.get("model_type")), "GGUF LoRA export").gguf
+    model_type = str(model_config.get("model_type"))
+    if model_type not in LORA_TYPES:
+        supported = ", ".join(LORA_TYPES)
+        raise UserError(f"GGUF LoRA export supports model types {supported}; this model is {model_type!r}")
+    arch = ARCHS[model_type].gguf
     weights = read_safetensors(adapter_dir / "adapters.safetensors")
     alpha, tensors = lora_tensors(weights, config["lora_parameters"], model_config)
     writer = GGUFWriter()

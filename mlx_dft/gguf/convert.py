@@ -5,8 +5,11 @@ architecture and its parameters, the tokenizer (:mod:`.tokenizer`), and every te
 shape against the mlx-lm model the config describes. Then it writes ``config.json``,
 ``model.safetensors`` and the tokenizer files into a staged folder renamed into place whole.
 
-- Tensor names follow :func:`names.to_hf_name`; llama.cpp's rotary row order of q/k is undone
-  with :func:`names.to_hf_rows` (packed weights, scales and biases alike).
+- The architecture's table entry (:mod:`.archs`) gives the model type, its own metadata and
+  llama.cpp's departures from the model's layout: tensor names are those the mlx-lm model's
+  parameters have in gguf-py's tables (:func:`names.gguf_names`); llama.cpp's rotary row order of
+  q/k is undone with :func:`names.to_hf_rows` (packed weights, scales and biases alike); Gemma's
+  norms, stored as 1 + w, lose their 1 (in float32: a weight w comes back within 2^-24 of itself).
 - Q4_0/Q4_1/Q8_0 tensors stay MLX-quantized (affine, groups of 32): ``quantization`` in
   config.json gives the most common bit width, and every module whose width differs its own
   entry, which mlx-lm's loader takes as a per-module override.
@@ -35,22 +38,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_dft.architectures import ARCHITECTURES, check_sizes
+from mlx_dft.architectures import check_sizes
 from mlx_dft.errors import UserError
 from mlx_dft.files import TMP_PREFIX, atomic_write_json, check_apart, save_safetensors, staged_folder
 from mlx_dft.gguf import names, requant
+from mlx_dft.gguf.archs import ARCHS, model_type_of
 from mlx_dft.gguf.reader import GROUP_SIZE, GGUFHeader, load_tensors, read_header
 from mlx_dft.gguf.tokenizer import build_tokenizer, token_id_list, write_tokenizer
-
-
-def model_type_of(arch: str) -> str:
-    """The ``model_type`` for a GGUF ``general.architecture`` (the table entry named like it
-    first: a llama-architecture file is a llama model, whatever model it was converted from)."""
-    matches = [mt for mt, a in ARCHITECTURES.items() if a.gguf == arch]
-    if not matches:
-        supported = sorted({a.gguf for a in ARCHITECTURES.values()})
-        raise UserError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(supported)})")
-    return arch if arch in matches else matches[0]
 
 
 def _number(meta: dict, key: str, kind: type, default=None):
@@ -77,11 +71,18 @@ def model_config(header: GGUFHeader) -> dict:
     model_type = model_type_of(arch)
     prefix = f"{arch}."
     keys = names.CONFIG_KEYS
-    cfg: dict = {"model_type": model_type, "architectures": [ARCHITECTURES[model_type].hf_class]}
+    cfg: dict = {"model_type": model_type, "architectures": [ARCHS[model_type].hf_class]}
     for hf_key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         cfg[hf_key] = _number(meta, prefix + keys[hf_key], int)
     heads = cfg["num_attention_heads"]
-    cfg["num_key_value_heads"] = _number(meta, prefix + keys["num_key_value_heads"], int, heads)
+    kv = meta.get(prefix + keys["num_key_value_heads"], heads)
+    if isinstance(kv, list):  # per layer (lfm2: 0 for its convolution layers)
+        counts = sorted({v for v in kv if v})
+        if len(kv) != cfg["num_hidden_layers"] or len(counts) != 1:
+            raise UserError(f"GGUF per-layer key/value head counts {str(kv)[:60]} are not one per layer")
+        cfg["num_key_value_heads"] = _number({"kv": counts[0]}, "kv", int)
+    else:
+        cfg["num_key_value_heads"] = _number(meta, prefix + keys["num_key_value_heads"], int, heads)
     cfg["rms_norm_eps"] = _number(meta, prefix + keys["rms_norm_eps"], float)
     cfg["rope_theta"] = _number(meta, prefix + keys["rope_theta"], float, 10000.0)
     check_sizes(cfg, header.path)  # before any size is divided by or allocated from
@@ -94,12 +95,26 @@ def model_config(header: GGUFHeader) -> dict:
             f"GGUF head counts {heads}/{cfg['num_key_value_heads']} and head size {head_dim} do not fit"
         )
     cfg["head_dim"] = head_dim
+    rotary = _number(meta, f"{prefix}rope.dimension_count", int, head_dim)
+    if rotary != head_dim:
+        if rotary > head_dim or rotary % 2:
+            raise UserError(f"GGUF rope.dimension_count {rotary} does not fit the head size {head_dim}")
+        cfg["partial_rotary_factor"] = rotary / head_dim
     scaling = meta.get(f"{prefix}rope.scaling.type", "none")
     if scaling == "linear":
         factor = _number(meta, f"{prefix}rope.scaling.factor", float)
         cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": factor}
+    elif scaling == "yarn":  # (llama.cpp's fixed correction range and magnitude: export._yarn)
+        for key, fixed in (("yarn_beta_fast", 32.0), ("yarn_beta_slow", 1.0), ("yarn_log_multiplier", 0.0)):
+            value = meta.get(f"{prefix}rope.scaling.{key}", fixed)
+            if value != fixed:
+                raise UserError(f"GGUF YaRN with rope.scaling.{key} = {str(value)[:20]} is not supported")
+        factor = _number(meta, f"{prefix}rope.scaling.factor", float)
+        original = _number(meta, f"{prefix}rope.scaling.original_context_length", int)
+        cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": factor, "beta_fast": 32.0,
+                               "beta_slow": 1.0, "original_max_position_embeddings": original}  # fmt: skip
     elif scaling != "none":
-        raise UserError(f"GGUF RoPE scaling {scaling!r} is not supported (supported: none, linear)")
+        raise UserError(f"GGUF RoPE scaling {scaling!r} is not supported (supported: none, linear, yarn)")
     if "rope_freqs.weight" in tensors:
         raise UserError(
             "the GGUF file has rope_freqs.weight (per-frequency RoPE factors, as in Llama 3.1), "
@@ -109,9 +124,18 @@ def model_config(header: GGUFHeader) -> dict:
         raise UserError(f"{header.path} has no token_embd.weight tensor")
     cfg["vocab_size"] = tensors["token_embd.weight"].shape[0]
     cfg["tie_word_embeddings"] = "output.weight" not in tensors
-    if model_type in ("llama", "mistral"):
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
-        cfg["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    def get(key: str, kind: type, default=None):  # (an absent key's default is taken as it is)
+        key = key.format(arch=arch)
+        if key not in meta and default is not None:
+            return default
+        if kind is list:
+            value = meta.get(key)
+            if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+                raise UserError(f"GGUF metadata {key} = {str(value)[:60]} is not a list of counts")
+            return value
+        return _number(meta, key, kind)
+
+    cfg.update(ARCHS[model_type].read(get, cfg, tensors))
     check_sizes(cfg, header.path)
     return cfg
 
@@ -143,30 +167,34 @@ def _convert_tensors(
 ) -> tuple[dict[str, mx.array], dict, requant.RequantizeError]:
     """(weights under Hugging Face names, per-module bits of the quantized ones, the error
     re-quantizing added), checked against the parameters of the model ``cfg`` describes."""
-    hf_names = {}
-    for name in header.tensors:
-        hf = names.to_hf_name(name)
-        if hf is None:
-            raise UserError(f"GGUF tensor {name} has no counterpart in a {cfg['model_type']} model")
-        hf_names[name] = hf
     model = _build(cfg)
     expected = dict(tree_flatten(model.parameters()))
     modules = dict(model.named_modules())
-    missing = sorted(set(expected) - set(hf_names.values()))
+    known = names.gguf_names(expected, cfg["model_type"], cfg["num_hidden_layers"])
+    missing = sorted(set(expected) - set(known.values()))
+    if missing:
+        raise UserError(f"a {cfg['model_type']} model's {missing[0]} has no GGUF name in gguf-py's tables")
+    missing = sorted(hf for name, hf in known.items() if name not in header.tensors)
     if missing:
         raise UserError(f"the GGUF file lacks {len(missing)} tensors of the model, e.g. {missing[0]}")
+    hf_names = {}
+    for name in header.tensors:
+        if name not in known:
+            raise UserError(f"GGUF tensor {name} has no counterpart in a {cfg['model_type']} model")
+        hf_names[name] = known[name]
     for name, hf in hf_names.items():
-        if hf not in expected:
-            raise UserError(f"GGUF tensor {name} ({hf}) is not a parameter of a {cfg['model_type']} model")
-        if tuple(expected[hf].shape) != header.tensors[name].shape:
+        # (as llama.cpp holds it: lfm2's convolution without its 1-sized axis, reshaped below)
+        shape = names.stored_shape(hf, tuple(expected[hf].shape), cfg["model_type"])
+        if shape != header.tensors[name].shape:
             raise UserError(
                 f"GGUF tensor {name} has shape {header.tensors[name].shape}, "
-                f"the model expects {tuple(expected[hf].shape)}"
+                f"the model expects {shape}"
             )
     errors = requant.RequantizeError()
     requantized = {
         name for name, info in header.tensors.items()
         if requantize and info.type not in FLOAT_TYPES and not header.native
+        and hf_names[name].endswith(".weight")
         and hasattr(modules.get(hf_names[name][: -len(".weight")]), "to_quantized")
     }  # fmt: skip
 
@@ -193,6 +221,9 @@ def _convert_tensors(
         if not info.quantized or not header.native:  # (a file read through gguf-py is all floats)
             w = arrays[name]
             weights[hf] = _hf_rows(w.astype(mx.float32) if dequantize else w, heads)
+            if names.plus_one(hf, cfg):
+                weights[hf] = (weights[hf].astype(mx.float32) - 1).astype(weights[hf].dtype)
+            weights[hf] = weights[hf].reshape(expected[hf].shape)  # (lfm2's squeezed convolution)
             continue
         base, hf_base = name[: -len(".weight")], hf[: -len(".weight")]
         w, scales, biases = (

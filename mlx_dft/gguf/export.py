@@ -4,14 +4,18 @@
 - Metadata: ``general.*`` (architecture, type, name, file type), the architecture's parameters
   from config.json (:data:`mlx_dft.gguf.names.CONFIG_KEYS`, plus the rotary dimension count, the
   vocabulary size, key/value lengths), and the tokenizer (:mod:`mlx_dft.gguf.vocab`).
-- Tensors: renamed with :func:`~mlx_dft.gguf.names.to_gguf_name`; the q/k rows of llama/mistral
-  reordered to llama.cpp's rotary layout (:func:`~mlx_dft.gguf.names.to_gguf_rows`); no
+  and the architecture's own keys (:mod:`mlx_dft.gguf.archs`, which refuses what llama.cpp would
+  compute differently).
+- Tensors: renamed with :func:`~mlx_dft.gguf.names.to_gguf_name` (gguf-py's tables); the q/k rows
+  of the architectures with llama.cpp's "normal" RoPE reordered to its rotary layout
+  (:func:`~mlx_dft.gguf.names.to_gguf_rows`); Gemma's norms stored as 1 + w; no
   ``output.weight`` when the embedding is tied (llama.cpp then uses ``token_embd``).
-- Types (``gguf_type``): ``f32``; ``f16``; ``q8_0``; ``q4_0``. Norms, biases and other 1-D tensors
-  stay F32 in every type, and so does a matrix whose rows are not a multiple of 32 values when a
-  quantized type is asked (llama.cpp's blocks are 32 values). With ``q4_0`` the output projection
-  (``output.weight``, or ``token_embd`` when tied) is Q8_0, as llama.cpp's quantizer keeps it at a
-  higher precision (Q6_K there; K-quants are not written here).
+- Types (``gguf_type``): ``f32``; ``f16``; ``q8_0``; ``q4_0``. Norms, biases (of any shape) and
+  other 1-D tensors, and convolutions, stay F32 in every type, and so does a matrix whose rows
+  are not a multiple of 32 values when a quantized type is asked (llama.cpp's blocks are 32
+  values). With ``q4_0`` the output projection (``output.weight``, or ``token_embd`` when tied)
+  is Q8_0, as llama.cpp's quantizer keeps it at a higher precision (Q6_K there; K-quants are not
+  written here).
 
 MLX-quantized folders are refused: dequantize them first (``mlx_dft fuse --dequantize``).
 """
@@ -24,12 +28,19 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_dft.architectures import architecture
 from mlx_dft.errors import UserError
 from mlx_dft.files import check_safetensors, read_json
-from mlx_dft.gguf.names import CONFIG_KEYS, reordered_heads, to_gguf_name, to_gguf_rows
+from mlx_dft.gguf.archs import arch_of
+from mlx_dft.gguf.names import (
+    CONFIG_KEYS,
+    plus_one,
+    reordered_heads,
+    stored_shape,
+    to_gguf_name,
+    to_gguf_rows,
+)
 from mlx_dft.gguf.vocab import add_tokenizer
-from mlx_dft.gguf.writer import GGUFWriter
+from mlx_dft.gguf.writer import GGUFWriter, ValueType
 
 # --gguf-type -> llama.cpp's general.file_type (enum llama_ftype) and the type of 2-D tensors.
 GGUF_TYPES = {"f32": (0, "F32"), "f16": (1, "F16"), "q8_0": (7, "Q8_0"), "q4_0": (2, "Q4_0")}
@@ -50,10 +61,10 @@ def file_name(gguf_type: str) -> str:
     return f"model-{check_gguf_type(gguf_type)}.gguf"
 
 
-def tensor_type(gguf_type: str, shape: tuple[int, ...], output: bool) -> str:
-    """The stored type of one tensor (see the module docstring)."""
+def tensor_type(gguf_type: str, shape: tuple[int, ...], output: bool, f32: bool = False) -> str:
+    """The stored type of one tensor (see the module docstring); ``f32``: F32 whatever its shape."""
     wanted = GGUF_TYPES[gguf_type][1]
-    if len(shape) < 2 or wanted == "F32":
+    if len(shape) < 2 or wanted == "F32" or f32:
         return "F32"
     if wanted in ("Q8_0", "Q4_0") and shape[-1] % 32:
         return "F32"
@@ -70,32 +81,66 @@ def _rope(config: dict) -> tuple[float | None, dict | None]:
         return theta, None
     if kind == "linear":
         return theta, {"type": "linear", "factor": float((scaling or params)["factor"])}
+    if kind == "yarn":
+        return theta, _yarn(scaling or params)
     raise UserError(
-        f"config.json: rope scaling of type {kind!r} is not written to GGUF (default and linear are)"
+        f"config.json: rope scaling of type {kind!r} is not written to GGUF (default, linear and yarn are)"
     )
 
 
+def _yarn(s: dict) -> dict:
+    """YaRN as llama.cpp computes it for every architecture: its correction range from beta_fast
+    32 and beta_slow 1 (the keys are read by mistral3 alone) and the magnitude 1 + 0.1 ln(factor)
+    (mlx-lm's with mscale 1 and no mscale_all_dim); other settings are refused."""
+    fixed = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+    odd = {k: s[k] for k, v in fixed.items() if s.get(k) is not None and float(s[k]) != v}
+    if odd:
+        raise UserError(f"config.json: YaRN with {odd} is not written to GGUF (llama.cpp fixes {fixed})")
+    return {"type": "yarn", "factor": float(s["factor"]),
+            "original_context_length": int(s["original_max_position_embeddings"])}  # fmt: skip
+
+
 def add_architecture(writer: GGUFWriter, config: dict, arch: str, n_vocab: int) -> None:
-    """``{arch}.*`` parameters from a config.json."""
+    """``{arch}.*`` parameters from a config.json (the architecture's own keys last, over the
+    common ones: lfm2's per-layer key/value head counts, its ``norm_eps``)."""
+    extra = arch_of(str(config.get("model_type")), "GGUF export").write(config)  # refusals first
     theta, scaling = _rope(config)
     values = {**config, "rope_theta": theta}
     if values.get("num_key_value_heads") is None:
         values["num_key_value_heads"] = config["num_attention_heads"]
+    keys: dict[str, object] = {}
     for hf_key, gguf_key in CONFIG_KEYS.items():
-        if values.get(hf_key) is None:
-            continue
-        if hf_key in FLOAT_KEYS:
-            writer.add_float32(f"{arch}.{gguf_key}", values[hf_key])
-        else:
-            writer.add_uint32(f"{arch}.{gguf_key}", values[hf_key])
+        if values.get(hf_key) is not None:
+            keys[gguf_key] = float(values[hf_key]) if hf_key in FLOAT_KEYS else int(values[hf_key])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if config.get("head_dim"):
-        writer.add_uint32(f"{arch}.attention.value_length", head_dim)
-    writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
-    writer.add_uint32(f"{arch}.vocab_size", n_vocab)
+        keys["attention.value_length"] = int(head_dim)
+    rotary = head_dim * float(config.get("partial_rotary_factor") or 1.0)
+    if rotary != int(rotary) or int(rotary) % 2:
+        raise UserError(f"config.json: partial_rotary_factor gives {rotary} rotary dimensions (not even)")
+    keys["rope.dimension_count"] = int(rotary)
+    keys["vocab_size"] = n_vocab
     if scaling:
-        writer.add_string(f"{arch}.rope.scaling.type", scaling["type"])
-        writer.add_float32(f"{arch}.rope.scaling.factor", scaling["factor"])
+        keys["rope.scaling.type"] = scaling["type"]
+        keys["rope.scaling.factor"] = float(scaling["factor"])
+        if "original_context_length" in scaling:
+            keys["rope.scaling.original_context_length"] = scaling["original_context_length"]
+    keys = {f"{arch}.{k}": v for k, v in keys.items()}
+    keys.update({k.format(arch=arch): v for k, v in extra.items()})
+    for key, value in keys.items():
+        _add_value(writer, key, value)
+
+
+def _add_value(writer: GGUFWriter, key: str, value) -> None:
+    """A metadata value typed as llama.cpp reads it: floats FLOAT32, counts UINT32."""
+    if isinstance(value, list):
+        writer.add_array(key, ValueType.UINT32, [int(v) for v in value])
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    else:
+        writer.add_uint32(key, value)
 
 
 def _weights(folder: Path) -> dict[str, mx.array]:
@@ -124,9 +169,12 @@ def write_model_gguf(
         raise UserError(
             f"{folder} holds quantized weights; GGUF export needs float ones (fuse with --dequantize)"
         )
-    arch = architecture(str(config.get("model_type")), "GGUF export").gguf
+    model_type = str(config.get("model_type"))
+    entry = arch_of(model_type, "GGUF export")
+    arch = entry.gguf
     weights = _weights(folder)
-    tied = bool(config.get("tie_word_embeddings", False))
+    # (lfm2 ties without saying so: its config has tie_embedding, its weights no lm_head)
+    tied = bool(config.get("tie_word_embeddings", "lm_head.weight" not in weights))
     if "model.embed_tokens.weight" not in weights:
         raise UserError(f"{folder}: no model.embed_tokens.weight tensor")
     if not tied and "lm_head.weight" not in weights:
@@ -145,22 +193,29 @@ def write_model_gguf(
     for hf_name in sorted(weights, key=_order):
         if SKIPPED.search(hf_name) or (tied and hf_name == "lm_head.weight"):
             continue
-        gguf_name = to_gguf_name(hf_name)
+        gguf_name = to_gguf_name(hf_name, model_type, int(config["num_hidden_layers"]))
         if gguf_name is None:
             raise UserError(f"{folder}: tensor {hf_name} has no GGUF name (an unsupported layer?)")
-        shape = tuple(weights[hf_name].shape)
+        shape = stored_shape(hf_name, tuple(weights[hf_name].shape), model_type)
         output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+        # F32 too: a convolution (llama.cpp's CPU one reads float32 only) and a bias of any shape
+        # (gpt-oss's per-expert ones: llama.cpp adds them to float32 activations, F16 aborts it)
+        f32 = hf_name.endswith(entry.squeezed) or hf_name.endswith(".bias")
         writer.add_tensor(
-            gguf_name, shape, tensor_type(gguf_type, shape, output), _reader(weights, hf_name, config)
+            gguf_name, shape, tensor_type(gguf_type, shape, output, f32), _reader(weights, hf_name, config)
         )
     return writer.write(out)
 
 
 def _reader(weights: dict[str, mx.array], hf_name: str, config: dict):
     heads = reordered_heads(hf_name, config)
+    one = plus_one(hf_name, config)
+    model_type = config["model_type"]
 
     def read() -> np.ndarray:
         w = _numpy(weights.pop(hf_name))  # dropped once written: one tensor in memory at a time
+        w = w + np.float32(1) if one else w
+        w = w.reshape(stored_shape(hf_name, w.shape, model_type))
         return w if heads is None else to_gguf_rows(w, heads)
 
     return read

@@ -1,10 +1,12 @@
 """GGUF naming conventions (llama.cpp's), next to Hugging Face / mlx-lm ones.
 
-Which architectures GGUF covers, and whether llama.cpp reorders their q/k rows, is in
-:data:`mlx_dft.architectures.ARCHITECTURES`. Tensor names: ``blk.{i}.attn_q.weight`` <->
-``model.layers.{i}.self_attn.q_proj.weight`` and so on
-(:data:`BLOCK_TENSORS`, :data:`GLOBAL_TENSORS`); a tensor's ``.scales`` / ``.biases`` (MLX's
-affine quantization) follow its ``.weight``. Architecture parameters live under
+Which model types GGUF covers, and whether llama.cpp reorders their q/k rows, is in
+:data:`mlx_dft.gguf.archs.ARCHS`. Tensor names come from gguf-py's ``TensorNameMap`` for the
+file's architecture (``model.layers.3.self_attn.q_proj.weight`` <-> ``blk.3.attn_q.weight``, a
+Gemma ``post_attention_layernorm`` <-> ``post_attention_norm`` but a llama one <-> ``ffn_norm``);
+mlx-lm's stacked experts (``mlp.switch_mlp.gate_proj``) are named as Hugging Face's merged ones
+(``mlp.experts.gate_proj``, llama.cpp's ``ffn_gate_exps``). A tensor's ``.scales`` / ``.biases``
+(MLX's affine quantization) follow its ``.weight``. Architecture parameters live under
 ``{arch}.{key}`` metadata keys (:data:`CONFIG_KEYS`).
 
 The one trap: llama.cpp's converter reorders the rows of ``q_proj`` and ``k_proj`` of llama and
@@ -15,32 +17,16 @@ they apply unchanged to packed quantized weights and their scales and biases.
 
 from __future__ import annotations
 
-import re
+import functools
+from collections.abc import Iterable
 from typing import TypeVar
 
+import gguf
 import mlx.core as mx
 import numpy as np
 
-from mlx_dft.architectures import ARCHITECTURES
+from mlx_dft.gguf.archs import ARCHS
 
-GLOBAL_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-BLOCK_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 LEAVES = ("weight", "bias", "scales", "biases")
 
 # HF config.json key -> GGUF metadata key under the architecture's prefix.
@@ -56,45 +42,61 @@ CONFIG_KEYS = {
     "head_dim": "attention.key_length",
 }
 
-_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(" + "|".join(LEAVES) + r")$")
-_GLOBAL = re.compile(r"^([a-z_]+)\.(" + "|".join(LEAVES) + r")$")
-_HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(" + "|".join(LEAVES) + r")$")
-_HF_TO_BLOCK = {v: k for k, v in BLOCK_TENSORS.items()}
-_HF_TO_GLOBAL = {v: k for k, v in GLOBAL_TENSORS.items()}
+# mlx-lm module names gguf-py's tables do not know -> the Hugging Face name they hold
+MLX_ALIASES = {".mlp.switch_mlp.": ".mlp.experts."}
 
 
-def to_hf_name(name: str) -> str | None:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown."""
-    m = _BLOCK.match(name)
-    if m and m.group(2) in BLOCK_TENSORS:
-        return f"model.layers.{m.group(1)}.{BLOCK_TENSORS[m.group(2)]}.{m.group(3)}"
-    m = _GLOBAL.match(name)
-    if m and m.group(1) in GLOBAL_TENSORS:
-        return f"{GLOBAL_TENSORS[m.group(1)]}.{m.group(2)}"
-    return None
+@functools.lru_cache(maxsize=32)
+def _table(gguf_arch: str, n_blocks: int) -> gguf.TensorNameMap:
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == gguf_arch)
+    return gguf.TensorNameMap(arch, n_blocks)
 
 
-def to_gguf_name(name: str) -> str | None:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``; None if unknown."""
-    m = _HF_BLOCK.match(name)
-    if m and m.group(2) in _HF_TO_BLOCK:
-        return f"blk.{m.group(1)}.{_HF_TO_BLOCK[m.group(2)]}.{m.group(3)}"
+def to_gguf_name(name: str, model_type: str = "llama", n_blocks: int = 1024) -> str | None:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` in ``model_type``'s
+    GGUF architecture; None if llama.cpp has no such tensor there."""
     module, _, leaf = name.rpartition(".")
-    if module in _HF_TO_GLOBAL and leaf in LEAVES:
-        return f"{_HF_TO_GLOBAL[module]}.{leaf}"
-    return None
+    if leaf not in LEAVES:  # a parameter of its own (gpt-oss's attention sinks): llama.cpp's .weight
+        module, leaf = name, "weight"
+    for mlx_part, hf_part in MLX_ALIASES.items():
+        module = module.replace(mlx_part, hf_part)
+    gguf_module = _table(ARCHS[model_type].gguf, n_blocks).get_name(module)
+    return None if gguf_module is None else f"{gguf_module}.{leaf}"
+
+
+def gguf_names(hf_names: Iterable[str], model_type: str, n_blocks: int) -> dict[str, str]:
+    """{GGUF name: HF name} of a model's parameters (those llama.cpp names)."""
+    out = {}
+    for hf in hf_names:
+        name = to_gguf_name(hf, model_type, n_blocks)
+        if name is not None:
+            out[name] = hf
+    return out
 
 
 def reordered_heads(hf_name: str, config: dict) -> int | None:
     """The head count whose rows llama.cpp reorders in this tensor (None: not reordered)."""
-    arch = ARCHITECTURES.get(config.get("model_type"))
-    if arch is None or not arch.gguf_reorders_qk:
+    arch = ARCHS.get(config.get("model_type"))
+    if arch is None or not arch.reorders_qk:
         return None
     if ".self_attn.q_proj." in hf_name:
         return int(config["num_attention_heads"])
     if ".self_attn.k_proj." in hf_name:
         return int(config.get("num_key_value_heads") or config["num_attention_heads"])
     return None
+
+
+def plus_one(hf_name: str, config: dict) -> bool:
+    """Whether llama.cpp stores this tensor as 1 + the model's (Gemma's RMSNorm weights)."""
+    arch = ARCHS.get(config.get("model_type"))
+    return bool(arch and arch.norm_plus_one and hf_name.endswith("norm.weight"))
+
+
+def stored_shape(hf_name: str, shape: tuple[int, ...], model_type: str) -> tuple[int, ...]:
+    """The shape llama.cpp holds a tensor in (lfm2's convolution without its 1-sized axis)."""
+    if hf_name.endswith(ARCHS[model_type].squeezed):
+        return tuple(s for s in shape if s != 1)
+    return tuple(shape)
 
 
 # A numpy or an MLX array: the row reorders use only reshape and swapaxes, which both have.
