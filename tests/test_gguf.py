@@ -597,10 +597,12 @@ def test_requantized_block_types_become_mlx_affine_at_their_bits(tmp_path, qtype
             continue
         b = q.get(module, q)["bits"]
         back = mx.dequantize(w[name], w[f"{module}.scales"], w[f"{module}.biases"], 32, b)
-        if b == bits and b != 8:  # (the file's Q8_0 tensors are read by MLX as they are)
-            num += float(((back - w32[name]) ** 2).sum())
-            den += float((w32[name] ** 2).sum())
         kinds.add(b)
+        if "embed_tokens" in module or w32[name].shape[-1] % values:
+            continue  # (the file's Q8_0 tensors, as the blocks function above laid them out)
+        assert b == bits, (module, b)
+        num += float(((back - w32[name]) ** 2).sum())
+        den += float((w32[name] ** 2).sum())
     assert bits in kinds
     measured = (num / den) ** 0.5
     assert 0 < measured < (1e-3 if kept else 0.2) and abs(measured - said) <= 0.051 * said, (measured, said)
@@ -672,10 +674,10 @@ def test_a_k_quant_smollm2_made_by_llama_cpp_computes_llama_cpps_logits(smollm2,
 @pytest.mark.slow
 def test_a_q4_k_m_smollm2_requantized_stays_4_bit_and_close(smollm2, tmp_path, capsys):
     """The Q4_K_M file llama.cpp's quantizer makes of SmolLM2, re-quantized (--model FILE.gguf on
-    a GPU): its Q4_K tensors MLX 4-bit with their codes, its Q6_K ones 6-bit fitted, at about the
-    file's size (1.06x measured); the error said in one line (measured: Q4_K 8.3e-4, Q6_K 1.9e-2);
-    logits within 0.1 of their scale of the exact (float32) conversion of the same file (0.053
-    measured), top token the same at 90% of positions at least (100% measured)."""
+    a GPU): its Q4_K tensors MLX 4-bit with their codes, its Q6_K ones fitted at 8 bits, at about
+    the file's size (1.09x measured); the error said in one line (measured: Q4_K 8.3e-4, Q6_K
+    4.8e-3); logits within 0.1 of their scale of the exact (float32) conversion of the same file
+    (0.013 measured), top token the same at 90% of positions at least (100% measured)."""
     import isolated
     import native_llama_cpp
 
@@ -686,7 +688,7 @@ def test_a_q4_k_m_smollm2_requantized_stays_4_bit_and_close(smollm2, tmp_path, c
     capsys.readouterr()
     out = convert_gguf(path, tmp_path / "requantized", requantize=True)
     line = next(x for x in capsys.readouterr().err.splitlines() if "re-quantized" in x)
-    assert "Q4_K 4-bit (codes kept" in line and "Q6_K 6-bit (error" in line, line
+    assert "Q4_K 4-bit (codes kept" in line and "Q6_K 8-bit (error" in line, line
     q = json.loads((out / "config.json").read_text())["quantization"]
     widths = {q["bits"]} | {v["bits"] for v in q.values() if isinstance(v, dict)}
     assert widths <= {4, 5, 6, 8}  # (llama.cpp falls back to Q5_0 and Q8_0 for rows of 576)

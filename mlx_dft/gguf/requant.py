@@ -13,7 +13,8 @@ These keep their codes (:func:`exact_affine`): each group's scale and bias come 
 own, the codes from the file's values (``q = (x - bias) / scale``, integers), and only rounding the
 scales and biases to float16 (as MLX's loader keeps them) moves a value. The others (Q6_K, Q3_K and
 Q2_K, whose sub-blocks of 16 have scales of their own; the IQ codebooks; MXFP4) are fitted by
-``mx.quantize`` at :func:`requantize_bits`, which adds a rounding error of its own. Either way the
+``mx.quantize`` at :func:`requantize_bits` (two bits more than they carry, so the rounding this
+adds is about a quarter of the file's own). Either way the
 error, relative RMS difference from the file's values, is measured per type and said in one line
 (:class:`RequantizeError`).
 """
@@ -27,17 +28,23 @@ import numpy as np
 
 GROUP = 32
 MLX_BITS = (2, 3, 4, 5, 6, 8)
-# Below 4 bits MLX's plain groups (one scale and bias per 32) lose far more than llama.cpp's 2- and
-# 3-bit K-quants with their per-16 sub-block scales, so those become 4-bit (a quarter of float16).
-MIN_BITS = 4
+# A type fitted afresh (not one of :data:`AFFINE`) gets this many bits more than it carries: a
+# new affine grid laid over values already rounded to another one adds rounding of its own, about
+# as large as the file's at the same width, a quarter of it with two more bits (Q6_K: 8-bit).
+FIT_EXTRA_BITS = 2
+MIN_BITS = 4  # (MLX's plain groups of 32 at 2-3 bits lose far more than llama.cpp's sub-block scales)
 
 
 def requantize_bits(type_name: str) -> int:
-    """The MLX affine bits a tensor of GGUF type ``type_name`` is re-quantized to: the type's own
-    width (the digit in its name; MXFP4: 4), at least :data:`MIN_BITS`, rounded up to one MLX has."""
+    """The MLX affine bits a tensor of GGUF type ``type_name`` is re-quantized to: an affine type's
+    own width; any other's (the digit in its name; MXFP4: 4) plus :data:`FIT_EXTRA_BITS`, at least
+    :data:`MIN_BITS`, rounded up to one MLX has (at most 8)."""
+    if type_name in AFFINE:
+        return AFFINE[type_name][2]
     digits = [int(c) for c in type_name if c.isdigit()]
     nominal = digits[0] if type_name.startswith(("Q", "IQ", "TQ")) and digits else 4
-    return min(b for b in MLX_BITS if b >= max(nominal, MIN_BITS))
+    wanted = min(max(nominal + FIT_EXTRA_BITS, MIN_BITS), MLX_BITS[-1])
+    return min(b for b in MLX_BITS if b >= wanted)
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -127,7 +134,7 @@ class RequantizeError:
 
     def line(self, file: str) -> str:
         parts = [
-            f"{t} {requantize_bits(t) if t not in AFFINE else AFFINE[t][2]}-bit "
+            f"{t} {requantize_bits(t)}-bit "
             f"({'codes kept, ' if t in self.kept else ''}error {e:.1e})"
             for t, e in self.relative().items()
         ]
