@@ -1,6 +1,6 @@
-"""The table of the architectures the Aligner and GGUF cover, on the floor below everything that
-uses it (:mod:`mlx_dft.models`, which re-exports it, the adapters, and :mod:`mlx_dft.gguf`, which
-:mod:`mlx_dft.models` calls to open GGUF files)."""
+"""Model sizes checked wherever a config enters, and the one per-architecture fact mlx_dft cannot
+read off a model (PEFT's adaption prompt), on the floor below everything that uses them
+(:mod:`mlx_dft.models`, which re-exports the table, the adapters, and :mod:`mlx_dft.gguf`)."""
 
 from __future__ import annotations
 
@@ -47,38 +47,22 @@ def check_sizes(config: dict, where: object) -> None:
 
 @dataclass(frozen=True)
 class Architecture:
-    """What mlx_dft knows about one ``model_type``.
+    """What one ``model_type`` needs beyond what mlx_dft reads off its layers.
 
-    ``mlx_module``: the ``mlx_lm.models`` module whose ``Attention`` the model's layers use (the
-    Aligner extends it). ``adaption_prompt``: Hugging Face PEFT's adaption prompt supports it.
-    ``gguf``: its GGUF ``general.architecture``; ``gguf_reorders_qk``: llama.cpp stores its q/k
-    projection rows in rotary order (see :mod:`mlx_dft.gguf.names`). ``hf_class``: the
-    transformers class a config.json names in ``architectures``.
-    Every listed architecture has the Aligner, the PyTorch Aligner runner and GGUF (the
-    hidden-state loss, LoRA and packing cover every mlx-lm architecture: :mod:`mlx_dft.support`);
-    keys/values may carry biases (qwen2) and keys a per-head norm (qwen3), which the code reads off
-    the layers themselves.
+    ``adaption_prompt``: Hugging Face PEFT's adaption prompt (the Aligner's PEFT export) implements
+    it. Everything else per architecture is read off the model itself (:mod:`mlx_dft.support`: the
+    Aligner's attention, packing, the loss path) or kept by the feature that needs it (GGUF:
+    :mod:`mlx_dft.gguf.archs`).
     """
 
-    mlx_module: str
     adaption_prompt: bool
-    gguf: str
-    gguf_reorders_qk: bool
-    hf_class: str
 
 
+# The model types PEFT's adaption prompt knows (its TRANSFORMERS_MODEL_CONFIG), and the others the
+# Aligner's PEFT export names when it refuses.
 ARCHITECTURES = {
-    "llama": Architecture("llama", True, "llama", gguf_reorders_qk=True, hf_class="LlamaForCausalLM"),
-    "mistral": Architecture("llama", True, "llama", gguf_reorders_qk=True, hf_class="MistralForCausalLM"),
-    "qwen2": Architecture("qwen2", False, "qwen2", gguf_reorders_qk=False, hf_class="Qwen2ForCausalLM"),
-    "qwen3": Architecture("qwen3", False, "qwen3", gguf_reorders_qk=False, hf_class="Qwen3ForCausalLM"),
+    "llama": Architecture(adaption_prompt=True),
+    "mistral": Architecture(adaption_prompt=True),
+    "qwen2": Architecture(adaption_prompt=False),
+    "qwen3": Architecture(adaption_prompt=False),
 }
-
-
-def architecture(model_type: str, what: str) -> Architecture:
-    """The table entry for ``model_type``; ``what`` names the feature in the error."""
-    if model_type not in ARCHITECTURES:
-        raise UserError(
-            f"{what} supports model types {', '.join(ARCHITECTURES)}; this model is {model_type!r}"
-        )
-    return ARCHITECTURES[model_type]

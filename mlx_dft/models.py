@@ -19,7 +19,6 @@ import mlx.nn as nn
 from mlx_dft import compat
 from mlx_dft.architectures import ARCHITECTURES as ARCHITECTURES  # the table, one floor down
 from mlx_dft.architectures import Architecture as Architecture
-from mlx_dft.architectures import architecture as architecture
 from mlx_dft.architectures import check_sizes
 from mlx_dft.errors import UserError
 from mlx_dft.files import check_safetensors, local_or_hub, read_json

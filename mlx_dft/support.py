@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
-from mlx_dft.architectures import ARCHITECTURES
 from mlx_dft.errors import UserError
 
 # Model types whose PEFT LoRA/DoRA export is proven against transformers + PEFT (the pinned
@@ -51,15 +50,6 @@ def _packing(model: nn.Module, config: dict) -> str:
     from mlx_dft.packing import refusal
 
     return refusal(model)
-
-
-def _table(what: str) -> Callable[[nn.Module, dict], str]:
-    def check(model: nn.Module, config: dict) -> str:
-        if _kind(model) in ARCHITECTURES:
-            return ""
-        return f"{what} covers {', '.join(ARCHITECTURES)} only so far"
-
-    return check
 
 
 def _aligner(model: nn.Module, config: dict) -> str:
