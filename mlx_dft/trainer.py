@@ -22,6 +22,7 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_dft import sharding
 from mlx_dft.checkpoint import load_previous
 from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
@@ -392,13 +393,16 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
     world_size = mx.distributed.init().size()
     state = [model.state, optimizer.state, mx.random.state]
     loss_vg = nn.value_and_grad(model, loss_fn)
+    shards = sharding.of(model)  # --shard fsdp: the blocks' gradients come reduce-scattered
 
     def update(grads, ntoks):
         if world_size > 1:
-            grads = average_gradients(grads)  # mean over workers ...
+            grads = shards.average(grads) if shards else average_gradients(grads)  # mean over workers ...
             ntoks = mx.distributed.all_sum(ntoks) / world_size  # ... over the mean count
         grads = tree_map(lambda g: g / mx.maximum(ntoks, 1.0), grads)
-        if max_grad_norm > 0:
+        if shards is not None:  # the norm of the whole gradient, its shards' over the workers
+            grads, norm = shards.clip(grads, max_grad_norm)
+        elif max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
         else:
             norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
