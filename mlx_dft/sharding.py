@@ -238,30 +238,32 @@ class Sharding:
         mx.eval(model.parameters(), optimizer.state)
 
     def unshard(self, model: nn.Module, optimizer: optim.Optimizer) -> None:
-        self._gather_all(optimizer)
+        """The whole weights back on every worker (what follows training reads the model); the
+        optimizer keeps its step and learning rate but drops the moments of the parameters, whose
+        whole copy would cost more than training did (the last checkpoint holds it)."""
+        for m, k in list(self._arrays()):
+            m[k] = _gather(m[k], getattr(m, _FULL)[k], self.group, False)
+            mx.eval(m[k])
+        optimizer.state = {k: v for k, v in optimizer.state.items() if isinstance(v, mx.array)}
         for b in self.blocks:
             for m in b.modules():
                 object.__setattr__(m, _FULL, {})
             b.__class__ = b._mlx_dft_sharded_from
         object.__delattr__(model, _STATE)
 
-    def _gather_all(self, optimizer: optim.Optimizer) -> list:
-        """Every sharded array whole (parameters and optimizer state); returns how to undo it."""
+    @contextmanager
+    def gathered(self, optimizer: optim.Optimizer) -> Iterator[None]:
+        """While it lasts, the trained parameters and the optimizer state are whole arrays, what a
+        checkpoint writes (a collective: every worker enters it; the frozen base stays sharded)."""
         held = []
         for node, key, shape in list(self._optimizer_leaves(optimizer)):
             held.append((node, key, node[key]))
             node[key] = _gather(node[key], shape, self.group, False)
         for m, k in list(self._arrays()):
-            held.append((m, k, m[k]))
-            m[k] = _gather(m[k], getattr(m, _FULL)[k], self.group, False)
+            if k not in m._no_grad:
+                held.append((m, k, m[k]))
+                m[k] = _gather(m[k], getattr(m, _FULL)[k], self.group, False)
         mx.eval([x[0][x[1]] for x in held])
-        return held
-
-    @contextmanager
-    def gathered(self, optimizer: optim.Optimizer) -> Iterator[None]:
-        """While it lasts, the model and the optimizer state hold whole arrays (a collective: every
-        worker enters it)."""
-        held = self._gather_all(optimizer)
         try:
             yield
         finally:
@@ -272,8 +274,9 @@ class Sharding:
 @contextmanager
 def sharded(mode: str, model: nn.Module, optimizer: optim.Optimizer) -> Iterator[Callable]:
     """While it lasts, ``model`` and ``optimizer`` are sharded as ``--shard`` asks (nothing for
-    ``none``); yields ``wrap(save)``, which makes a checkpoint saver write whole arrays. On leaving,
-    every worker holds the whole model again (for what follows training: tests, generation)."""
+    ``none``); yields ``wrap(save)``, which makes a checkpoint saver write whole arrays. When
+    training ends well every worker holds the whole model again (for what follows training:
+    tests, generation); after an error the model stays sharded."""
     if mode == "none":
         yield lambda save: save
         return
@@ -292,7 +295,7 @@ def sharded(mode: str, model: nn.Module, optimizer: optim.Optimizer) -> Iterator
 
         return save_whole
 
-    try:
-        yield wrap
-    finally:
-        state.unshard(model, optimizer)
+    yield wrap
+    # Only when training ended well: gathering is a collective that the workers must all join,
+    # and a worker that failed alone (a callback's error on rank 0) would wait for the others.
+    state.unshard(model, optimizer)

@@ -51,6 +51,12 @@ def records(folder: Path) -> list[dict]:
     return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def trained(folder: Path) -> dict:
+    """The trained weights a run's folder holds (adapters.safetensors, also full fine-tuning's;
+    aligner.safetensors)."""
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in mx.load(str(f)).items()}
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b)
     return max(float(np.abs(np.array(a[k]) - np.array(b[k])).max()) for k in a)
@@ -91,8 +97,9 @@ pytestmark = pytest.mark.skipif(launcher() is None, reason="mlx.launch is not in
         {"loss": "sft", "adapter": "full", "learning_rate": 0.05, "grad_checkpoint": True},
         {"loss": "asft", "adapter": "lora", "learning_rate": 0.5},
         {"loss": "dft", "adapter": "dora", "learning_rate": 0.5, "pack": True, "max_seq_length": 256},
+        {"loss": "dft", "adapter": "aligner", "aligner_start_layer": 0, "learning_rate": 0.5},
     ],
-    ids=["lora-dft", "full-sft-checkpointed", "lora-asft", "dora-dft-packed"],
+    ids=["lora-dft", "full-sft-checkpointed", "lora-asft", "dora-dft-packed", "aligner-dft"],
 )
 def test_fsdp_two_processes_match_one(tiny_model, arith_data, tmp_path, opts):
     o = base(tiny_model, arith_data, **opts)
@@ -100,14 +107,13 @@ def test_fsdp_two_processes_match_one(tiny_model, arith_data, tmp_path, opts):
     two = run({**o, "output": str(tmp_path / "two"), "shard": "fsdp"}, n=2)
     assert "2 workers" in two.stdout
     dl = same_losses(tmp_path / "one", tmp_path / "two")
-    a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))  # full fine-tuning's trained weights too
-    b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    a, b = trained(tmp_path / "one"), trained(tmp_path / "two")
     dw = max_diff(a, b)
     print(f"{opts['adapter']}+{opts['loss']}: max |loss diff| {dl:.3g}, max |weight diff| {dw:.3g}")
     assert dl < TOL and dw < TOL
     # the checkpoints are whole arrays too
     ck1, ck2 = (sorted((tmp_path / x / "checkpoints").iterdir())[0] for x in ("one", "two"))
-    ck1, ck2 = (mx.load(str(c / "adapters.safetensors")) for c in (ck1, ck2))
+    ck1, ck2 = trained(ck1), trained(ck2)
     assert max_diff(ck1, ck2) < TOL
 
 
