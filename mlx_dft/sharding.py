@@ -6,8 +6,9 @@ shards. A block gathers its parameters (``all_gather``) when it runs, forward an
 ``--grad-checkpoint``, again in its recomputation; the gradients of the trained ones are
 reduce-scattered (summed over the workers, each keeping its part, divided by N: the mean, as data
 parallelism averages), so each process keeps and updates only its shard of them and of the
-optimizer state. The rest of the model (embeddings, final norm, output projection) stays
-replicated, averaged as in plain data parallelism. Parameters keep their names and modules: only
+optimizer state. The embeddings, final norm and output projection shard the same way, each its
+own unit; what else lies outside the blocks (the Aligner's prefix) stays whole on every process,
+averaged as in plain data parallelism. Parameters keep their names and modules: only
 the arrays are shards, so adapters (LoRA, DoRA, the Aligner), their switch to the base model,
 packing and checkpointing see the model they know.
 
@@ -142,22 +143,35 @@ def _gathered_block(block: nn.Module, group: mx.distributed.Group) -> Iterator[N
 def _gathering_class(cls: type) -> type:
     """``cls`` whose call gathers the block's parameters first (the signature kept, for the
     patches that read it)."""
-    call = cls.__call__
+    def gathering(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            with _gathered_block(self, self._mlx_dft_group):
+                return method(self, *args, **kwargs)
 
-    @functools.wraps(call)
-    def __call__(self, *args, **kwargs):
-        with _gathered_block(self, self._mlx_dft_group):
-            return call(self, *args, **kwargs)
+        return run
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "_mlx_dft_sharded_from": cls})
+    methods = {"__call__": gathering(cls.__call__), "_mlx_dft_sharded_from": cls}
+    if hasattr(cls, "as_linear"):  # a tied embedding is the output projection too
+        methods["as_linear"] = gathering(cls.as_linear)
+    return type(cls.__name__, (cls,), methods)
+
+
+# The modules outside the blocks that shard too: their weights are read only by their own calls.
+_LEAVES = (nn.Embedding, nn.Linear, nn.RMSNorm, nn.LayerNorm)
 
 
 class Sharding:
-    """The FSDP state of a model: its sharded blocks and the paths of their parameters."""
+    """The FSDP state of a model: its sharded modules (the blocks and the plain layers outside
+    them) and the paths of their parameters."""
 
     def __init__(self, model: nn.Module, group: mx.distributed.Group):
         self.group = group
-        self.blocks = list(model.layers)
+        inside = {id(m) for b in model.layers for m in b.modules()}
+        # The blocks, then the plain embeddings, norms and projections outside them (anything
+        # else there, such as the Aligner's prefix, which attention reads, stays whole).
+        leaves = [m for _, m in model.named_modules() if id(m) not in inside and type(m) in _LEAVES]
+        self.blocks = [*model.layers, *leaves]
         names = {id(m): f"{name}." for name, m in model.named_modules()}
         self.prefixes = [names[id(b)] for b in self.blocks]
         self.paths = {k for k, _ in tree_flatten(model.parameters()) if k.startswith(tuple(self.prefixes))}
@@ -223,7 +237,15 @@ class Sharding:
         return names
 
     def shard(self, model: nn.Module, optimizer: optim.Optimizer) -> None:
+        """Shard the model and the optimizer's state, checking that the sharded model computes
+        what the whole one did on a few tokens (a model that reads a weight outside its module's
+        call would not)."""
         n, r = self.group.size(), self.group.rank()
+        probe = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+        was_training = model.training
+        model.eval()
+        before = model(probe).astype(mx.float32)
+        mx.eval(before)
         for b in self.blocks:
             for m in b.modules():
                 keys = list(_own_arrays(m))
@@ -236,6 +258,16 @@ class Sharding:
             node[key] = _shard_of(node[key], n, r)
         object.__setattr__(model, _STATE, self)
         mx.eval(model.parameters(), optimizer.state)
+        try:
+            after = model(probe).astype(mx.float32)
+            same = bool(mx.allclose(before, after, rtol=1e-3, atol=1e-3).item())
+        except ValueError as e:  # a weight read outside a call: shapes that do not fit
+            same, why = False, str(e).splitlines()[0]
+        else:
+            why = f"its logits moved by up to {float(mx.abs(before - after).max()):.3g}"
+        model.train(was_training)
+        if not same:
+            raise UserError(f"--shard fsdp cannot shard this {type(model).__module__} model: {why}")
 
     def unshard(self, model: nn.Module, optimizer: optim.Optimizer) -> None:
         """The whole weights back on every worker (what follows training reads the model); the
