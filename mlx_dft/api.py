@@ -327,6 +327,7 @@ def _prepare_parts(config, options: dict, bar: Progress, given: tuple | None, cu
         _draw_as_built(model_cfg)
         model_name = "the model given in memory" + (f" ({cfg.model})" if cfg.model else "")
 
+    sharding.check_same_everywhere(world, _fingerprint(model_cfg))
     splits = data.load_datasets(
         cfg.data, tokenizer, data.DataConfig.from_options(cfg), cfg.hf_config, cfg.hf_splits
     )
@@ -675,8 +676,24 @@ def _rank0_print(world: mx.distributed.Group, bar: Progress | None = None):
     return say
 
 
+def _fingerprint(model_config: dict) -> dict[str, str]:
+    """What every worker of a distributed run must share: versions and the model's config."""
+    import mlx_lm
+
+    from mlx_dft import __version__
+
+    return {
+        "mlx_dft version": __version__,
+        "mlx version": mx.__version__,
+        "mlx-lm version": mlx_lm.__version__,
+        "model config": json.dumps(model_config, sort_keys=True, default=str),
+    }
+
+
 def _recipe(cfg: TrainConfig, world: mx.distributed.Group) -> str:
     workers = f"{world.size()} worker{'s' if world.size() > 1 else ''}"
+    if cfg.shard != "none":
+        workers += f", --shard {cfg.shard}"
     loss = loss_of(cfg).describe()
     if cfg.sft_warmup_steps:
         loss += f" after {cfg.sft_warmup_steps} SFT steps"

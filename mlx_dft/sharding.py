@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -53,6 +54,23 @@ def check(mode: str, world: mx.distributed.Group, reference_copy: bool = False) 
         )
     if reference_copy:
         raise UserError(f"--shard {mode} with --reference-copy is not implemented yet")
+
+
+def check_same_everywhere(world: mx.distributed.Group, parts: dict[str, str]) -> None:
+    """Refuse, on every worker in one line, a launch whose workers differ in any of ``parts``
+    (name -> what this worker has: versions, the model's config), before they train apart or
+    wait on each other's collectives."""
+    if world.size() < 2:
+        return
+    mine = mx.array([zlib.crc32(v.encode()) & 0x7FFFFFFF for v in parts.values()], mx.int32)
+    every = mx.distributed.all_gather(mine[None], group=world, stream=mx.cpu).tolist()
+    for i, name in enumerate(parts):
+        ranks = [r for r, row in enumerate(every) if row[i] != every[0][i]]
+        if ranks:
+            raise UserError(
+                f"the workers differ in {name} (rank {ranks[0]}'s is not rank 0's; this worker's: "
+                f"{parts[name][:80]}): install and load the same on every machine"
+            )
 
 
 def of(model: nn.Module) -> Sharding | None:
@@ -151,7 +169,13 @@ def _gathering_class(cls: type) -> type:
 
         return run
 
-    methods = {"__call__": gathering(cls.__call__), "_mlx_dft_sharded_from": cls}
+    # Its module and name the original's: code that finds a block's mlx-lm module reads them.
+    methods = {
+        "__call__": gathering(cls.__call__),
+        "_mlx_dft_sharded_from": cls,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+    }
     if hasattr(cls, "as_linear"):  # a tied embedding is the output projection too
         methods["as_linear"] = gathering(cls.as_linear)
     return type(cls.__name__, (cls,), methods)

@@ -682,7 +682,7 @@ def train_loop(
 
     def checkpoint(step: int, good: Path | None, unverified):
         """Save a checkpoint of ``step`` (refusing non-finite weights); (good, unverified) after."""
-        if not _finite(model.trainable_parameters()):
+        if not _finite(model.trainable_parameters(), world):
             _stop_non_finite(f"the weights became non-finite at step {step}", run, good, unverified)
         bar.phase("saving")
         # The previous policy of the group's steps still to come (a collective with several workers).
@@ -803,9 +803,14 @@ def _hook(cb: Callback, hook: str, *args):
 
 
 
-def _finite(tree) -> bool:
+def _finite(tree, world: mx.distributed.Group | None = None) -> bool:
+    """Whether every array of ``tree`` is finite; with ``world``, on every worker (with --shard
+    each holds a part of the weights, and all of them must stop or save together)."""
     arrays = [v for _, v in tree_flatten(tree)]
-    return bool(mx.all(mx.stack([mx.isfinite(v).all() for v in arrays])).item()) if arrays else True
+    ok = mx.all(mx.stack([mx.isfinite(v).all() for v in arrays])) if arrays else mx.array(True)
+    if world is not None and world.size() > 1:
+        ok = mx.distributed.all_sum((~ok).astype(mx.float32), group=world, stream=mx.cpu) == 0
+    return bool(ok.item())
 
 
 def _stop_non_finite(what: str, run: Run, good: Path | None, unverified: tuple | None) -> None:

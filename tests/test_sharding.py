@@ -1,6 +1,6 @@
-"""--shard fsdp: two processes on the ring backend over loopback, each holding half of the blocks'
-weights, gradients and optimizer state, give the one-process run's losses at every step and its
-weights; a resume of a sharded run continues it exactly; bad --shard input is one line."""
+"""--shard fsdp: two (and four) processes on the ring backend over loopback, each holding its part
+of the weights, gradients and optimizer state, give the one-process run's losses at every step and
+its weights; a resume of a sharded run continues it exactly; bad --shard input is one line."""
 
 import json
 import os
@@ -91,28 +91,29 @@ pytestmark = pytest.mark.skipif(launcher() is None, reason="mlx.launch is not in
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "opts",
+    "opts, n",
     [
-        {"loss": "dft", "adapter": "lora", "learning_rate": 0.5},
-        {"loss": "sft", "adapter": "full", "learning_rate": 0.05, "grad_checkpoint": True},
-        {"loss": "asft", "adapter": "lora", "learning_rate": 0.5},
-        {"loss": "dft", "adapter": "dora", "learning_rate": 0.5, "pack": True, "max_seq_length": 256},
-        {"loss": "dft", "adapter": "aligner", "aligner_start_layer": 0, "learning_rate": 0.5},
+        ({"loss": "dft", "adapter": "lora", "learning_rate": 0.5}, 2),
+        ({"loss": "sft", "adapter": "full", "learning_rate": 0.05, "grad_checkpoint": True}, 2),
+        ({"loss": "asft", "adapter": "lora", "learning_rate": 0.5}, 2),
+        ({"loss": "dft", "adapter": "dora", "learning_rate": 0.5, "pack": True, "max_seq_length": 256}, 2),
+        ({"loss": "dft", "adapter": "aligner", "aligner_start_layer": 0, "learning_rate": 0.5}, 2),
+        ({"loss": "dft", "adapter": "lora", "learning_rate": 0.5}, 4),
     ],
-    ids=["lora-dft", "full-sft-checkpointed", "lora-asft", "dora-dft-packed", "aligner-dft"],
+    ids=["lora-dft", "full-sft-checkpointed", "lora-asft", "dora-dft-packed", "aligner-dft", "lora-dft-4"],
 )
-def test_fsdp_two_processes_match_one(tiny_model, arith_data, tmp_path, opts):
+def test_fsdp_processes_match_one(tiny_model, arith_data, tmp_path, opts, n):
     o = base(tiny_model, arith_data, **opts)
     run({**o, "output": str(tmp_path / "one")})
-    two = run({**o, "output": str(tmp_path / "two"), "shard": "fsdp"}, n=2)
-    assert "2 workers" in two.stdout
-    dl = same_losses(tmp_path / "one", tmp_path / "two")
-    a, b = trained(tmp_path / "one"), trained(tmp_path / "two")
+    many = run({**o, "output": str(tmp_path / "many"), "shard": "fsdp"}, n=n)
+    assert f"{n} workers, --shard fsdp" in many.stdout
+    dl = same_losses(tmp_path / "one", tmp_path / "many")
+    a, b = trained(tmp_path / "one"), trained(tmp_path / "many")
     dw = max_diff(a, b)
-    print(f"{opts['adapter']}+{opts['loss']}: max |loss diff| {dl:.3g}, max |weight diff| {dw:.3g}")
+    print(f"{opts['adapter']}+{opts['loss']} on {n}: max |loss diff| {dl:.3g}, max |weight diff| {dw:.3g}")
     assert dl < TOL and dw < TOL
     # the checkpoints are whole arrays too
-    ck1, ck2 = (sorted((tmp_path / x / "checkpoints").iterdir())[0] for x in ("one", "two"))
+    ck1, ck2 = (sorted((tmp_path / x / "checkpoints").iterdir())[0] for x in ("one", "many"))
     ck1, ck2 = trained(ck1), trained(ck2)
     assert max_diff(ck1, ck2) < TOL
 
@@ -167,3 +168,25 @@ def test_shard_padding_round_trip():
         assert len({p.size for p in parts}) == 1
         back = sharding._unpad(mx.concatenate(parts), a.shape)
         assert mx.array_equal(back, a)
+
+
+def test_workers_that_differ_are_refused_on_every_worker(tmp_path):
+    script = tmp_path / "differ.py"
+    script.write_text(
+        "import mlx_dft\n"
+        "import mlx.core as mx\n"
+        "from mlx_dft import sharding\n"
+        "from mlx_dft.errors import UserError\n"
+        "world = mx.distributed.init()\n"
+        "parts = {'mlx version': '0.32', 'mlx_dft version': f'0.{world.rank()}'}\n"
+        "try:\n"
+        "    sharding.check_same_everywhere(world, parts)\n"
+        "except UserError as e:\n"
+        "    print(f'rank {world.rank()}: {e}', flush=True)\n"
+    )
+    _PORT[0] += 3
+    cmd = [launcher(), "--backend", "ring", "-n", "2", "--starting-port", str(_PORT[0]), "--", sys.executable]
+    done = subprocess.run([*cmd, str(script)], capture_output=True, text=True, timeout=120, env=_env())
+    said = sorted(x for x in done.stdout.splitlines() if x.startswith("rank "))
+    assert len(said) == 2, done.stdout + done.stderr
+    assert all("the workers differ in mlx_dft version (rank 1's is not rank 0's" in x for x in said), said
