@@ -194,7 +194,8 @@ class Sharding:
         inside = {id(m) for b in model.layers for m in b.modules()}
         # The blocks, then the plain embeddings, norms and projections outside them (anything
         # else there, such as the Aligner's prefix, which attention reads, stays whole).
-        leaves = [m for _, m in model.named_modules() if id(m) not in inside and type(m) in _LEAVES]
+        leaves = {id(m): m for _, m in model.named_modules() if id(m) not in inside and type(m) in _LEAVES}
+        leaves = list(leaves.values())  # a module reached twice shards once
         self.blocks = [*model.layers, *leaves]
         names = {id(m): f"{name}." for name, m in model.named_modules()}
         self.prefixes = [names[id(b)] for b in self.blocks]
