@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from mlx_dft import _blas, adapters, data, models, packing, trackers
+from mlx_dft import _blas, adapters, data, models, packing, sharding, trackers
 from mlx_dft.adapters.base import AdapterMethod
 from mlx_dft.checkpoint import OutputFolder, Resume, check_output_folder, run_config
 from mlx_dft.config import CUSTOM_LOSS, FIELDS, TrainConfig, check_run_length, loss_of, resolve, total_steps
@@ -295,6 +295,7 @@ def _prepare_parts(config, options: dict, bar: Progress, given: tuple | None, cu
         how = "with --pack" if cfg.pack is False else "without --pack"
         raise UserError(f"checkpoint {resume.checkpoint} was trained {how}: resume it the same way")
     world = mx.distributed.init()
+    sharding.check(cfg.shard, world, cfg.reference_copy)
     say = _rank0_print(world, bar)
     if resume is not None:
         changed = resume_changes(resume.config.get("training", {}), explicit)
@@ -349,6 +350,7 @@ def _prepare_parts(config, options: dict, bar: Progress, given: tuple | None, cu
         _draw_as_built(model_cfg)
         model_name = "the model given in memory" + (f" ({cfg.model})" if cfg.model else "")
 
+    sharding.check_same_everywhere(world, _fingerprint(model_cfg))
     splits = data.load_datasets(
         cfg.data, tokenizer, data.DataConfig.from_options(cfg), cfg.hf_config, cfg.hf_splits
     )
@@ -494,9 +496,10 @@ def _fit(p: Prepared, callbacks: list[Callback], bar: Progress, closing: list) -
     save = out.saver(model, method, p.optimizer, steps, cfg.grad_accumulation_steps, cfg.keep_checkpoints)
     loop = LoopConfig.from_options(cfg, steps)
     try:
-        train_loop(model, p.optimizer, loss_fn, p.train_set, p.val_set, loop, run, start_step=p.start_step,
-                   save=save, record=out.record, callbacks=callbacks, progress=bar, log=say,
-                   warmup_loss_fn=warmup_loss_fn)  # fmt: skip
+        with sharding.sharded(cfg.shard, model, p.optimizer) as whole:  # --shard: whole arrays saved
+            train_loop(model, p.optimizer, loss_fn, p.train_set, p.val_set, loop, run,
+                       start_step=p.start_step, save=whole(save), record=out.record, callbacks=callbacks,
+                       progress=bar, log=say, warmup_loss_fn=warmup_loss_fn)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(run, out.path)) from None
     _test(cfg, p.test_set, model, loss_fn, run, out, say)
@@ -698,8 +701,24 @@ def _rank0_print(world: mx.distributed.Group, bar: Progress | None = None):
     return say
 
 
+def _fingerprint(model_config: dict) -> dict[str, str]:
+    """What every worker of a distributed run must share: versions and the model's config."""
+    import mlx_lm
+
+    from mlx_dft import __version__
+
+    return {
+        "mlx_dft version": __version__,
+        "mlx version": mx.__version__,
+        "mlx-lm version": mlx_lm.__version__,
+        "model config": json.dumps(model_config, sort_keys=True, default=str),
+    }
+
+
 def _recipe(cfg: TrainConfig, world: mx.distributed.Group) -> str:
     workers = f"{world.size()} worker{'s' if world.size() > 1 else ''}"
+    if cfg.shard != "none":
+        workers += f", --shard {cfg.shard}"
     loss = loss_of(cfg).describe()
     if cfg.sft_warmup_steps:
         loss += f" after {cfg.sft_warmup_steps} SFT steps"

@@ -203,6 +203,13 @@ class TrainConfig:
     loss_chunk_tokens: int = option(
         0, "Supervised tokens per logits chunk in the loss (0: auto, ~32 MiB of float32 logits a chunk)."
     )
+    # sharding (mlx_dft/sharding.py)
+    shard: str = option(
+        "none",
+        "Under mlx.launch: fsdp holds the blocks' weights, gradients and optimizer state 1/N a process "
+        "(gathered a block at a time); none replicates the model (data parallelism). tensor: not yet.",
+        ("none", "fsdp", "tensor"),
+    )
 
     def resolved_learning_rate(self) -> float:
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LR.get(self.adapter, 1e-4)
@@ -262,7 +269,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "Model and adapter": (
         "model", "adapter", "num_layers", "lora_rank", "lora_scale", "lora_alpha", "lora_dropout",
         "lora_keys", "aligner_tokens", "aligner_start_layer", "aligner_gate", "adapter_from", "dtype",
-        "keep_quantized", "grad_checkpoint", "tiled_mlp",
+        "keep_quantized", "grad_checkpoint", "tiled_mlp", "shard",
     ),
     "Loss": ("loss", *LOSS_OPTIONS, "reference_copy", "sft_warmup_steps", "loss_chunk_tokens"),
     "Optimisation": (

@@ -22,6 +22,7 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_dft import sharding
 from mlx_dft.checkpoint import load_previous
 from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
@@ -392,13 +393,16 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
     world_size = mx.distributed.init().size()
     state = [model.state, optimizer.state, mx.random.state]
     loss_vg = nn.value_and_grad(model, loss_fn)
+    shards = sharding.of(model)  # --shard fsdp: the blocks' gradients come reduce-scattered
 
     def update(grads, ntoks):
         if world_size > 1:
-            grads = average_gradients(grads)  # mean over workers ...
+            grads = shards.average(grads) if shards else average_gradients(grads)  # mean over workers ...
             ntoks = mx.distributed.all_sum(ntoks) / world_size  # ... over the mean count
         grads = tree_map(lambda g: g / mx.maximum(ntoks, 1.0), grads)
-        if max_grad_norm > 0:
+        if shards is not None:  # the norm of the whole gradient, its shards' over the workers
+            grads, norm = shards.clip(grads, max_grad_norm)
+        elif max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
         else:
             norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
@@ -678,7 +682,7 @@ def train_loop(
 
     def checkpoint(step: int, good: Path | None, unverified):
         """Save a checkpoint of ``step`` (refusing non-finite weights); (good, unverified) after."""
-        if not _finite(model.trainable_parameters()):
+        if not _finite(model.trainable_parameters(), world):
             _stop_non_finite(f"the weights became non-finite at step {step}", run, good, unverified)
         bar.phase("saving")
         # The previous policy of the group's steps still to come (a collective with several workers).
@@ -799,9 +803,14 @@ def _hook(cb: Callback, hook: str, *args):
 
 
 
-def _finite(tree) -> bool:
+def _finite(tree, world: mx.distributed.Group | None = None) -> bool:
+    """Whether every array of ``tree`` is finite; with ``world``, on every worker (with --shard
+    each holds a part of the weights, and all of them must stop or save together)."""
     arrays = [v for _, v in tree_flatten(tree)]
-    return bool(mx.all(mx.stack([mx.isfinite(v).all() for v in arrays])).item()) if arrays else True
+    ok = mx.all(mx.stack([mx.isfinite(v).all() for v in arrays])) if arrays else mx.array(True)
+    if world is not None and world.size() > 1:
+        ok = mx.distributed.all_sum((~ok).astype(mx.float32), group=world, stream=mx.cpu) == 0
+    return bool(ok.item())
 
 
 def _stop_non_finite(what: str, run: Run, good: Path | None, unverified: tuple | None) -> None:
