@@ -348,6 +348,11 @@ class ShardedPlan(_Peak):
     activations: float
     loss: float
     memory: float  # each machine's usable memory (0: unknown)
+    whole: float = 0.0  # the whole weights, which every process gathers back after training
+
+    @property
+    def peak(self) -> float:
+        return max(self.weights + self.optimizer + self.activations + self.loss, self.whole)
 
 
 def estimate_sharded(
@@ -358,7 +363,9 @@ def estimate_sharded(
     ``--batch-size`` split between them, each with ``memory`` bytes usable): the weights, gradients
     and optimizer state 1/N each; the largest unit (a block, the embedding or the output
     projection) gathered whole twice at once at most (its weights, then its weights and gradient in
-    the backward pass); the activations and loss of its share of the batch."""
+    the backward pass); the activations and loss of its share of the batch. At least the whole
+    weights: every process gathers them back after training (the test report and generation that
+    follow), so no number of machines makes a model whose weights exceed one fit."""
     import dataclasses
 
     if machines < 1:
@@ -367,7 +374,7 @@ def estimate_sharded(
     p = estimate(share, length, gflops)
     gathered = 2 * p.largest_unit if machines > 1 else 0.0
     return ShardedPlan(machines, p.weights / machines + gathered, gathered, p.optimizer / machines,
-                       p.activations, p.loss, memory)  # fmt: skip
+                       p.activations, p.loss, memory, p.weights)  # fmt: skip
 
 
 def smallest_machines(
@@ -489,6 +496,8 @@ def sharded_lines(
             f"  loss (logits)     {_gb(s.loss)}",
             f"  peak (estimate)   {_gb(s.peak)}{of}: " + ("fits" if s.fits else "does NOT fit"),
         ]
+        if s.peak == s.whole:
+            lines.append(f"note: each process gathers the whole weights after training ({_gb(s.whole)})")
     if memory:
         n = smallest_machines(cfg, memory, length, gflops)
         lines.append(

@@ -150,3 +150,35 @@ def test_fsdp_plan_on_the_cli(tmp_path):
 def test_memory_sizes_parse():
     assert plan.parse_memory("64GB") == 64e9 and plan.parse_memory("512 mb") == 512e6
     assert plan.parse_memory("1.5TB") == 1.5e12 and plan.parse_memory("24") == 24e9
+
+
+# scripts/bench_sharding.py --procs 2 4 --grad-checkpoint (docs/sharding.md, 2026-12-07): full
+# fine-tuning of a 168M Qwen3-width model, global batch 8 of the bundled task, per-process peaks
+BENCH_SHARDING = {1: 3.24, 2: 1.93, 4: 1.26}
+BENCH_CONFIG = {
+    "model_type": "qwen3", "hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 3072, "vocab_size": 16384,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+    "max_position_embeddings": 4096,
+}  # fmt: skip
+
+
+def test_fsdp_plan_against_the_measured_sharded_runs(tmp_path):
+    """The plan under-reads what the sharded runs measured, more as N grows (-8%, -12%, -26%
+    measured: what does not shard in this version, about 0.3 GB, is not modelled yet); held to
+    30% so that a regression shows."""
+    (tmp_path / "config.json").write_text(json.dumps(BENCH_CONFIG))
+    cfg = TrainConfig(model=str(tmp_path), adapter="full", batch_size=8, grad_checkpoint=True)
+    length = plan.data_length(cfg) or 128
+    for n, measured in BENCH_SHARDING.items():
+        one = n == 1
+        got = plan.estimate(cfg, length, 100.0) if one else plan.estimate_sharded(cfg, n, 0.0, length, 100.0)
+        assert abs(got.peak / 1e9 - measured) <= 0.3 * measured, (n, got.peak / 1e9, measured)
+
+
+def test_a_model_whose_weights_exceed_a_machine_fits_no_number_of_them(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(BENCH_CONFIG))
+    cfg = TrainConfig(model=str(tmp_path), adapter="full", batch_size=8, grad_checkpoint=True, pack=True)
+    whole = plan.estimate(cfg, 128, 100.0).weights
+    assert plan.smallest_machines(cfg, 0.9 * whole, 128, 100.0, most=8) == 0
+    assert plan.estimate_sharded(cfg, 8, 0.0, 128, 100.0).peak >= whole
