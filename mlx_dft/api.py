@@ -705,7 +705,7 @@ def _fingerprint(model_config: dict) -> dict[str, str]:
     """What every worker of a distributed run must share: versions and the model's config."""
     import mlx_lm
 
-    from mlx_dft import __version__
+    from mlx_dft._version import __version__
 
     return {
         "mlx_dft version": __version__,
