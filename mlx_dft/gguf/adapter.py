@@ -5,8 +5,12 @@
     ...lora_b (r, out)                               blk.3.attn_q.weight.lora_b = B^T  (out, r)
     scale                                            adapter.lora.alpha = scale * r
 
-The rows of ``lora_b`` (the output rows of q/k projections) are reordered for llama/mistral as
-the base model's own q/k rows are (:func:`mlx_dft.gguf.names.to_gguf_rows`). llama.cpp has one
+Names are the model writer's (:func:`mlx_dft.gguf.names.to_gguf_name`, for every architecture of
+:data:`mlx_dft.gguf.archs.ARCHS`). The rows of ``lora_b`` (the output rows of q/k projections) are
+reordered where the architecture reorders the base model's own q/k rows
+(:func:`mlx_dft.gguf.names.to_gguf_rows`). Fused layers (phi3's ``qkv_proj``, ``gate_up_proj``)
+are one matrix to llama.cpp too; stacked experts keep mlx-lm's (experts, r, in) / (experts, out, r)
+tensors, which llama.cpp multiplies per token by its selected experts' slices. llama.cpp has one
 alpha per file and divides it by each tensor's rank; a module whose scale or rank differs from
 the adapter's (an import from PEFT's rank/alpha patterns) has the difference folded into its
 ``lora_b``, so every module computes exactly its own ``scale * (x A) B``. Tensors are F32.
@@ -25,13 +29,11 @@ import numpy as np
 
 from mlx_dft.errors import UserError
 from mlx_dft.files import read_json, read_safetensors, staged_folder
-from mlx_dft.gguf.archs import ARCHS
+from mlx_dft.gguf.archs import arch_of
 from mlx_dft.gguf.names import reordered_heads, to_gguf_name, to_gguf_rows
 from mlx_dft.gguf.writer import GGUFWriter
 
 FILE = "adapter.gguf"
-# The model types whose LoRA files llama.cpp is shown to apply (tests/test_gguf_export.py).
-LORA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _model_config(config: dict, base_model: str | None) -> dict:
@@ -70,9 +72,8 @@ def lora_tensors(weights: dict[str, mx.array], params: dict, model_config: dict)
             raise UserError(
                 f"LoRA on {module} has no llama.cpp form (not a block linear layer, or A/B missing)"
             )
-        a = np.asarray(parts["lora_a"].astype(mx.float32)).T  # (r, in)
-        b = np.asarray(parts["lora_b"].astype(mx.float32)).T  # (out, r)
-        r = a.shape[0]
+        a, b = _pair(parts["lora_a"], parts["lora_b"])
+        r = a.shape[-2]
         _check_fits(module, a.shape, b.shape, model_config)
         if r != int(ranks.get(module, rank)):
             raise UserError(
@@ -92,14 +93,25 @@ def lora_tensors(weights: dict[str, mx.array], params: dict, model_config: dict)
     return alpha, out
 
 
+def _pair(lora_a: mx.array, lora_b: mx.array) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) as llama.cpp holds them: a linear layer's (r, in) and (out, r); stacked experts'
+    (experts, r, in) and (experts, out, r), mlx-lm's own layout (llama.cpp multiplies each token
+    by its experts' slices of both)."""
+    a, b = (np.asarray(t.astype(mx.float32)) for t in (lora_a, lora_b))
+    if a.ndim == 3 and b.ndim == 3:
+        return a, b
+    return a.T, b.T
+
+
 def _check_fits(module: str, a_shape: tuple, b_shape: tuple, cfg: dict) -> None:
     """Refuse LoRA tensors that cannot belong to the model (llama.cpp would reject the file, or
     apply it to the wrong rows): A is (rank, in), B (out, rank), the block exists, and the sides
     the config fixes are the config's (hidden and intermediate sizes; whole heads)."""
-    if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0]:
+    experts = len(a_shape) == len(b_shape) == 3 and a_shape[0] == b_shape[0]
+    if not (len(a_shape) == len(b_shape) == 2 or experts) or b_shape[-1] != a_shape[-2]:
         pair = f"lora_a {tuple(a_shape)} and lora_b {tuple(b_shape)}"
         raise UserError(f"{module}: {pair} do not make a LoRA pair")
-    out_f, in_f = b_shape[0], a_shape[1]
+    out_f, in_f = b_shape[-2], a_shape[-1]
     m = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$", module)
     layers = cfg.get("num_hidden_layers")
     if m is None:
@@ -128,10 +140,9 @@ def export_lora_gguf(adapter_dir: Path, config: dict, out: Path, base_model: str
     adapter_dir = Path(adapter_dir)
     model_config = _model_config(config, base_model)
     model_type = str(model_config.get("model_type"))
-    if model_type not in LORA_TYPES:
-        supported = ", ".join(LORA_TYPES)
-        raise UserError(f"GGUF LoRA export supports model types {supported}; this model is {model_type!r}")
-    arch = ARCHS[model_type].gguf
+    # every model type GGUF covers: llama.cpp applies their LoRA files as mlx computes them
+    # (tests/test_gguf_export.py for llama, tests/test_gguf_archs.py for the others)
+    arch = arch_of(model_type, "GGUF LoRA export").gguf
     weights = read_safetensors(adapter_dir / "adapters.safetensors")
     alpha, tensors = lora_tensors(weights, config["lora_parameters"], model_config)
     writer = GGUFWriter()
