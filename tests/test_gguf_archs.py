@@ -318,6 +318,27 @@ def test_a_model_type_we_do_not_write_is_refused_in_one_line(tmp_path):
     assert not list(tmp_path.glob("*.gguf*"))
 
 
+@pytest.mark.parametrize("a_shape, b_shape, message", [
+    ((4, 2, 64), (3, 32, 2), r"lora_a \(4, 2, 64\) and lora_b \(3, 32, 2\) do not make a LoRA pair"),
+    ((4, 2, 64), (32, 2), r"do not make a LoRA pair"),
+    ((4, 2, 64), (4, 32, 3), r"do not make a LoRA pair"),
+])  # fmt: skip
+def test_expert_lora_tensors_that_do_not_pair_are_refused(a_shape, b_shape, message):
+    """Stacked experts' A (experts, rank, in) and B (experts, out, rank): as many experts in both,
+    one rank, in a block the model has."""
+    from mlx_dft.gguf.adapter import lora_tensors
+
+    config = {**CONFIGS["qwen3_moe"], "num_hidden_layers": 2}
+    module = "model.layers.0.mlp.switch_mlp.gate_proj"
+    weights = {f"{module}.lora_a": mx.zeros(a_shape), f"{module}.lora_b": mx.zeros(b_shape)}
+    with pytest.raises(UserError, match=message):
+        lora_tensors(weights, {"rank": 2, "scale": 1.0}, config)
+    far = {k.replace("layers.0.", "layers.2."): mx.zeros((4, 2, 64) if k.endswith("a") else (4, 32, 2))
+           for k in weights}  # fmt: skip
+    with pytest.raises(UserError, match=r"switch_mlp.gate_proj: the model has 2 blocks"):
+        lora_tensors(far, {"rank": 2, "scale": 1.0}, config)
+
+
 def test_a_lora_of_a_model_type_we_do_not_write_is_refused_in_one_line(tmp_path):
     from conftest import run_cli
 

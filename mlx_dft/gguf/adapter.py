@@ -105,19 +105,21 @@ def _pair(lora_a: mx.array, lora_b: mx.array) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_fits(module: str, a_shape: tuple, b_shape: tuple, cfg: dict) -> None:
     """Refuse LoRA tensors that cannot belong to the model (llama.cpp would reject the file, or
-    apply it to the wrong rows): A is (rank, in), B (out, rank), the block exists, and the sides
-    the config fixes are the config's (hidden and intermediate sizes; whole heads)."""
+    apply it to the wrong rows): A is (rank, in), B (out, rank) (experts: (experts, rank, in) and
+    (experts, out, rank), as many of both), the block exists, and the sides the config fixes are
+    the config's (hidden and intermediate sizes; whole heads)."""
     experts = len(a_shape) == len(b_shape) == 3 and a_shape[0] == b_shape[0]
     if not (len(a_shape) == len(b_shape) == 2 or experts) or b_shape[-1] != a_shape[-2]:
         pair = f"lora_a {tuple(a_shape)} and lora_b {tuple(b_shape)}"
         raise UserError(f"{module}: {pair} do not make a LoRA pair")
     out_f, in_f = b_shape[-2], a_shape[-1]
-    m = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$", module)
+    block = re.search(r"layers\.(\d+)\.", module)
     layers = cfg.get("num_hidden_layers")
-    if m is None:
-        return  # to_gguf_name already refused what has no llama.cpp name
-    if isinstance(layers, int) and int(m.group(1)) >= layers:
+    if block and isinstance(layers, int) and int(block.group(1)) >= layers:
         raise UserError(f"{module}: the model has {layers} blocks")
+    m = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$", module)
+    if m is None or experts:
+        return  # to_gguf_name already refused what has no llama.cpp name
     hidden, inter = cfg.get("hidden_size"), cfg.get("intermediate_size")
     heads = cfg.get("num_attention_heads")
     kv = cfg.get("num_key_value_heads") or heads
