@@ -621,6 +621,9 @@ def test_requantize_and_dequantize_together_are_refused(tmp_path):
     r = run_cli("convert", str(path), "--out", str(tmp_path / "x"), "--requantize", "--dequantize")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "--requantize" in r.stderr
     assert not (tmp_path / "x").exists()
+    # a file MLX reads as it is: --requantize has nothing to do, and says so
+    r = run_cli("convert", str(path), "--out", str(tmp_path / "y"), "--requantize")
+    assert r.returncode == 0 and "nothing to re-quantize" in r.stderr, r.stderr
 
 
 def test_a_float64_tensor_reads_as_float32(tmp_path):

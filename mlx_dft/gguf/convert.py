@@ -283,6 +283,12 @@ def convert_gguf(
     weights, bits, errors = _convert_tensors(header, cfg, dequantize, requantize)
     if errors.sums:
         print(errors.line(Path(path).name), file=sys.stderr)
+    elif requantize:  # asked for, with nothing to do: say so rather than pass over it
+        print(
+            f"note: {Path(path).name}: no tensor of a type MLX has no layout for, nothing to re-quantize "
+            "(float tensors stay float; Q4_0/Q4_1/Q8_0 are MLX-quantized as they are)",
+            file=sys.stderr,
+        )
     if (q := _quantization(bits)) is not None:
         cfg["quantization"] = q
     else:
