@@ -19,7 +19,11 @@ points only, each undone when the training loss returns:
 - **attention hooks** (:func:`hook_attention`): an mlx-lm module's attention class marks the layer
   running, and its ``scaled_dot_product_attention`` adds the terms hooks give for that layer (the
   Aligner's prefix term, :mod:`mlx_dft.adapters.aligner.layer`); a pass-through elsewhere. These
-  are the only class-level patches, installed once per module and inert without a hook's term.
+  are the only class-level patches besides the fixes below, installed once per module and inert
+  without a hook's term.
+- **mlx-lm bug fixes** (:func:`fix_mlx_lm`, on import): gemma2's attention receives a batched
+  mask with the shape its grouped-query layout broadcasts correctly (mlx-lm 0.32.2 got it wrong
+  for batched generation and packed rows).
 
 :func:`check_mlx_lm` (run on import) checks that the mlx-lm functions these points rely on have
 the signatures they were written for, so an mlx-lm release that changes them is refused in one
@@ -670,4 +674,34 @@ def lean_swiglu(model: nn.Module) -> Iterator[bool]:
             m.swiglu = p
 
 
+# ------------------------------------------------------------------ mlx-lm bug fixes
+
+
+def _grouped_mask_fix(attention_cls: type) -> None:
+    """mlx-lm 0.32's gemma2 attention (grouped queries as [B, kv heads, repeats, L, d]) broadcasts
+    a [B, 1, L, S] mask array over its kv heads instead of its batch (mlx-lm pull request 1903,
+    open): an error for most batch sizes (batched generation) and silently wrong when the batch
+    size equals the number of kv heads (packed rows). A mask of rank 4 is handed to it as
+    [B, 1, 1, L, S], which broadcasts as meant; anything else passes unchanged."""
+    if getattr(attention_cls.__call__, "_mlx_dft_mask_fix", False):
+        return
+    original = attention_cls.__call__
+
+    def __call__(self, x, mask=None, cache=None):
+        if isinstance(mask, mx.array) and mask.ndim == 4 and getattr(self, "repeats", 1) > 1:
+            mask = mask[:, :, None]
+        return original(self, x, mask, cache)
+
+    __call__._mlx_dft_mask_fix = True  # type: ignore[attr-defined]
+    attention_cls.__call__ = __call__
+
+
+def fix_mlx_lm() -> None:
+    """Work around the mlx-lm bugs mlx_dft's features run into (each named where it is fixed)."""
+    gemma2 = importlib.import_module("mlx_lm.models.gemma2")
+    if list(inspect.signature(gemma2.Attention.__call__).parameters) == ["self", "x", "mask", "cache"]:
+        _grouped_mask_fix(gemma2.Attention)
+
+
 check_mlx_lm()
+fix_mlx_lm()

@@ -38,6 +38,13 @@ ARCHS = {
     "llama": llama_config(),
     "qwen2": {**llama_config(), "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
     "qwen3": {**llama_config(head_dim=16), "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]},
+    # soft-capped scores computed by the layer itself, grouped queries as 5-D arrays: mlx-lm 0.32.2
+    # broadcast a [B, 1, T, T] mask over its kv heads (silently wrong when B equals their number)
+    "gemma2": {
+        **llama_config(), "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "head_dim": 16,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "query_pre_attn_scalar": 16,
+        "attn_logit_softcapping": 5.0, "final_logit_softcapping": 30.0,
+    },
 }
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -172,6 +179,8 @@ def _sums_and_grads(model, loss_fn, batch):
         ("qwen2", "aligner", "dft"),
         ("qwen3", "lora", "dft"),
         ("qwen3", "aligner", "sft"),
+        ("gemma2", "lora", "dft"),  # two rows, two kv heads: the case mlx-lm got silently wrong
+        ("gemma2", "aligner", "sft"),
         *[(a, "lora", "dft") for a in MORE],
         *[(a, "aligner", "dft") for a in MORE],
         ("gemma4_text", "lora", "asft"),
