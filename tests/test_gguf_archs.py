@@ -264,12 +264,23 @@ YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0
         "original_max_position_embeddings": 16, "truncate": False}  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt_oss", "ministral3"])
-def test_yarn_rope_scaling_is_written_and_read_as_llama_cpp_computes_it(kind, tmp_path):
+# as the published Ministral 3 checkpoints have it (mscale 1, mscale_all_dim 1: magnitude 1), and a
+# value where mlx-lm's magnitude m(1) / m(mscale_all_dim) is neither 1 nor m(1) (llama.cpp reads
+# mscale_all_dim for mistral3 only: llama and qwen3 files with it gave other logits, and are refused)
+ALL_DIMS = {"mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+@pytest.mark.parametrize(
+    "kind,extra",
+    [("llama", {}), ("qwen3", {}), ("gpt_oss", {}), ("ministral3", {}), ("ministral3", ALL_DIMS),
+     ("ministral3", {"mscale": 1.0, "mscale_all_dim": 0.5})],
+)  # fmt: skip
+def test_yarn_rope_scaling_is_written_and_read_as_llama_cpp_computes_it(kind, extra, tmp_path):
+    yarn = {**YARN, **extra}
     if kind == "ministral3":  # (its RoPE, scaling included, is read from rope_parameters)
-        overrides = {**OVERRIDES[kind], "rope_parameters": {**CONFIGS[kind]["rope_parameters"], **YARN}}
+        overrides = {**OVERRIDES[kind], "rope_parameters": {**CONFIGS[kind]["rope_parameters"], **yarn}}
     else:
-        overrides = {"rope_scaling": YARN}
+        overrides = {"rope_scaling": yarn}
     folder = write_arch_model(tmp_path / "yarn", kind, **overrides)
     plain = mlx_logits(write_arch_model(tmp_path / "plain", kind, **OVERRIDES.get(kind, {})))
     ours = mlx_logits(folder)
@@ -278,6 +289,12 @@ def test_yarn_rope_scaling_is_written_and_read_as_llama_cpp_computes_it(kind, tm
     meta = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
     arch = ARCHS[kind].gguf
     assert meta[f"{arch}.rope.scaling.type"] == "yarn" and meta[f"{arch}.rope.scaling.factor"] == 32.0
+    assert meta.get(f"{arch}.rope.scaling.yarn_log_multiplier") == extra.get("mscale_all_dim")
+    if extra:  # the magnitude moves these logits: the key is needed
+        key = "rope_parameters" if kind == "ministral3" else "rope_scaling"
+        without = {k: v for k, v in overrides[key].items() if k != "mscale_all_dim"}
+        other = write_arch_model(tmp_path / "m1", kind, **{**overrides, key: without})
+        assert np.abs(mlx_logits(other) - ours).max() > 1e-2
     np.testing.assert_allclose(llama_cpp_logits(path), ours, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(mlx_logits(convert_gguf(path, tmp_path / "back", dequantize=True)), ours)
 
@@ -361,6 +378,8 @@ def test_a_lora_of_a_model_type_we_do_not_write_is_refused_in_one_line(tmp_path)
         ("ministral3", {}, r"llama.cpp's mistral3 has no sliding-window attention; layers \[0\] slide"),
         ("gpt_oss", {"layer_types": ["full_attention", "sliding_attention"]}, r"sliding first; this model's"),
         ("llama", {"rope_scaling": {**YARN, "beta_fast": 16.0}}, r"YaRN with \{'beta_fast': 16.0\} is not"),
+        ("qwen3", {"rope_scaling": {**YARN, **ALL_DIMS}},
+         r"YaRN with mscale_all_dim 1.0 is not written to GGUF for qwen3 \(llama.cpp reads its magnitude"),
     ],
 )
 def test_models_llama_cpp_would_compute_differently_are_refused(tmp_path, kind, overrides, message):

@@ -43,6 +43,7 @@ from mlx_dft.errors import UserError
 from mlx_dft.files import TMP_PREFIX, atomic_write_json, check_apart, save_safetensors, staged_folder
 from mlx_dft.gguf import names, requant
 from mlx_dft.gguf.archs import ARCHS, model_type_of
+from mlx_dft.gguf.export import LOG_MULTIPLIER_ARCHS
 from mlx_dft.gguf.reader import GROUP_SIZE, GGUFHeader, load_tensors, read_header
 from mlx_dft.gguf.tokenizer import build_tokenizer, token_id_list, write_tokenizer
 
@@ -105,7 +106,7 @@ def model_config(header: GGUFHeader) -> dict:
         factor = _number(meta, f"{prefix}rope.scaling.factor", float)
         cfg["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": factor}
     elif scaling == "yarn":  # (llama.cpp's fixed correction range and magnitude: export._yarn)
-        for key, fixed in (("yarn_beta_fast", 32.0), ("yarn_beta_slow", 1.0), ("yarn_log_multiplier", 0.0)):
+        for key, fixed in (("yarn_beta_fast", 32.0), ("yarn_beta_slow", 1.0)):
             value = meta.get(f"{prefix}rope.scaling.{key}", fixed)
             if value != fixed:
                 raise UserError(f"GGUF YaRN with rope.scaling.{key} = {str(value)[:20]} is not supported")
@@ -113,6 +114,13 @@ def model_config(header: GGUFHeader) -> dict:
         original = _number(meta, f"{prefix}rope.scaling.original_context_length", int)
         cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": factor, "beta_fast": 32.0,
                                "beta_slow": 1.0, "original_max_position_embeddings": original}  # fmt: skip
+        # llama.cpp's magnitude m(1) / m(log multiplier): mlx-lm's with mscale 1, mscale_all_dim
+        all_dims = _number(meta, f"{prefix}rope.scaling.yarn_log_multiplier", float, 0.0)
+        if all_dims < 0 or (all_dims and prefix.rstrip(".") not in LOG_MULTIPLIER_ARCHS):
+            raise UserError(f"GGUF YaRN with rope.scaling.yarn_log_multiplier = {all_dims} is not supported"
+                            f" for {prefix.rstrip('.')}")  # fmt: skip
+        if all_dims:
+            cfg["rope_scaling"].update(mscale=1.0, mscale_all_dim=all_dims)
     elif scaling != "none":
         raise UserError(f"GGUF RoPE scaling {scaling!r} is not supported (supported: none, linear, yarn)")
     if "rope_freqs.weight" in tensors:

@@ -71,7 +71,7 @@ def tensor_type(gguf_type: str, shape: tuple[int, ...], output: bool, f32: bool 
     return "Q8_0" if wanted == "Q4_0" and output else wanted
 
 
-def _rope(config: dict) -> tuple[float | None, dict | None]:
+def _rope(config: dict, arch: str) -> tuple[float | None, dict | None]:
     """(rope_theta, rope scaling) from config.json, in transformers 4's or 5's spelling."""
     params = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
     theta = config.get("rope_theta", params.get("rope_theta"))
@@ -82,29 +82,51 @@ def _rope(config: dict) -> tuple[float | None, dict | None]:
     if kind == "linear":
         return theta, {"type": "linear", "factor": float((scaling or params)["factor"])}
     if kind == "yarn":
-        return theta, _yarn(scaling or params)
+        return theta, _yarn(scaling or params, arch)
     raise UserError(
         f"config.json: rope scaling of type {kind!r} is not written to GGUF (default, linear and yarn are)"
     )
 
 
-def _yarn(s: dict) -> dict:
+# llama.cpp architectures whose loader reads rope.scaling.yarn_log_multiplier as mscale_all_dim
+# (deepseek2 reads it too, differently; others ignore it: tested with llama and qwen3)
+LOG_MULTIPLIER_ARCHS = {"mistral3"}
+
+
+def _yarn(s: dict, arch: str) -> dict:
     """YaRN as llama.cpp computes it for every architecture: its correction range from beta_fast
-    32 and beta_slow 1 (the keys are read by mistral3 alone) and the magnitude 1 + 0.1 ln(factor)
-    (mlx-lm's with mscale 1 and no mscale_all_dim); other settings are refused."""
-    fixed = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+    32 and beta_slow 1 (the keys are read by mistral3 alone) and the magnitude
+    ``m(1) / m(mscale_all_dim)``, ``m(x) = 1 + 0.1 x ln(factor)``, which is mlx-lm's with mscale 1
+    (llama.cpp reads ``mscale_all_dim`` from ``rope.scaling.yarn_log_multiplier``, and takes
+    mscale as 1; without the key the magnitude is ``m(1)``, mlx-lm's with no mscale_all_dim). Other
+    settings are refused."""
+    fixed = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0}
     odd = {k: s[k] for k, v in fixed.items() if s.get(k) is not None and float(s[k]) != v}
+    all_dims = float(s.get("mscale_all_dim") or 0.0)
+    if all_dims < 0:
+        odd["mscale_all_dim"] = s["mscale_all_dim"]
     if odd:
-        raise UserError(f"config.json: YaRN with {odd} is not written to GGUF (llama.cpp fixes {fixed})")
-    return {"type": "yarn", "factor": float(s["factor"]),
-            "original_context_length": int(s["original_max_position_embeddings"])}  # fmt: skip
+        raise UserError(
+            f"config.json: YaRN with {odd} is not written to GGUF "
+            f"(llama.cpp fixes {fixed}, mscale_all_dim >= 0)"
+        )
+    if all_dims and arch not in LOG_MULTIPLIER_ARCHS:
+        raise UserError(
+            f"config.json: YaRN with mscale_all_dim {all_dims} is not written to GGUF for {arch} (llama.cpp "
+            f"reads its magnitude for {', '.join(sorted(LOG_MULTIPLIER_ARCHS))} only)"
+        )
+    out = {"type": "yarn", "factor": float(s["factor"]),
+           "original_context_length": int(s["original_max_position_embeddings"])}  # fmt: skip
+    if all_dims:
+        out["yarn_log_multiplier"] = all_dims
+    return out
 
 
 def add_architecture(writer: GGUFWriter, config: dict, arch: str, n_vocab: int) -> None:
     """``{arch}.*`` parameters from a config.json (the architecture's own keys last, over the
     common ones: lfm2's per-layer key/value head counts, its ``norm_eps``)."""
     extra = arch_of(str(config.get("model_type")), "GGUF export").write(config)  # refusals first
-    theta, scaling = _rope(config)
+    theta, scaling = _rope(config, arch)
     values = {**config, "rope_theta": theta}
     if values.get("num_key_value_heads") is None:
         values["num_key_value_heads"] = config["num_attention_heads"]
@@ -125,6 +147,8 @@ def add_architecture(writer: GGUFWriter, config: dict, arch: str, n_vocab: int) 
         keys["rope.scaling.factor"] = float(scaling["factor"])
         if "original_context_length" in scaling:
             keys["rope.scaling.original_context_length"] = scaling["original_context_length"]
+        if "yarn_log_multiplier" in scaling:
+            keys["rope.scaling.yarn_log_multiplier"] = scaling["yarn_log_multiplier"]
     keys = {f"{arch}.{k}": v for k, v in keys.items()}
     keys.update({k.format(arch=arch): v for k, v in extra.items()})
     for key, value in keys.items():
