@@ -223,6 +223,31 @@ def test_llama_cpp_quantized_files_read_as_llama_cpp_reads_them(wide_f32, ftype,
     assert drift <= 0.1, (ftype, drift)
 
 
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("wide", [True, False])
+def test_quantized_files_stay_mlx_quantized_in_the_models_order(wide_f32, fused, gguf_type, wide, tmp_path):
+    """Q8_0/Q4_0 files are MLX's own layout: read without dequantizing, the layers stay quantized,
+    out_proj's columns reordered as whole groups of 32 of the packed codes where value heads are
+    whole groups (64 wide), dequantized where they are not (16 wide). Every kept layer dequantizes
+    to exactly the weight the float reading of the file gives, which llama.cpp's run of the file
+    computes."""
+    folder = wide_f32[0] if wide else fused[1]
+    path = write_model_gguf(folder, tmp_path / f"m-{gguf_type}.gguf", gguf_type)
+    kept = mx.load(str(convert_gguf(path, tmp_path / "kept") / "model.safetensors"))
+    assert "language_model.model.layers.0.linear_attn.in_proj_qkv.scales" in kept
+    assert ("language_model.model.layers.0.linear_attn.out_proj.scales" in kept) == wide
+    floats_folder = convert_gguf(path, tmp_path / "floats", dequantize=True)
+    floats = mx.load(str(floats_folder / "model.safetensors"))
+    layers = [k[: -len(".scales")] for k in kept if k.endswith(".scales")]
+    for layer in layers:  # (q4_0 files keep the output projection Q8_0: the width per layer)
+        w, scales, biases = (kept[f"{layer}.{leaf}"] for leaf in ("weight", "scales", "biases"))
+        bits = w.shape[-1] // scales.shape[-1]  # (a group of 32 values is ``bits`` packed words)
+        values = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), 32, bits)
+        np.testing.assert_array_equal(np.array(values), np.array(floats[f"{layer}.weight"]), err_msg=layer)
+    theirs, ours = llama_cpp_logits(path), mlx_logits(floats_folder)
+    assert np.abs(ours - theirs).max() <= QUANT_REL_TOL * np.abs(theirs).max()
+
+
 # ------------------------------------------------------------------ refusals
 
 

@@ -199,8 +199,9 @@ def _convert_tensors(
     if missing:
         raise UserError(f"the GGUF file lacks {len(missing)} tensors of the model, e.g. {missing[0]}")
     hf_names = {}
-    drafts = {n for n in header.tensors if (_block(n) or 0) >= cfg["num_hidden_layers"]} if draft_blocks(
-        header) else set()  # fmt: skip
+    drafts = set()
+    if draft_blocks(header):  # (llama.cpp's draft blocks, numbered after the model's)
+        drafts = {n for n in header.tensors if (_block(n) or 0) >= cfg["num_hidden_layers"]}
     for name in header.tensors:
         if name in drafts:
             continue
