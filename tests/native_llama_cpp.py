@@ -144,6 +144,32 @@ def _cffi_logits(model_path: str, ids: list[int], lora: str | None) -> np.ndarra
 
 
 
+def tokenize(model_path: str, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's token ids of each text (no BOS/EOS added, special tokens not parsed), from the
+    file's vocabulary alone (``vocab_only``: a file of metadata without tensors will do)."""
+    if binding() != "llama-cpp-python":
+        pytest.skip("tokenizing needs llama-cpp-python's bindings")
+    import llama_cpp as L
+
+    L.llama_backend_init()
+    mparams = L.llama_model_default_params()
+    mparams.vocab_only = True
+    model = L.llama_model_load_from_file(model_path.encode(), mparams)
+    assert model, f"llama.cpp refused {model_path}"
+    try:
+        vocab = L.llama_model_get_vocab(model)
+        out = []
+        for text in texts:
+            data = text.encode()
+            ids = (L.llama_token * (len(data) + 8))()
+            n = L.llama_tokenize(vocab, data, len(data), ids, len(ids), False, False)
+            assert n >= 0, f"llama_tokenize returned {n}"
+            out.append(list(ids[:n]))
+        return out
+    finally:
+        L.llama_model_free(model)
+
+
 def quantize(src: str, dst: str, ftype: str) -> str:
     """llama.cpp's own quantizer (``llama_model_quantize``) writing ``dst`` from ``src`` as
     ``ftype`` (``Q4_K_M``, ``Q6_K``...; requantizing a quantized file is allowed): the files

@@ -88,9 +88,11 @@ def random_lora(folder, out, seed=1):
 
     model, _ = load(str(folder))
     model.freeze()
-    # every linear layer but a router (mlx_dft leaves routers frozen)
+    # every linear layer of every kind of block (hybrids: lfm2, qwen3_5) but a router (mlx_dft
+    # leaves routers frozen)
     linear = (nn.Linear, SwitchLinear)
-    keys = sorted(k for k, m in model.layers[0].named_modules() if isinstance(m, linear) and k != "mlp.gate")
+    keys = sorted({k for layer in model.layers for k, m in layer.named_modules()
+                   if isinstance(m, linear) and k != "mlp.gate"})  # fmt: skip
     params = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": keys}
     n = len(model.layers)
     linear_to_lora_layers(model, n, params)

@@ -8,8 +8,10 @@
 Names are the model writer's (:func:`mlx_dft.gguf.names.to_gguf_name`, for every architecture of
 :data:`mlx_dft.gguf.archs.ARCHS`). The rows of ``lora_b`` (the output rows of q/k projections) are
 reordered where the architecture reorders the base model's own q/k rows
-(:func:`mlx_dft.gguf.names.to_gguf_rows`). Fused layers (phi3's ``qkv_proj``, ``gate_up_proj``)
-are one matrix to llama.cpp too; stacked experts keep mlx-lm's (experts, r, in) / (experts, out, r)
+(:func:`mlx_dft.gguf.names.to_gguf_rows`), and so are qwen3_5's value heads (the rows of
+``lora_b``, the columns of ``lora_a`` for ``out_proj``: :func:`mlx_dft.gguf.names.gguf_order`).
+Fused layers (phi3's ``qkv_proj``, ``gate_up_proj``) are one matrix to llama.cpp too; stacked
+experts keep mlx-lm's (experts, r, in) / (experts, out, r)
 tensors, which llama.cpp multiplies per token by its selected experts' slices. llama.cpp has one
 alpha per file and divides it by each tensor's rank; a module whose scale or rank differs from
 the adapter's (an import from PEFT's rank/alpha patterns) has the difference folded into its
@@ -29,8 +31,8 @@ import numpy as np
 
 from mlx_dft.errors import UserError
 from mlx_dft.files import read_json, read_safetensors, staged_folder
-from mlx_dft.gguf.archs import arch_of
-from mlx_dft.gguf.names import reordered_heads, to_gguf_name, to_gguf_rows
+from mlx_dft.gguf.archs import ARCHS, arch_of
+from mlx_dft.gguf.names import gguf_order, reordered_heads, to_gguf_name, to_gguf_rows
 from mlx_dft.gguf.writer import GGUFWriter
 
 FILE = "adapter.gguf"
@@ -40,16 +42,17 @@ def _model_config(config: dict, base_model: str | None) -> dict:
     """The base model's config.json values the export needs: the run's recorded signature, else
     the base model's own config.json."""
     signature = config.get("model_signature") or {}
-    if {"model_type", "num_attention_heads"} <= set(signature):
+    entry = ARCHS.get(signature.get("model_type"))
+    if {"model_type", "num_attention_heads", *(entry.order_keys if entry else ())} <= set(signature):
         return signature
-    from mlx_dft.models import resolve_model_path
+    from mlx_dft.models import resolve_model_path, text_config
 
     base = base_model or config.get("base_model")
     if not base:
         raise UserError(
             "the adapter names no base model (needed for the GGUF architecture); pass --base-model"
         )
-    return read_json(resolve_model_path(str(base)) / "config.json")
+    return text_config(read_json(resolve_model_path(str(base)) / "config.json"))
 
 
 def lora_tensors(weights: dict[str, mx.array], params: dict, model_config: dict) -> tuple[float, dict]:
@@ -86,6 +89,11 @@ def lora_tensors(weights: dict[str, mx.array], params: dict, model_config: dict)
         heads = reordered_heads(module + ".weight", model_config)
         if heads is not None:
             b = to_gguf_rows(b, heads)
+        rows, cols = gguf_order(module + ".weight", model_config)  # (qwen3_5's value heads)
+        if rows is not None:
+            b = b[..., rows, :]
+        if cols is not None:
+            a = a[..., cols]
         out[target + ".lora_a"] = np.ascontiguousarray(a)
         out[target + ".lora_b"] = np.ascontiguousarray(b)
     if not out:

@@ -13,6 +13,9 @@ llama.cpp's loader for that architecture expects (read in llama.cpp's ``src/mode
   back, refusing in one line what llama.cpp would compute differently from mlx-lm (smollm3's
   RoPE-less layers are every 4th there, fixed; Gemma 3 scales queries by the head size; Qwen3-MoE
   always renormalises the top-k expert weights).
+- ``prefix``, ``nested``, ``aliases``, ``bare``, ``values``, ``order``: what Qwen3.5 adds
+  (:mod:`.arch_qwen35`): mlx-lm's ``language_model.`` prefix, a nested ``text_config``, tensors
+  named or valued otherwise, and llama.cpp's order of its value heads.
 """
 
 from __future__ import annotations
@@ -20,18 +23,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from gguf import Keys
 
 from mlx_dft.errors import UserError
+from mlx_dft.gguf import arch_qwen35
 
 # (key template, value) pairs: {arch} in the template is the GGUF architecture.
 Metadata = dict[str, object]
 # get(key template, type, default): one checked number from the file's metadata.
 Getter = Callable[..., object]
+# (a parameter's name, the model's flat config) -> llama.cpp's (row order, column order) of it:
+# file = model[rows] (model[:, cols]); None where llama.cpp keeps the model's order.
+Order = Callable[[str, dict], tuple["np.ndarray | None", "np.ndarray | None"]]
 
 
 def _nothing(*_) -> dict:
     return {}
+
+
+def _as_is(name: str, config: dict) -> tuple[None, None]:
+    return None, None
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,19 @@ class GGUFArch:
     squeezed: tuple[str, ...] = ()
     write: Callable[[dict], Metadata] = field(default=_nothing)
     read: Callable[[Getter, dict, dict], dict] = field(default=_nothing)  # (get, config so far, tensors)
+    # mlx-lm's prefix of the text model's parameters, which llama.cpp's names leave out (qwen3_5)
+    prefix: str = ""
+    # config.json holds the text model's settings under ``text_config`` (the Hub's layout)
+    nested: bool = False
+    # parameter names llama.cpp knows under another (part of a name -> its stand-in)
+    aliases: dict[str, str] = field(default_factory=dict)
+    # parameters of their own that llama.cpp names without ``.weight`` (the end of their name)
+    bare: tuple[str, ...] = ()
+    # values llama.cpp stores otherwise: end of the name -> (model to file, file to model)
+    values: dict[str, tuple[Callable, Callable]] = field(default_factory=dict)
+    order: Order = field(default=_as_is)
+    # config.json keys ``order`` reads (beyond the head counts every model records)
+    order_keys: tuple[str, ...] = ()
 
 
 def _biases(get: Getter, cfg: dict, tensors: dict) -> dict:
@@ -249,6 +274,8 @@ ARCHS: dict[str, GGUFArch] = {
     "lfm2": GGUFArch("lfm2", "Lfm2ForCausalLM", squeezed=("conv.conv.weight",), write=_lfm2_write,
                      read=_lfm2_read),
     "gpt_oss": GGUFArch("gpt-oss", "GptOssForCausalLM", write=_gpt_oss_write, read=_gpt_oss_read),
+    "qwen3_5": GGUFArch("qwen35", "Qwen3_5ForConditionalGeneration", squeezed=("conv1d.weight",),
+                        write=arch_qwen35.write, read=arch_qwen35.read, **arch_qwen35.NAMING),
 }  # fmt: skip
 
 

@@ -27,6 +27,7 @@ version under ``$MLX_DFT_CACHE/gguf`` (default ``~/.cache/mlx_dft/gguf``), reuse
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_dft.architectures import check_sizes
@@ -63,6 +65,20 @@ def _number(meta: dict, key: str, kind: type, default=None):
     return kind(value)
 
 
+def draft_blocks(header: GGUFHeader) -> int:
+    """How many of the file's last blocks are multi-token-prediction (draft) blocks, which
+    llama.cpp runs only to draft tokens ahead and mlx-lm's models do not have."""
+    arch = header.metadata.get("general.architecture")
+    key = f"{arch}.nextn_predict_layers"
+    return _number(header.metadata, key, int) if header.metadata.get(key) else 0
+
+
+def _block(name: str) -> int | None:
+    head, _, rest = name.partition(".")
+    number = rest.partition(".")[0]
+    return int(number) if head == "blk" and number.isdigit() else None
+
+
 def model_config(header: GGUFHeader) -> dict:
     """config.json (without tokenizer ids and quantization) from a GGUF's metadata and tensors."""
     meta, tensors = header.metadata, header.tensors
@@ -75,6 +91,11 @@ def model_config(header: GGUFHeader) -> dict:
     cfg: dict = {"model_type": model_type, "architectures": [ARCHS[model_type].hf_class]}
     for hf_key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         cfg[hf_key] = _number(meta, prefix + keys[hf_key], int)
+    # llama.cpp counts multi-token-prediction blocks (Qwen3.5's draft head) among the blocks, last
+    drafts = draft_blocks(header)
+    if drafts >= cfg["num_hidden_layers"]:
+        raise UserError(f"the GGUF file's {drafts} multi-token-prediction blocks leave no model blocks")
+    cfg["num_hidden_layers"] -= drafts
     heads = cfg["num_attention_heads"]
     kv = meta.get(prefix + keys["num_key_value_heads"], heads)
     if isinstance(kv, list):  # per layer (lfm2: 0 for its convolution layers)
@@ -136,11 +157,11 @@ def model_config(header: GGUFHeader) -> dict:
         key = key.format(arch=arch)
         if key not in meta and default is not None:
             return default
-        if kind is list:
+        if kind is list:  # (of counts, or of flags: bools are ints here)
             value = meta.get(key)
-            if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+            if not isinstance(value, list) or not all(type(v) in (int, bool) and v >= 0 for v in value):
                 raise UserError(f"GGUF metadata {key} = {str(value)[:60]} is not a list of counts")
-            return value
+            return [int(v) for v in value]
         return _number(meta, key, kind)
 
     cfg.update(ARCHS[model_type].read(get, cfg, tensors))
@@ -157,7 +178,7 @@ def _build(cfg: dict) -> nn.Module:
 
     try:
         model_cls, args_cls = _get_classes(cfg)
-        return model_cls(args_cls.from_dict(cfg))
+        return model_cls(args_cls.from_dict(copy.deepcopy(cfg)))  # (qwen3_5's edits its rope_parameters)
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot build a {cfg['model_type']} model from the GGUF metadata: {e}") from None
 
@@ -186,7 +207,12 @@ def _convert_tensors(
     if missing:
         raise UserError(f"the GGUF file lacks {len(missing)} tensors of the model, e.g. {missing[0]}")
     hf_names = {}
+    drafts = set()
+    if draft_blocks(header):  # (llama.cpp's draft blocks, numbered after the model's)
+        drafts = {n for n in header.tensors if (_block(n) or 0) >= cfg["num_hidden_layers"]}
     for name in header.tensors:
+        if name in drafts:
+            continue
         if name not in known:
             raise UserError(f"GGUF tensor {name} has no counterpart in a {cfg['model_type']} model")
         hf_names[name] = known[name]
@@ -199,57 +225,88 @@ def _convert_tensors(
                 f"the model expects {shape}"
             )
     errors = requant.RequantizeError()
+
+    def quantizable(hf: str) -> bool:
+        """Whether the model holds this tensor as an MLX quantized layer: a layer's weight, in
+        whole groups of 32 wherever llama.cpp orders its columns otherwise (qwen3_5's out_proj)."""
+        _, cols = names.model_order(hf, cfg)
+        whole = cols is None or _group_order(cols) is not None
+        layer = modules.get(hf[: -len(".weight")])
+        return hf.endswith(".weight") and whole and hasattr(layer, "to_quantized")
+
     requantized = {
-        name for name, info in header.tensors.items()
-        if requantize and info.type not in FLOAT_TYPES and not header.native
-        and hf_names[name].endswith(".weight")
-        and hasattr(modules.get(hf_names[name][: -len(".weight")]), "to_quantized")
+        name for name, hf in hf_names.items()
+        if requantize and not header.native and header.tensors[name].type not in FLOAT_TYPES
+        and quantizable(hf)
     }  # fmt: skip
 
     def each(info, arr: mx.array, raw):
         """A re-quantized tensor's MLX (weight, scales, biases, bits), made as it is read; the file's
-        other block-type tensors as float16."""
+        other block-type tensors as float16; a draft block's tensors not kept."""
+        if info.name in drafts:
+            return mx.zeros((0,))
         if info.name in requantized:
-            heads = names.reordered_heads(hf_names[info.name], cfg)
-            *arrays, b = requant.requantize(info, arr, raw, errors)
-            return (*(_hf_rows(a, heads) for a in arrays), b)
-        return arr.astype(mx.float16) if info.type not in FLOAT_TYPES else arr
+            return requant.requantize(info, arr, raw, errors)
+        return arr.astype(mx.float16) if requantize and info.type not in FLOAT_TYPES else arr
 
     dtype = mx.float32 if dequantize or requantize else mx.float16
-    arrays = load_tensors(header, dtype, each if requantize else None)
+    arrays = load_tensors(header, dtype, each if requantize or drafts else None)
     weights, bits = {}, {}
-    for name, info in header.tensors.items():
-        hf = hf_names[name]
-        heads = names.reordered_heads(hf, cfg)
+    for name, hf in hf_names.items():
+        info = header.tensors[name]
         if name in requantized:
             hf_base = hf[: -len(".weight")]
-            packed, scales, biases, bits[hf_base] = arrays[name]
+            *quantized, bits[hf_base] = arrays[name]
+            packed, scales, biases = _quantized_order(*quantized, hf, cfg, bits[hf_base])
             weights[hf], weights[f"{hf_base}.scales"], weights[f"{hf_base}.biases"] = packed, scales, biases
             continue
+        shape = tuple(expected[hf].shape)
         if not info.quantized or not header.native:  # (a file read through gguf-py is all floats)
             w = arrays[name]
-            weights[hf] = _hf_rows(w.astype(mx.float32) if dequantize else w, heads)
-            if names.plus_one(hf, cfg):
-                weights[hf] = (weights[hf].astype(mx.float32) - 1).astype(weights[hf].dtype)
-            weights[hf] = weights[hf].reshape(expected[hf].shape)  # (lfm2's squeezed convolution)
+            weights[hf] = names.from_gguf_array(hf, w.astype(mx.float32) if dequantize else w, cfg, shape)
             continue
         base, hf_base = name[: -len(".weight")], hf[: -len(".weight")]
-        w, scales, biases = (
-            _hf_rows(arrays[f"{base}.{leaf}"], heads) for leaf in ("weight", "scales", "biases")
-        )
+        w, scales, biases = (arrays[f"{base}.{leaf}"] for leaf in ("weight", "scales", "biases"))
         b = w.shape[-1] * 32 // info.shape[-1]
-        if dequantize or not hasattr(modules.get(hf_base), "to_quantized"):
+        if dequantize or not quantizable(hf):
             # float32 scales and biases before the products: the float16 ones round each group's
             # values to float16 precision (gguf.md: 0.08 vs 8.8e-5 in the logits).
-            weights[hf] = mx.dequantize(
-                w, scales.astype(mx.float32), biases.astype(mx.float32), GROUP_SIZE, b
-            )
-            if not dequantize:
-                weights[hf] = weights[hf].astype(scales.dtype)
+            full = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), GROUP_SIZE, b)
+            full = full if dequantize else full.astype(scales.dtype)
+            weights[hf] = names.from_gguf_array(hf, full, cfg, shape)
         else:
+            w, scales, biases = _quantized_order(w, scales, biases, hf, cfg, b)
             weights[hf], weights[f"{hf_base}.scales"], weights[f"{hf_base}.biases"] = w, scales, biases
             bits[hf_base] = b
     return weights, bits, errors
+
+
+def _group_order(cols: np.ndarray) -> np.ndarray | None:
+    """A column order as an order of whole groups of 32 (None where it splits a group)."""
+    if cols.size % GROUP_SIZE:
+        return None
+    runs = cols.reshape(-1, GROUP_SIZE)
+    starts = runs[:, :1]
+    if (starts % GROUP_SIZE).any() or (runs != starts + np.arange(GROUP_SIZE)).any():
+        return None
+    return starts[:, 0] // GROUP_SIZE
+
+
+def _quantized_order(w: mx.array, scales: mx.array, biases: mx.array, hf: str, cfg: dict, bits: int):
+    """An MLX-quantized tensor read from a file (packed weight, scales, biases) in the model's
+    order: llama.cpp's q/k rows undone, its row and column orders (whole groups) undone."""
+    heads = names.reordered_heads(hf, cfg)
+    rows, cols = names.model_order(hf, cfg)
+    out = []
+    for a in (w, scales, biases):
+        a = _hf_rows(a, heads)
+        out.append(a if rows is None else mx.take(a, mx.array(rows), axis=0))
+    if cols is not None:  # (whole groups: ``quantizable`` checked)
+        groups = mx.array(_group_order(cols))
+        packed = out[0].reshape(out[0].shape[0], -1, bits)  # a group of 32 values is ``bits`` words
+        out[0] = mx.take(packed, groups, axis=1).reshape(out[0].shape)
+        out[1], out[2] = (mx.take(a, groups, axis=1) for a in out[1:])
+    return tuple(out)
 
 
 def _quantization(bits: dict[str, int]) -> dict | None:
@@ -288,6 +345,12 @@ def convert_gguf(
             f"with gguf-py to {'float32' if dequantize else 'float16'} (MLX has no layout for their blocks)",
             file=sys.stderr,
         )
+    if drafts := draft_blocks(header):
+        print(
+            f"note: {Path(path).name}: its {drafts} multi-token-prediction block(s) (llama.cpp's draft "
+            f"head) are left out: mlx-lm's {cfg['model_type']} has none",
+            file=sys.stderr,
+        )
     weights, bits, errors = _convert_tensors(header, cfg, dequantize, requantize)
     if errors.sums:
         print(errors.line(Path(path).name), file=sys.stderr)
@@ -309,8 +372,21 @@ def convert_gguf(
     with staged_folder(out, overwrite=overwrite) as tmp:
         save_safetensors(tmp / "model.safetensors", weights, metadata={"format": "pt"})
         write_tokenizer(meta, tmp, cfg["max_position_embeddings"])
-        atomic_write_json(tmp / "config.json", cfg)
+        atomic_write_json(tmp / "config.json", _nested(cfg))
     return out
+
+
+def _nested(cfg: dict) -> dict:
+    """config.json as the Hub lays it out for the architecture: a multimodal checkpoint's text
+    settings under ``text_config`` (qwen3_5; ids, quantization and dtype stay outside)."""
+    if not ARCHS[cfg["model_type"]].nested:
+        return cfg
+    outer = ("model_type", "architectures", "bos_token_id", "eos_token_id", "quantization", "torch_dtype",
+             "tie_word_embeddings")  # fmt: skip
+    inner = {k: v for k, v in cfg.items() if k not in outer or k == "tie_word_embeddings"}
+    return {k: cfg[k] for k in outer if k in cfg} | {
+        "text_config": {"model_type": f"{cfg['model_type']}_text", **inner}
+    }
 
 
 def cache_root() -> Path:

@@ -6,9 +6,10 @@
   vocabulary size, key/value lengths), and the tokenizer (:mod:`mlx_dft.gguf.vocab`).
   and the architecture's own keys (:mod:`mlx_dft.gguf.archs`, which refuses what llama.cpp would
   compute differently).
-- Tensors: renamed with :func:`~mlx_dft.gguf.names.to_gguf_name` (gguf-py's tables); the q/k rows
-  of the architectures with llama.cpp's "normal" RoPE reordered to its rotary layout
-  (:func:`~mlx_dft.gguf.names.to_gguf_rows`); Gemma's norms stored as 1 + w; no
+- Tensors: renamed with :func:`~mlx_dft.gguf.names.to_gguf_name` (gguf-py's tables), stored as
+  llama.cpp holds them (:func:`~mlx_dft.gguf.names.to_gguf_array`): the q/k rows of the
+  architectures with llama.cpp's "normal" RoPE reordered to its rotary layout; Gemma's norms as
+  1 + w; qwen3_5's ``A_log`` as ``-exp(A_log)`` and its value heads in llama.cpp's order; no
   ``output.weight`` when the embedding is tied (llama.cpp then uses ``token_embd``).
 - Types (``gguf_type``): ``f32``; ``f16``; ``q8_0``; ``q4_0``. Norms, biases (of any shape) and
   other 1-D tensors, and convolutions, stay F32 in every type, and so does a matrix whose rows
@@ -31,16 +32,10 @@ import numpy as np
 from mlx_dft.errors import UserError
 from mlx_dft.files import check_safetensors, read_json
 from mlx_dft.gguf.archs import arch_of
-from mlx_dft.gguf.names import (
-    CONFIG_KEYS,
-    plus_one,
-    reordered_heads,
-    stored_shape,
-    to_gguf_name,
-    to_gguf_rows,
-)
+from mlx_dft.gguf.names import CONFIG_KEYS, stored_shape, to_gguf_array, to_gguf_name, unprefixed
 from mlx_dft.gguf.vocab import add_tokenizer
 from mlx_dft.gguf.writer import GGUFWriter, ValueType
+from mlx_dft.models import text_config
 
 # --gguf-type -> llama.cpp's general.file_type (enum llama_ftype) and the type of 2-D tensors.
 GGUF_TYPES = {"f32": (0, "F32"), "f16": (1, "F16"), "q8_0": (7, "Q8_0"), "q4_0": (2, "Q4_0")}
@@ -196,7 +191,8 @@ def write_model_gguf(
     model_type = str(config.get("model_type"))
     entry = arch_of(model_type, "GGUF export")
     arch = entry.gguf
-    weights = _weights(folder)
+    config = text_config(config)  # (qwen3_5's settings under text_config, its weights under a prefix)
+    weights = {unprefixed(k, model_type): v for k, v in _weights(folder).items()}
     # (lfm2 ties without saying so: its config has tie_embedding, its weights no lm_head)
     tied = bool(config.get("tie_word_embeddings", "lm_head.weight" not in weights))
     if "model.embed_tokens.weight" not in weights:
@@ -232,15 +228,9 @@ def write_model_gguf(
 
 
 def _reader(weights: dict[str, mx.array], hf_name: str, config: dict):
-    heads = reordered_heads(hf_name, config)
-    one = plus_one(hf_name, config)
-    model_type = config["model_type"]
-
     def read() -> np.ndarray:
-        w = _numpy(weights.pop(hf_name))  # dropped once written: one tensor in memory at a time
-        w = w + np.float32(1) if one else w
-        w = w.reshape(stored_shape(hf_name, w.shape, model_type))
-        return w if heads is None else to_gguf_rows(w, heads)
+        # dropped once written: one tensor in memory at a time
+        return to_gguf_array(hf_name, _numpy(weights.pop(hf_name)), config)
 
     return read
 

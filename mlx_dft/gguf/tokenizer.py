@@ -35,6 +35,11 @@ _QWEN2 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen3.5's: letters with their combining marks (\p{M}) in one word
+_QWEN35 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
@@ -65,6 +70,7 @@ PRE_TOKENIZERS = {
     "llama-v3": (lambda: _split_then_bytes(_LLAMA3), True),
     "qwen2": (lambda: _split_then_bytes(_QWEN2), False),
     "deepseek-r1-qwen": (lambda: _split_then_bytes(_QWEN2), False),
+    "qwen35": (lambda: _split_then_bytes(_QWEN35), False),
 }
 SPECIAL_IDS = {
     "bos_token": "bos_token_id",
