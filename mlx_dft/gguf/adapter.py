@@ -129,6 +129,8 @@ def _check_fits(module: str, a_shape: tuple, b_shape: tuple, cfg: dict) -> None:
     per_head = {"q_proj": heads, "k_proj": kv, "v_proj": kv}.get(m.group(2))
     if m.group(2) == "o_proj" and isinstance(heads, int) and heads > 0 and in_f % heads:
         raise UserError(f"{module}: lora_a reads {in_f} features, not whole heads of the model's {heads}")
+    if m.group(2) == "down_proj" and cfg.get("use_double_wide_mlp") and isinstance(inter, int):
+        expect_in = in_f if in_f in (inter, 2 * inter) else inter  # (gemma4's shared-KV layers: twice)
     if isinstance(expect_in, int) and in_f != expect_in:
         raise UserError(f"{module}: lora_a reads {in_f} features, the model's layer {expect_in}")
     if isinstance(expect_out, int) and out_f != expect_out:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from gguf import Keys
 
 from mlx_dft.errors import UserError
+from mlx_dft.gguf import arch_gemma4
 
 # (key template, value) pairs: {arch} in the template is the GGUF architecture.
 Metadata = dict[str, object]
@@ -44,6 +45,9 @@ class GGUFArch:
     squeezed: tuple[str, ...] = ()
     write: Callable[[dict], Metadata] = field(default=_nothing)
     read: Callable[[Getter, dict, dict], dict] = field(default=_nothing)  # (get, config so far, tensors)
+    # tensors llama.cpp reads that mlx-lm computes from the config (gemma4's rope_freqs): written
+    # from config.json; read back, the file's must equal those of the config read
+    derived: Callable[[dict], dict] = field(default=_nothing)
 
 
 def _biases(get: Getter, cfg: dict, tensors: dict) -> dict:
@@ -249,6 +253,8 @@ ARCHS: dict[str, GGUFArch] = {
     "lfm2": GGUFArch("lfm2", "Lfm2ForCausalLM", squeezed=("conv.conv.weight",), write=_lfm2_write,
                      read=_lfm2_read),
     "gpt_oss": GGUFArch("gpt-oss", "GptOssForCausalLM", write=_gpt_oss_write, read=_gpt_oss_read),
+    "gemma4_text": GGUFArch("gemma4", "Gemma4ForCausalLM", write=arch_gemma4.write, read=arch_gemma4.read,
+                            derived=arch_gemma4.derived),
 }  # fmt: skip
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_dft.architectures import check_sizes
@@ -73,12 +74,18 @@ def model_config(header: GGUFHeader) -> dict:
     keys = names.CONFIG_KEYS
     cfg: dict = {"model_type": model_type, "architectures": [ARCHS[model_type].hf_class]}
     for hf_key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        value = meta.get(prefix + keys[hf_key])
+        if hf_key == "intermediate_size" and isinstance(value, list) and value:  # per layer (gemma4's)
+            cfg[hf_key] = _number({"ff": min(value)}, "ff", int)  # (the architecture reads the rest)
+            continue
         cfg[hf_key] = _number(meta, prefix + keys[hf_key], int)
     heads = cfg["num_attention_heads"]
     kv = meta.get(prefix + keys["num_key_value_heads"], heads)
-    if isinstance(kv, list):  # per layer (lfm2: 0 for its convolution layers)
-        counts = sorted({v for v in kv if v})
-        if len(kv) != cfg["num_hidden_layers"] or len(counts) != 1:
+    if isinstance(kv, list):  # per layer (lfm2: 0 for its convolution layers; gemma4: two counts)
+        counts = [v for v in kv if v]
+        # (several counts: the architecture's read says which layers have which, as gemma4's does;
+        # elsewhere the tensors' shapes refuse them)
+        if len(kv) != cfg["num_hidden_layers"] or not counts:
             raise UserError(f"GGUF per-layer key/value head counts {str(kv)[:60]} are not one per layer")
         cfg["num_key_value_heads"] = _number({"kv": counts[0]}, "kv", int)
     else:
@@ -115,29 +122,49 @@ def model_config(header: GGUFHeader) -> dict:
                                "beta_slow": 1.0, "original_max_position_embeddings": original}  # fmt: skip
     elif scaling != "none":
         raise UserError(f"GGUF RoPE scaling {scaling!r} is not supported (supported: none, linear, yarn)")
-    if "rope_freqs.weight" in tensors:
-        raise UserError(
-            "the GGUF file has rope_freqs.weight (per-frequency RoPE factors, as in Llama 3.1), "
-            "which mlx_dft does not convert"
-        )
     if "token_embd.weight" not in tensors:
         raise UserError(f"{header.path} has no token_embd.weight tensor")
     cfg["vocab_size"] = tensors["token_embd.weight"].shape[0]
     cfg["tie_word_embeddings"] = "output.weight" not in tensors
     def get(key: str, kind: type, default=None):  # (an absent key's default is taken as it is)
+        if kind is np.ndarray:  # a small float tensor's values (gemma4's rope_freqs)
+            return _small_tensor(header, key)
         key = key.format(arch=arch)
         if key not in meta and default is not None:
             return default
+        if kind is object:  # as stored: a number or a list (the architecture checks it)
+            return meta.get(key)
         if kind is list:
             value = meta.get(key)
-            if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+            if not isinstance(value, list) or not all(type(v) in (int, bool) and v >= 0 for v in value):
                 raise UserError(f"GGUF metadata {key} = {str(value)[:60]} is not a list of counts")
             return value
         return _number(meta, key, kind)
 
     cfg.update(ARCHS[model_type].read(get, cfg, tensors))
+    derived = ARCHS[model_type].derived(cfg)
+    if "rope_freqs.weight" in tensors and "rope_freqs.weight" not in derived:
+        raise UserError(
+            "the GGUF file has rope_freqs.weight (per-frequency RoPE factors, as in Llama 3.1), "
+            "which mlx_dft does not convert"
+        )
+    for name, values in derived.items():  # (what the config read back implies: the file's own)
+        if name not in tensors or not np.array_equal(_small_tensor(header, name), values):
+            raise UserError(f"the GGUF file's {name} is not what its metadata implies for mlx-lm's model")
     check_sizes(cfg, header.path)
     return cfg
+
+
+SMALL_TENSOR_TYPES = {"F32": "<f4", "F16": "<f2"}
+
+
+def _small_tensor(header: GGUFHeader, name: str) -> np.ndarray:
+    """The float32 values of a 1-D F32/F16 tensor (the header checked its place in the file)."""
+    info = header.tensors.get(name)
+    if info is None or info.type not in SMALL_TENSOR_TYPES or len(info.shape) != 1 or info.shape[0] > 1 << 16:
+        raise UserError(f"the GGUF file has no {name} of F32 or F16 values (a vector), which the model needs")
+    raw = np.fromfile(header.path, SMALL_TENSOR_TYPES[info.type], count=info.shape[0], offset=info.offset)
+    return raw.astype(np.float32)
 
 
 def _build(cfg: dict) -> nn.Module:
@@ -178,7 +205,10 @@ def _convert_tensors(
     if missing:
         raise UserError(f"the GGUF file lacks {len(missing)} tensors of the model, e.g. {missing[0]}")
     hf_names = {}
+    derived = ARCHS[cfg["model_type"]].derived(cfg)  # (checked against the file by model_config)
     for name in header.tensors:
+        if name in derived:
+            continue
         if name not in known:
             raise UserError(f"GGUF tensor {name} has no counterpart in a {cfg['model_type']} model")
         hf_names[name] = known[name]
@@ -193,7 +223,7 @@ def _convert_tensors(
     errors = requant.RequantizeError()
     requantized = {
         name for name, info in header.tensors.items()
-        if requantize and info.type not in FLOAT_TYPES and not header.native
+        if requantize and name in hf_names and info.type not in FLOAT_TYPES and not header.native
         and hf_names[name].endswith(".weight")
         and hasattr(modules.get(hf_names[name][: -len(".weight")]), "to_quantized")
     }  # fmt: skip
@@ -211,6 +241,8 @@ def _convert_tensors(
     arrays = load_tensors(header, dtype, each if requantize else None)
     weights, bits = {}, {}
     for name, info in header.tensors.items():
+        if name in derived:
+            continue
         hf = hf_names[name]
         heads = names.reordered_heads(hf, cfg)
         if name in requantized:
