@@ -192,7 +192,8 @@ def read(get, cfg: dict, tensors: dict) -> dict:
                 "other per-frequency factors are not supported"
             )
         rope["partial_rotary_factor"] = 2 * ones / full_dim
-    sliding_rope = {"rope_type": "default", "rope_theta": get(Keys.Rope.FREQ_BASE_SWA, float, 10000.0)}
+    sliding_rope = {"partial_rotary_factor": 1.0, "rope_theta": get(Keys.Rope.FREQ_BASE_SWA, float, 10000.0),
+                    "rope_type": "default"}  # fmt: skip
     own = range(n - shared)  # (the layers with a KV of their own, so with k/v projections)
     no_v = [i for i in own if f"blk.{i}.attn_v.weight" not in tensors]
     full = [i for i in own if types[i] == FULL]
