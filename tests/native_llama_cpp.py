@@ -201,3 +201,29 @@ def dequantize(model_path: str) -> dict[str, np.ndarray]:
         to_float_t(traits.to_float)(raw.ctypes.data, y.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)
         out[t.name] = y.reshape(shape)
     return out
+
+
+def tokenize(model_path: str, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's token ids of each text (its BOS/EOS added as the file says, special tokens
+    matched in the text), from the file's vocabulary alone."""
+    if binding() != "llama-cpp-python":
+        pytest.skip("tokenizing needs llama-cpp-python's bindings")
+    import llama_cpp as L
+
+    L.llama_backend_init()
+    mparams = L.llama_model_default_params()
+    mparams.vocab_only = True
+    model = L.llama_model_load_from_file(str(model_path).encode(), mparams)
+    assert model, f"llama.cpp refused {model_path}"
+    try:
+        vocab = L.llama_model_get_vocab(model)
+        out = []
+        for text in texts:
+            data = text.encode()
+            ids = (L.llama_token * (len(data) + 8))()
+            n = L.llama_tokenize(vocab, data, len(data), ids, len(ids), True, True)
+            assert n >= 0, f"llama_tokenize returned {n}"
+            out.append(list(ids[:n]))
+        return out
+    finally:
+        L.llama_model_free(model)

@@ -227,3 +227,79 @@ def test_files_mlx_lm_would_compute_differently_are_refused(tmp_path, monkeypatc
     with pytest.raises(UserError, match=message) as e:
         convert_gguf(path, tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ the gemma4 tokenizer
+
+TEXTS = [
+    "Hello world, this is a test of the tokenizer.",
+    "  two  spaces, a tab\tand\n\n\nnewlines\n",
+    "héllo 日本語 🙂 naïve — «quotes»",
+    "<bos>special<eos> tokens in the text",
+    "def f(x):\n    return x ** 2  # squared\n",
+]
+
+
+def gemma4_style_tokenizer(folder):
+    """A tokenizer.json of Gemma 4's kind (SentencePiece-style BPE: spaces as ▁, no prefix, byte
+    fallback to ``<0xNN>`` tokens, lines split from newline runs, BOS added), trained here on the
+    project's docs: 512 tokens, for the tiny model's embedding."""
+    from pathlib import Path
+
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|[\n]+"), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=special, limit_alphabet=120)
+    docs = sorted((Path(__file__).parents[1] / "docs").glob("*.md"))
+    tok.train_from_iterator((d.read_text(encoding="utf-8") for d in docs), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    # the 256 byte tokens in the vocabulary after the special ones, as SentencePiece lays them out
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    byte_tokens = {f"<0x{b:02X}>": 4 + b for b in range(256)}
+    spec["model"]["vocab"] = {**{t: i for t, i in vocab.items() if i < 4}, **byte_tokens,
+                              **{t: i + 256 for t, i in vocab.items() if i >= 4}}  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    names = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {"tokenizer_class": "GemmaTokenizerFast", **names}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok
+
+
+def test_a_gemma4_tokenizer_is_written_and_read_as_llama_cpp_tokenizes(tmp_path):
+    """Gemma 4's tokenizer kind as ``tokenizer.ggml.model = gemma4``: llama.cpp's tokenization of
+    the written file is the tokenizer's own on mixed text (newline runs, bytes outside the
+    vocabulary, special tokens), and the tokenizer rebuilt from the file gives the same ids."""
+    from tokenizers import Tokenizer
+
+    folder = write_arch_model(tmp_path / "m", "gemma4_text", num_kv_shared_layers=2, bos_token_id=2,
+                              eos_token_id=1)  # fmt: skip
+    tok = gemma4_style_tokenizer(folder)
+    path = write_model_gguf(folder, tmp_path / "m.gguf", "f32")
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
+    assert meta["tokenizer.ggml.model"] == "gemma4" and "tokenizer.ggml.pre" not in meta
+    assert meta["tokenizer.ggml.token_type"][4:260] == [6] * 256  # (the <0xNN> tokens: bytes)
+    want = [tok.encode(t).ids for t in TEXTS]
+    assert any(10 <= i < 260 for i in want[2])  # (byte fallback happens)
+    assert isolated.call("native_llama_cpp:tokenize", str(path), TEXTS, library=LIBRARY) == want
+    back = convert_gguf(path, tmp_path / "back", dequantize=True)
+    rebuilt = Tokenizer.from_file(str(back / "tokenizer.json"))
+    assert [rebuilt.encode(t).ids for t in TEXTS] == want
+    plain = [t for t in TEXTS if "<" not in t]
+    assert [rebuilt.decode(tok.encode(t).ids) for t in plain] == plain
