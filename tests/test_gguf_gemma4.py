@@ -303,3 +303,30 @@ def test_a_gemma4_tokenizer_is_written_and_read_as_llama_cpp_tokenizes(tmp_path)
     assert [rebuilt.encode(t).ids for t in TEXTS] == want
     plain = [t for t in TEXTS if "<" not in t]
     assert [rebuilt.decode(tok.encode(t).ids) for t in plain] == plain
+
+
+def test_gemma_4s_own_vocabulary_is_rebuilt_as_its_tokenizer_tokenizes():
+    """llama.cpp's test vocabulary of Gemma 4 (``models/ggml-vocab-gemma-4.gguf``: the published
+    tokenizer's 262,144 tokens and 514,906 merges) and its 46 texts with the ids the Hugging Face
+    tokenizer gives them (``.inp`` / ``.out``, made by llama.cpp's convert_hf_to_gguf_update.py):
+    the tokenizer rebuilt from the file gives those ids, and decodes them back to the text. The
+    file (16 MB) ships in llama.cpp's source tree only: the test runs where $LLAMA_CPP_SOURCE
+    names one (measured 2026-12-08 with llama-cpp-python 0.3.36's: 46 of 46)."""
+    import os
+    from pathlib import Path
+
+    from mlx_dft.gguf.reader import read_header
+    from mlx_dft.gguf.tokenizer import build_tokenizer
+
+    source = os.environ.get("LLAMA_CPP_SOURCE")
+    vocab = Path(source or ".") / "models" / "ggml-vocab-gemma-4.gguf"
+    if not source or not vocab.is_file():
+        pytest.skip("set LLAMA_CPP_SOURCE to a llama.cpp source tree (its models/ggml-vocab-gemma-4.gguf)")
+    tok, special = build_tokenizer(read_header(vocab).metadata)
+    texts = vocab.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    ids = vocab.with_suffix(".gguf.out").read_text(encoding="utf-8").split("\n")
+    assert len(texts) == 46 and special["add_bos_token"] and special["bos_token"] == ("<bos>", 2)
+    for text, want in zip(texts, ids):
+        got = tok.encode(text, add_special_tokens=False).ids
+        assert got == [int(i) for i in want.split()], text
+        assert tok.decode(got) == text, text

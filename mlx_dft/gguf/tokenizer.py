@@ -2,7 +2,7 @@
 
 A GGUF carries no ``tokenizer.json``: llama.cpp stores the vocabulary (``tokenizer.ggml.tokens``),
 the merges or scores, each token's type, the special token ids and the chat template as
-metadata. Two tokenizer models are rebuilt:
+metadata. Three tokenizer models are rebuilt:
 
 - ``gpt2``: byte-level BPE (SmolLM, Llama 3, Qwen2...). The text is split before BPE as
   llama.cpp splits it for the file's ``tokenizer.ggml.pre`` (:data:`PRE_TOKENIZERS`; an unknown
@@ -10,6 +10,10 @@ metadata. Two tokenizer models are rebuilt:
 - ``llama``: SentencePiece-style BPE (Llama 2, Mistral...): merges recovered from the token
   scores, bytes as ``<0xNN>`` fallback tokens, a space prefix when ``add_space_prefix`` says so
   (after every special token too, as llama.cpp does).
+- ``gemma4``: Gemma 4's SentencePiece-style BPE with merges: spaces as ``▁`` (no prefix), lines
+  and newline runs split apart, bytes outside the vocabulary as ``<0xNN>`` tokens; llama.cpp
+  adds BOS whatever the file says. Gemma 4's own vocabulary (llama.cpp's test file of it)
+  encodes llama.cpp's 46 test texts to the Hugging Face tokenizer's ids.
 
 Tokens typed control (3) become special added tokens, user-defined ones (4) plain added tokens,
 so both are matched whole in text.

@@ -17,8 +17,11 @@ Written for byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, Qwen2...), 
   converted from a GGUF gets its original split back). A split llama.cpp would not reproduce is
   refused by name: plausible but different token ids are worse than no file.
 
-SentencePiece-style tokenizers (``tokenizer.model``, or BPE with byte fallback: Llama 2, Mistral)
-and Unigram/WordPiece models are refused by name.
+Gemma 4's SentencePiece-style BPE (byte fallback, spaces replaced by ``▁`` and nothing else, no
+split but lines) is llama.cpp's ``tokenizer.ggml.model = gemma4``: tokens as they are (``<0xNN>``
+typed byte, 6), merges, ``add_space_prefix`` false. Other SentencePiece-style tokenizers
+(``tokenizer.model``, or BPE with byte fallback and a space prefix: Llama 2, Mistral) and
+Unigram/WordPiece models are refused by name.
 """
 
 from __future__ import annotations
