@@ -25,11 +25,18 @@ mlx-lm's ``gemma4_text``, read with mlx-lm's own ``ModelArgs`` (its defaults inc
   ``num_global_key_value_heads`` as per-layer key/value head counts), the double-wide MLP of the
   shared-KV layers (``use_double_wide_mlp``: per-layer ``feed_forward_length``), each block's
   ``layer_scalar`` (``layer_output_scale``) and final-logit soft-capping.
-- Refused by name: the mixture-of-experts blocks (``enable_moe_block``), per-layer embeddings of
-  another vocabulary size than the model's, and per-layer RoPE settings llama.cpp cannot hold.
+- **mixture of experts** (``enable_moe_block``, 26B-A4B): the router (``ffn_gate_inp`` with its
+  ``.scale``), the per-expert scale (``ffn_down_exps.scale``), the experts' gate, up and down apart
+  (``ffn_{gate,up,down}_exps``), ``pre_ffw_norm_2`` / ``post_ffw_norm_{1,2}``; ``expert_count``,
+  ``expert_used_count``, ``expert_feed_forward_length``. A file with the experts' gate and up fused
+  (``ffn_gate_up_exps``, llama.cpp's converter's) is refused when read.
+- Refused by name: per-layer embeddings of another vocabulary size than the model's, and per-layer
+  RoPE settings llama.cpp cannot hold.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 from gguf import Keys
@@ -39,6 +46,25 @@ from mlx_dft.errors import UserError
 ROPE_FREQS = "rope_freqs.weight"
 UNROTATED = 1e30  # llama.cpp's converter's factor for a frequency left out: the angle becomes ~0
 FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+# mlx-lm's mixture-of-experts parameters that gguf-py's gemma4 table does not name, as llama.cpp's
+# loader does (experts gate and up apart: its converter writes them fused, its loader reads both)
+OWN_NAMES = [
+    (re.compile(r"model\.layers\.(\d+)\.router\.scale"), "blk.{}.ffn_gate_inp.scale"),
+    (re.compile(r"model\.layers\.(\d+)\.router\.per_expert_scale"), "blk.{}.ffn_down_exps.scale"),
+    (re.compile(r"model\.layers\.(\d+)\.experts\.switch_glu\.(gate|up|down)_proj\.weight"),
+     "blk.{}.ffn_{}_exps.weight"),
+]
+
+
+def gguf_name(name: str) -> str | None:
+    """llama.cpp's name of an mlx-lm parameter gguf-py's table does not know (None: the table's)."""
+    for pattern, template in OWN_NAMES:
+        m = pattern.fullmatch(name)
+        if m:
+            return template.format(*m.groups())
+    return None
 
 
 def _args(config: dict):
@@ -92,8 +118,6 @@ def _rotated(head_dim: int, rope: dict, kind: str) -> int:
 def write(config: dict) -> dict:
     """The ``gemma4.*`` metadata of a ``gemma4_text`` config.json (over the common keys)."""
     a = _args(config)
-    if a.enable_moe_block:
-        raise UserError("gemma4 mixture-of-experts blocks (enable_moe_block) are not written to GGUF yet")
     n, types = a.num_hidden_layers, list(a.layer_types)
     if len(types) != n or set(types) - {FULL, SLIDING}:
         raise UserError(f"gemma4 layer_types {types} are not one of full/sliding attention per layer")
@@ -136,6 +160,10 @@ def write(config: dict) -> dict:
         out[Keys.LLM.FEED_FORWARD_LENGTH] = [ff if i < first_shared else 2 * ff for i in range(n)]
     if a.final_logit_softcapping:
         out[Keys.LLM.FINAL_LOGIT_SOFTCAPPING] = float(a.final_logit_softcapping)
+    if a.enable_moe_block:  # (every block: the dense MLP beside the experts, as llama.cpp's)
+        out[Keys.LLM.EXPERT_COUNT] = int(a.num_experts)
+        out[Keys.LLM.EXPERT_USED_COUNT] = int(a.top_k_experts)
+        out[Keys.LLM.EXPERT_FEED_FORWARD_LENGTH] = int(a.moe_intermediate_size)
     return out
 
 
@@ -162,8 +190,16 @@ def _count(get, key: str) -> int:
 def read(get, cfg: dict, tensors: dict) -> dict:
     """config.json values of a ``gemma4`` GGUF (after the common ones), refusing what mlx-lm's
     ``gemma4_text`` would compute differently."""
+    moe = {}
+    if "blk.0.ffn_gate_up_exps.weight" in tensors:
+        raise UserError(
+            "the GGUF gemma4 file holds its experts' gate and up fused (ffn_gate_up_exps), which mlx_dft "
+            "does not read yet (it reads and writes them apart, as llama.cpp's loader also does)"
+        )
     if "blk.0.ffn_gate_inp.weight" in tensors:
-        raise UserError("the GGUF gemma4 file has mixture-of-experts blocks, which mlx_dft does not read yet")
+        moe = {"enable_moe_block": True, "num_experts": get(Keys.LLM.EXPERT_COUNT, int),
+               "top_k_experts": get(Keys.LLM.EXPERT_USED_COUNT, int),
+               "moe_intermediate_size": get(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, int)}  # fmt: skip
     if cfg.pop("rope_scaling", None) or cfg.pop("partial_rotary_factor", None):
         raise UserError("the GGUF gemma4 file scales or shortens its full layers' RoPE (mlx-lm does not)")
     n = cfg["num_hidden_layers"]
@@ -227,5 +263,5 @@ def read(get, cfg: dict, tensors: dict) -> dict:
         "num_global_key_value_heads": full_kv.pop(), "attention_k_eq_v": bool(no_v),
         "rope_parameters": {FULL: rope, SLIDING: sliding_rope},
         "hidden_size_per_layer_input": per_layer, "vocab_size_per_layer_input": cfg["vocab_size"],
-        "final_logit_softcapping": softcap or None, "use_double_wide_mlp": double,
+        "final_logit_softcapping": softcap or None, "use_double_wide_mlp": double, **moe,
     }  # fmt: skip

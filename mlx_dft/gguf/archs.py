@@ -48,6 +48,8 @@ class GGUFArch:
     # tensors llama.cpp reads that mlx-lm computes from the config (gemma4's rope_freqs): written
     # from config.json; read back, the file's must equal those of the config read
     derived: Callable[[dict], dict] = field(default=_nothing)
+    # llama.cpp's names of parameters gguf-py's table does not name (gemma4's experts); None: the table's
+    name: Callable[[str], str | None] = field(default=lambda name: None)
 
 
 def _biases(get: Getter, cfg: dict, tensors: dict) -> dict:
@@ -254,7 +256,7 @@ ARCHS: dict[str, GGUFArch] = {
                      read=_lfm2_read),
     "gpt_oss": GGUFArch("gpt-oss", "GptOssForCausalLM", write=_gpt_oss_write, read=_gpt_oss_read),
     "gemma4_text": GGUFArch("gemma4", "Gemma4ForCausalLM", write=arch_gemma4.write, read=arch_gemma4.read,
-                            derived=arch_gemma4.derived),
+                            derived=arch_gemma4.derived, name=arch_gemma4.gguf_name),
 }  # fmt: skip
 
 

@@ -55,6 +55,9 @@ def _table(gguf_arch: str, n_blocks: int) -> gguf.TensorNameMap:
 def to_gguf_name(name: str, model_type: str = "llama", n_blocks: int = 1024) -> str | None:
     """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` in ``model_type``'s
     GGUF architecture; None if llama.cpp has no such tensor there."""
+    own = ARCHS[model_type].name(name)
+    if own is not None:
+        return own
     module, _, leaf = name.rpartition(".")
     if leaf not in LEAVES:  # a parameter of its own (gpt-oss's attention sinks): llama.cpp's .weight
         module, leaf = name, "weight"
