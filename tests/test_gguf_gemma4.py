@@ -162,6 +162,30 @@ def test_our_gguf_reads_back_to_the_same_model(fused, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_trained_lora_exports_for_llama_cpp(arith_data, tmp_path):
+    """``mlx_dft train`` then ``export --format gguf`` on the double-wide model: the run records
+    only the model's signature (not ``use_double_wide_mlp``), and the export still fits the wider
+    MLP of the shared-KV layers; llama.cpp applying it gives the trained model's logits (measured
+    4.0e-4 where the training moved them by 2.3)."""
+    from conftest import run_cli
+
+    base = write_arch_model(tmp_path / "base", "gemma4_text", **VARIANTS["k_eq_v"])
+    done = run_cli("train", "--model", base, "--data", arith_data, "--output", tmp_path / "run", "--iters", 3,
+                   "--learning-rate", "1e-2")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "use_double_wide_mlp" not in json.loads((tmp_path / "run" / "adapter_config.json").read_text())[
+        "model_signature"]  # fmt: skip
+    done = run_cli("export", tmp_path / "run", "--out", tmp_path / "lora", "--format", "gguf")
+    assert done.returncode == 0, done.stderr
+    f32 = write_model_gguf(base, tmp_path / "base.gguf", "f32")
+    lora = str(tmp_path / "lora" / "adapter.gguf")
+    theirs = isolated.call("native_llama_cpp:logits", str(f32), IDS, lora, library=LIBRARY, timeout=120)
+    ours = mlx_logits(base, tmp_path / "run")
+    assert np.abs(ours - mlx_logits(base)).max() > 0.5  # (the training moved them)
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=F32_TOL)
+
+
+@pytest.mark.slow
 def test_llama_cpp_q4_k_m_reads_as_llama_cpp_reads_it(tmp_path):
     """llama.cpp's quantizer makes Q4_K_M from our f32 file (width 256 so K-quant blocks fit):
     every tensor we read is ggml's own dequantization of its blocks, llama.cpp computes our logits
