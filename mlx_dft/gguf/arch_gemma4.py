@@ -29,7 +29,7 @@ mlx-lm's ``gemma4_text``, read with mlx-lm's own ``ModelArgs`` (its defaults inc
   ``.scale``), the per-expert scale (``ffn_down_exps.scale``), the experts' gate, up and down apart
   (``ffn_{gate,up,down}_exps``), ``pre_ffw_norm_2`` / ``post_ffw_norm_{1,2}``; ``expert_count``,
   ``expert_used_count``, ``expert_feed_forward_length``. A file with the experts' gate and up fused
-  (``ffn_gate_up_exps``, llama.cpp's converter's) is refused when read.
+  (``ffn_gate_up_exps``, as llama.cpp's converter writes them) is read too (:func:`unfused`).
 - Refused by name: per-layer embeddings of another vocabulary size than the model's, and per-layer
   RoPE settings llama.cpp cannot hold.
 """
@@ -65,6 +65,16 @@ def gguf_name(name: str) -> str | None:
         if m:
             return template.format(*m.groups())
     return None
+
+
+FUSED_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_gate_up_exps\.weight")
+
+
+def unfused(name: str) -> tuple[str, ...]:
+    """llama.cpp's converter writes the experts' gate and up as one tensor, gate rows first
+    (Hugging Face's ``gate_up_proj``, which mlx-lm splits so too): the tensors it holds."""
+    m = FUSED_EXPERTS.fullmatch(name)
+    return (f"blk.{m[1]}.ffn_gate_exps.weight", f"blk.{m[1]}.ffn_up_exps.weight") if m else ()
 
 
 def _args(config: dict):
@@ -191,11 +201,6 @@ def read(get, cfg: dict, tensors: dict) -> dict:
     """config.json values of a ``gemma4`` GGUF (after the common ones), refusing what mlx-lm's
     ``gemma4_text`` would compute differently."""
     moe = {}
-    if "blk.0.ffn_gate_up_exps.weight" in tensors:
-        raise UserError(
-            "the GGUF gemma4 file holds its experts' gate and up fused (ffn_gate_up_exps), which mlx_dft "
-            "does not read yet (it reads and writes them apart, as llama.cpp's loader also does)"
-        )
     if "blk.0.ffn_gate_inp.weight" in tensors:
         moe = {"enable_moe_block": True, "num_experts": get(Keys.LLM.EXPERT_COUNT, int),
                "top_k_experts": get(Keys.LLM.EXPERT_USED_COUNT, int),

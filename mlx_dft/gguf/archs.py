@@ -50,6 +50,9 @@ class GGUFArch:
     derived: Callable[[dict], dict] = field(default=_nothing)
     # llama.cpp's names of parameters gguf-py's table does not name (gemma4's experts); None: the table's
     name: Callable[[str], str | None] = field(default=lambda name: None)
+    # the names a fused tensor of llama.cpp's holds, split evenly along its rows (gemma4's experts'
+    # gate_up); () for the others
+    unfused: Callable[[str], tuple[str, ...]] = field(default=lambda name: ())
 
 
 def _biases(get: Getter, cfg: dict, tensors: dict) -> dict:
@@ -256,7 +259,8 @@ ARCHS: dict[str, GGUFArch] = {
                      read=_lfm2_read),
     "gpt_oss": GGUFArch("gpt-oss", "GptOssForCausalLM", write=_gpt_oss_write, read=_gpt_oss_read),
     "gemma4_text": GGUFArch("gemma4", "Gemma4ForCausalLM", write=arch_gemma4.write, read=arch_gemma4.read,
-                            derived=arch_gemma4.derived, name=arch_gemma4.gguf_name),
+                            derived=arch_gemma4.derived, name=arch_gemma4.gguf_name,
+                            unfused=arch_gemma4.unfused),
 }  # fmt: skip
 
 

@@ -27,6 +27,7 @@ version under ``$MLX_DFT_CACHE/gguf`` (default ``~/.cache/mlx_dft/gguf``), reuse
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -201,12 +202,22 @@ def _convert_tensors(
     missing = sorted(set(expected) - set(known.values()))
     if missing:
         raise UserError(f"a {cfg['model_type']} model's {missing[0]} has no GGUF name in gguf-py's tables")
-    missing = sorted(hf for name, hf in known.items() if name not in header.tensors)
+    # tensors llama.cpp holds fused that the model has apart (gemma4's experts' gate and up):
+    # read as the tensors they hold, split along their rows
+    pieces = {name: parts for name in header.tensors if (parts := ARCHS[cfg["model_type"]].unfused(name))}
+    tensors = {}
+    for name, info in header.tensors.items():
+        parts = pieces.get(name, ())
+        if parts and (len(info.shape) < 2 or info.shape[-2] % len(parts)):
+            raise UserError(f"GGUF tensor {name} of shape {info.shape} does not hold {len(parts)} tensors")
+        rows = (*info.shape[:-2], info.shape[-2] // len(parts), info.shape[-1]) if parts else info.shape
+        tensors.update({part: dataclasses.replace(info, name=part, shape=rows) for part in parts or (name,)})
+    missing = sorted(hf for name, hf in known.items() if name not in tensors)
     if missing:
         raise UserError(f"the GGUF file lacks {len(missing)} tensors of the model, e.g. {missing[0]}")
     hf_names = {}
     derived = ARCHS[cfg["model_type"]].derived(cfg)  # (checked against the file by model_config)
-    for name in header.tensors:
+    for name in tensors:
         if name in derived:
             continue
         if name not in known:
@@ -215,14 +226,14 @@ def _convert_tensors(
     for name, hf in hf_names.items():
         # (as llama.cpp holds it: lfm2's convolution without its 1-sized axis, reshaped below)
         shape = names.stored_shape(hf, tuple(expected[hf].shape), cfg["model_type"])
-        if shape != header.tensors[name].shape:
+        if shape != tensors[name].shape:
             raise UserError(
-                f"GGUF tensor {name} has shape {header.tensors[name].shape}, "
+                f"GGUF tensor {name} has shape {tensors[name].shape}, "
                 f"the model expects {shape}"
             )
     errors = requant.RequantizeError()
     requantized = {
-        name for name, info in header.tensors.items()
+        name for name, info in tensors.items()
         if requantize and name in hf_names and info.type not in FLOAT_TYPES and not header.native
         and hf_names[name].endswith(".weight")
         and hasattr(modules.get(hf_names[name][: -len(".weight")]), "to_quantized")
@@ -231,16 +242,21 @@ def _convert_tensors(
     def each(info, arr: mx.array, raw):
         """A re-quantized tensor's MLX (weight, scales, biases, bits), made as it is read; the file's
         other block-type tensors as float16."""
-        if info.name in requantized:
-            heads = names.reordered_heads(hf_names[info.name], cfg)
+        if (pieces.get(info.name) or (info.name,))[0] in requantized:  # (a fused one: split below)
+            heads = names.reordered_heads(hf_names[(pieces.get(info.name) or (info.name,))[0]], cfg)
             *arrays, b = requant.requantize(info, arr, raw, errors)
             return (*(_hf_rows(a, heads) for a in arrays), b)
         return arr.astype(mx.float16) if info.type not in FLOAT_TYPES else arr
 
     dtype = mx.float32 if dequantize or requantize else mx.float16
     arrays = load_tensors(header, dtype, each if requantize else None)
+    for fused, parts in pieces.items():  # (its weight, or packed weight, scales and biases: rows)
+        base = fused[: -len(".weight")]
+        for key in [k for k in arrays if k == fused or k.startswith(base + ".")]:
+            for part, piece in zip(parts, _split_rows(arrays.pop(key), len(parts))):
+                arrays[part[: -len(".weight")] + key[len(base) :]] = piece
     weights, bits = {}, {}
-    for name, info in header.tensors.items():
+    for name, info in tensors.items():
         if name in derived:
             continue
         hf = hf_names[name]
@@ -274,6 +290,15 @@ def _convert_tensors(
             weights[hf], weights[f"{hf_base}.scales"], weights[f"{hf_base}.biases"] = w, scales, biases
             bits[hf_base] = b
     return weights, bits, errors
+
+
+def _split_rows(value, k: int) -> list:
+    """An array split into ``k`` along its rows; a re-quantized (weight, scales, biases, bits)
+    into ``k`` such tuples."""
+    if isinstance(value, tuple):
+        *arrays, b = value
+        return [(*split, b) for split in zip(*(mx.split(a, k, axis=-2) for a in arrays))]
+    return mx.split(value, k, axis=-2)
 
 
 def _quantization(bits: dict[str, int]) -> dict | None:
