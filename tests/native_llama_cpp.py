@@ -144,9 +144,10 @@ def _cffi_logits(model_path: str, ids: list[int], lora: str | None) -> np.ndarra
 
 
 
-def tokenize(model_path: str, texts: list[str]) -> list[list[int]]:
-    """llama.cpp's token ids of each text (no BOS/EOS added, special tokens not parsed), from the
-    file's vocabulary alone (``vocab_only``: a file of metadata without tensors will do)."""
+def tokenize(model_path: str, texts: list[str], special: bool = False) -> list[list[int]]:
+    """llama.cpp's token ids of each text, from the file's vocabulary alone (``vocab_only``: a
+    file of metadata without tensors will do); ``special``: its BOS/EOS added as the file says and
+    special tokens matched in the text, else neither."""
     if binding() != "llama-cpp-python":
         pytest.skip("tokenizing needs llama-cpp-python's bindings")
     import llama_cpp as L
@@ -154,7 +155,7 @@ def tokenize(model_path: str, texts: list[str]) -> list[list[int]]:
     L.llama_backend_init()
     mparams = L.llama_model_default_params()
     mparams.vocab_only = True
-    model = L.llama_model_load_from_file(model_path.encode(), mparams)
+    model = L.llama_model_load_from_file(str(model_path).encode(), mparams)
     assert model, f"llama.cpp refused {model_path}"
     try:
         vocab = L.llama_model_get_vocab(model)
@@ -162,7 +163,7 @@ def tokenize(model_path: str, texts: list[str]) -> list[list[int]]:
         for text in texts:
             data = text.encode()
             ids = (L.llama_token * (len(data) + 8))()
-            n = L.llama_tokenize(vocab, data, len(data), ids, len(ids), False, False)
+            n = L.llama_tokenize(vocab, data, len(data), ids, len(ids), special, special)
             assert n >= 0, f"llama_tokenize returned {n}"
             out.append(list(ids[:n]))
         return out

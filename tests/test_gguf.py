@@ -712,7 +712,7 @@ def _q8k_tensor() -> tuple[np.ndarray, object]:
 
 BAD = {
     "truncated": r"truncated GGUF file \(tensor .* ends at byte \d+, the file has \d+ bytes\)",
-    "architecture": r"GGUF architecture 'gpt2' is not supported \(supported: gemma3, gpt-oss, ",
+    "architecture": r"GGUF architecture 'gpt2' is not supported \(supported: gemma3, gemma4, gpt-oss, ",
     "tensor type": r"tensor blk\.0\.attn_q\.weight has type Q8_K, which mlx_dft does not read \(it reads F",
     "no tokenizer": r"the GGUF file has no tokenizer metadata",
     "not gguf": r"is not a GGUF file \(it does not start with 'GGUF'\)",

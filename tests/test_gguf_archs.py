@@ -323,15 +323,23 @@ def test_a_yarn_file_llama_cpp_would_read_otherwise_is_refused(tmp_path, monkeyp
 def test_an_architecture_we_do_not_cover_is_refused_in_one_line(tmp_path):
     from test_gguf import write_tiny_gguf
 
-    path = write_tiny_gguf(tmp_path / "m.gguf", file_arch="gemma4")
-    with pytest.raises(UserError, match=r"^GGUF architecture 'gemma4' is not supported \(supported: ") as e:
+    path = write_tiny_gguf(tmp_path / "m.gguf", file_arch="gemma3n")
+    with pytest.raises(UserError, match=r"^GGUF architecture 'gemma3n' is not supported \(supported: ") as e:
         convert_gguf(path, tmp_path / "out")
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
+def uncovered_model(path):
+    """A model of a type mlx-lm loads and GGUF does not cover (helium: llama's layout)."""
+    from conftest import write_model
+
+    return write_model(path, {**CONFIGS["llama"], "model_type": "helium", "attention_bias": False,
+                              "mlp_bias": False, "head_dim": 16}, 0)  # fmt: skip
+
+
 def test_a_model_type_we_do_not_write_is_refused_in_one_line(tmp_path):
-    folder = write_arch_model(tmp_path / "m", "gemma4_text")
-    refusal = r"^GGUF export supports model types .*; this model is 'gemma4_text'$"
+    folder = uncovered_model(tmp_path / "m")
+    refusal = r"^GGUF export supports model types .*; this model is 'helium'$"
     with pytest.raises(UserError, match=refusal):
         write_model_gguf(folder, tmp_path / "m.gguf", "f32")
     assert not list(tmp_path.glob("*.gguf*"))
@@ -361,11 +369,11 @@ def test_expert_lora_tensors_that_do_not_pair_are_refused(a_shape, b_shape, mess
 def test_a_lora_of_a_model_type_we_do_not_write_is_refused_in_one_line(tmp_path):
     from conftest import run_cli
 
-    folder = write_arch_model(tmp_path / "m", "gemma4_text")
+    folder = uncovered_model(tmp_path / "m")
     adapter = random_lora(folder, tmp_path / "adapter")
     done = run_cli("export", adapter, "--out", tmp_path / "lora", "--format", "gguf")
     assert done.returncode != 0
-    line = r"GGUF LoRA export supports model types .*qwen3, smollm3.*; this model is 'gemma4_text'$"
+    line = r"GGUF LoRA export supports model types .*qwen3, smollm3.*; this model is 'helium'$"
     assert re.search(line, done.stderr.strip().splitlines()[-1]), done.stderr
     assert not (tmp_path / "lora").exists()
 

@@ -128,7 +128,7 @@ def _check_fits(module: str, a_shape: tuple, b_shape: tuple, cfg: dict) -> None:
     m = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$", module)
     if m is None or experts:
         return  # to_gguf_name already refused what has no llama.cpp name
-    hidden, inter = cfg.get("hidden_size"), cfg.get("intermediate_size")
+    hidden, inter = cfg.get("hidden_size"), _mlp_width(cfg, int(m.group(1)), in_f, out_f, m.group(2))
     heads = cfg.get("num_attention_heads")
     kv = cfg.get("num_key_value_heads") or heads
     expect_in = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "gate_proj": hidden, "up_proj": hidden,
@@ -143,6 +143,20 @@ def _check_fits(module: str, a_shape: tuple, b_shape: tuple, cfg: dict) -> None:
         raise UserError(f"{module}: lora_b writes {out_f} features, the model's layer {expect_out}")
     if isinstance(per_head, int) and per_head > 0 and out_f % per_head:
         raise UserError(f"{module}: lora_b writes {out_f} features, not whole heads ({per_head} in all)")
+
+
+def _mlp_width(cfg: dict, block: int, in_f: int, out_f: int, name: str):
+    """The intermediate size of block ``block``'s MLP. gemma4's double-wide MLP is twice as wide in
+    its shared-KV layers; a run's recorded signature does not say whether a model has one, and
+    then either width fits (llama.cpp's loader checks the shapes against the base model's)."""
+    inter = cfg.get("intermediate_size")
+    if cfg.get("model_type") != "gemma4_text" or not isinstance(inter, int):
+        return inter
+    layers, shared = cfg.get("num_hidden_layers"), cfg.get("num_kv_shared_layers")
+    if "use_double_wide_mlp" not in cfg or not isinstance(shared, int) or not isinstance(layers, int):
+        side = in_f if name == "down_proj" else out_f
+        return side if side in (inter, 2 * inter) else inter
+    return 2 * inter if cfg["use_double_wide_mlp"] and block >= layers - shared > 0 else inter
 
 
 def export_lora_gguf(adapter_dir: Path, config: dict, out: Path, base_model: str | None = None) -> Path:

@@ -27,7 +27,7 @@ import numpy as np
 from gguf import Keys
 
 from mlx_dft.errors import UserError
-from mlx_dft.gguf import arch_qwen35
+from mlx_dft.gguf import arch_gemma4, arch_qwen35
 
 # (key template, value) pairs: {arch} in the template is the GGUF architecture.
 Metadata = dict[str, object]
@@ -69,6 +69,14 @@ class GGUFArch:
     order: Order = field(default=_as_is)
     # config.json keys ``order`` reads (beyond the head counts every model records)
     order_keys: tuple[str, ...] = ()
+    # tensors llama.cpp reads that mlx-lm computes from the config (gemma4's rope_freqs): written
+    # from config.json; read back, the file's must equal those of the config read
+    derived: Callable[[dict], dict] = field(default=_nothing)
+    # llama.cpp's names of parameters gguf-py's table does not name (gemma4's experts); None: the table's
+    name: Callable[[str], str | None] = field(default=lambda name: None)
+    # the names a fused tensor of llama.cpp's holds, split evenly along its rows (gemma4's experts'
+    # gate_up); () for the others
+    unfused: Callable[[str], tuple[str, ...]] = field(default=lambda name: ())
 
 
 def _biases(get: Getter, cfg: dict, tensors: dict) -> dict:
@@ -276,6 +284,9 @@ ARCHS: dict[str, GGUFArch] = {
     "gpt_oss": GGUFArch("gpt-oss", "GptOssForCausalLM", write=_gpt_oss_write, read=_gpt_oss_read),
     "qwen3_5": GGUFArch("qwen35", "Qwen3_5ForConditionalGeneration", squeezed=("conv1d.weight",),
                         write=arch_qwen35.write, read=arch_qwen35.read, **arch_qwen35.NAMING),
+    "gemma4_text": GGUFArch("gemma4", "Gemma4ForCausalLM", write=arch_gemma4.write, read=arch_gemma4.read,
+                            derived=arch_gemma4.derived, name=arch_gemma4.gguf_name,
+                            unfused=arch_gemma4.unfused),
 }  # fmt: skip
 
 

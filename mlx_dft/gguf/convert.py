@@ -28,6 +28,7 @@ version under ``$MLX_DFT_CACHE/gguf`` (default ``~/.cache/mlx_dft/gguf``), reuse
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import sys
@@ -90,6 +91,10 @@ def model_config(header: GGUFHeader) -> dict:
     keys = names.CONFIG_KEYS
     cfg: dict = {"model_type": model_type, "architectures": [ARCHS[model_type].hf_class]}
     for hf_key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        value = meta.get(prefix + keys[hf_key])
+        if hf_key == "intermediate_size" and isinstance(value, list) and value:  # per layer (gemma4's)
+            cfg[hf_key] = _number({"ff": min(value)}, "ff", int)  # (the architecture reads the rest)
+            continue
         cfg[hf_key] = _number(meta, prefix + keys[hf_key], int)
     # llama.cpp counts multi-token-prediction blocks (Qwen3.5's draft head) among the blocks, last
     drafts = draft_blocks(header)
@@ -98,9 +103,11 @@ def model_config(header: GGUFHeader) -> dict:
     cfg["num_hidden_layers"] -= drafts
     heads = cfg["num_attention_heads"]
     kv = meta.get(prefix + keys["num_key_value_heads"], heads)
-    if isinstance(kv, list):  # per layer (lfm2: 0 for its convolution layers)
-        counts = sorted({v for v in kv if v})
-        if len(kv) != cfg["num_hidden_layers"] or len(counts) != 1:
+    if isinstance(kv, list):  # per layer (lfm2: 0 for its convolution layers; gemma4: two counts)
+        counts = [v for v in kv if v]
+        # (several counts: the architecture's read says which layers have which, as gemma4's does;
+        # elsewhere the tensors' shapes refuse them)
+        if len(kv) != cfg["num_hidden_layers"] or not counts:
             raise UserError(f"GGUF per-layer key/value head counts {str(kv)[:60]} are not one per layer")
         cfg["num_key_value_heads"] = _number({"kv": counts[0]}, "kv", int)
     else:
@@ -144,19 +151,18 @@ def model_config(header: GGUFHeader) -> dict:
             cfg["rope_scaling"].update(mscale=1.0, mscale_all_dim=all_dims)
     elif scaling != "none":
         raise UserError(f"GGUF RoPE scaling {scaling!r} is not supported (supported: none, linear, yarn)")
-    if "rope_freqs.weight" in tensors:
-        raise UserError(
-            "the GGUF file has rope_freqs.weight (per-frequency RoPE factors, as in Llama 3.1), "
-            "which mlx_dft does not convert"
-        )
     if "token_embd.weight" not in tensors:
         raise UserError(f"{header.path} has no token_embd.weight tensor")
     cfg["vocab_size"] = tensors["token_embd.weight"].shape[0]
     cfg["tie_word_embeddings"] = "output.weight" not in tensors
     def get(key: str, kind: type, default=None):  # (an absent key's default is taken as it is)
+        if kind is np.ndarray:  # a small float tensor's values (gemma4's rope_freqs)
+            return _small_tensor(header, key)
         key = key.format(arch=arch)
         if key not in meta and default is not None:
             return default
+        if kind is object:  # as stored: a number or a list (the architecture checks it)
+            return meta.get(key)
         if kind is list:  # (of counts, or of flags: bools are ints here)
             value = meta.get(key)
             if not isinstance(value, list) or not all(type(v) in (int, bool) and v >= 0 for v in value):
@@ -165,8 +171,29 @@ def model_config(header: GGUFHeader) -> dict:
         return _number(meta, key, kind)
 
     cfg.update(ARCHS[model_type].read(get, cfg, tensors))
+    derived = ARCHS[model_type].derived(cfg)
+    if "rope_freqs.weight" in tensors and "rope_freqs.weight" not in derived:
+        raise UserError(
+            "the GGUF file has rope_freqs.weight (per-frequency RoPE factors, as in Llama 3.1), "
+            "which mlx_dft does not convert"
+        )
+    for name, values in derived.items():  # (what the config read back implies: the file's own)
+        if name not in tensors or not np.array_equal(_small_tensor(header, name), values):
+            raise UserError(f"the GGUF file's {name} is not what its metadata implies for mlx-lm's model")
     check_sizes(cfg, header.path)
     return cfg
+
+
+SMALL_TENSOR_TYPES = {"F32": "<f4", "F16": "<f2"}
+
+
+def _small_tensor(header: GGUFHeader, name: str) -> np.ndarray:
+    """The float32 values of a 1-D F32/F16 tensor (the header checked its place in the file)."""
+    info = header.tensors.get(name)
+    if info is None or info.type not in SMALL_TENSOR_TYPES or len(info.shape) != 1 or info.shape[0] > 1 << 16:
+        raise UserError(f"the GGUF file has no {name} of F32 or F16 values (a vector), which the model needs")
+    raw = np.fromfile(header.path, SMALL_TENSOR_TYPES[info.type], count=info.shape[0], offset=info.offset)
+    return raw.astype(np.float32)
 
 
 def _build(cfg: dict) -> nn.Module:
@@ -203,15 +230,26 @@ def _convert_tensors(
     missing = sorted(set(expected) - set(known.values()))
     if missing:
         raise UserError(f"a {cfg['model_type']} model's {missing[0]} has no GGUF name in gguf-py's tables")
-    missing = sorted(hf for name, hf in known.items() if name not in header.tensors)
+    # tensors llama.cpp holds fused that the model has apart (gemma4's experts' gate and up):
+    # read as the tensors they hold, split along their rows
+    pieces = {name: parts for name in header.tensors if (parts := ARCHS[cfg["model_type"]].unfused(name))}
+    tensors = {}
+    for name, info in header.tensors.items():
+        parts = pieces.get(name, ())
+        if parts and (len(info.shape) < 2 or info.shape[-2] % len(parts)):
+            raise UserError(f"GGUF tensor {name} of shape {info.shape} does not hold {len(parts)} tensors")
+        rows = (*info.shape[:-2], info.shape[-2] // len(parts), info.shape[-1]) if parts else info.shape
+        tensors.update({part: dataclasses.replace(info, name=part, shape=rows) for part in parts or (name,)})
+    missing = sorted(hf for name, hf in known.items() if name not in tensors)
     if missing:
         raise UserError(f"the GGUF file lacks {len(missing)} tensors of the model, e.g. {missing[0]}")
     hf_names = {}
     drafts = set()
     if draft_blocks(header):  # (llama.cpp's draft blocks, numbered after the model's)
-        drafts = {n for n in header.tensors if (_block(n) or 0) >= cfg["num_hidden_layers"]}
-    for name in header.tensors:
-        if name in drafts:
+        drafts = {n for n in {*header.tensors, *tensors} if (_block(n) or 0) >= cfg["num_hidden_layers"]}
+    derived = ARCHS[cfg["model_type"]].derived(cfg)  # (checked against the file by model_config)
+    for name in tensors:
+        if name in drafts or name in derived:
             continue
         if name not in known:
             raise UserError(f"GGUF tensor {name} has no counterpart in a {cfg['model_type']} model")
@@ -219,9 +257,9 @@ def _convert_tensors(
     for name, hf in hf_names.items():
         # (as llama.cpp holds it: lfm2's convolution without its 1-sized axis, reshaped below)
         shape = names.stored_shape(hf, tuple(expected[hf].shape), cfg["model_type"])
-        if shape != header.tensors[name].shape:
+        if shape != tensors[name].shape:
             raise UserError(
-                f"GGUF tensor {name} has shape {header.tensors[name].shape}, "
+                f"GGUF tensor {name} has shape {tensors[name].shape}, "
                 f"the model expects {shape}"
             )
     errors = requant.RequantizeError()
@@ -236,24 +274,30 @@ def _convert_tensors(
 
     requantized = {
         name for name, hf in hf_names.items()
-        if requantize and not header.native and header.tensors[name].type not in FLOAT_TYPES
+        if requantize and not header.native and tensors[name].type not in FLOAT_TYPES
         and quantizable(hf)
     }  # fmt: skip
 
     def each(info, arr: mx.array, raw):
-        """A re-quantized tensor's MLX (weight, scales, biases, bits), made as it is read; the file's
-        other block-type tensors as float16; a draft block's tensors not kept."""
+        """A re-quantized tensor's MLX (weight, scales, biases, bits), made as it is read (a fused
+        one: split below); the file's other block-type tensors as float16; a draft block's tensors
+        not kept."""
         if info.name in drafts:
             return mx.zeros((0,))
-        if info.name in requantized:
+        if (pieces.get(info.name) or (info.name,))[0] in requantized:
             return requant.requantize(info, arr, raw, errors)
         return arr.astype(mx.float16) if requantize and info.type not in FLOAT_TYPES else arr
 
     dtype = mx.float32 if dequantize or requantize else mx.float16
     arrays = load_tensors(header, dtype, each if requantize or drafts else None)
+    for fused, parts in pieces.items():  # (its weight, or packed weight, scales and biases: rows)
+        base = fused[: -len(".weight")]
+        for key in [k for k in arrays if k == fused or k.startswith(base + ".")]:
+            for part, piece in zip(parts, _split_rows(arrays.pop(key), len(parts))):
+                arrays[part[: -len(".weight")] + key[len(base) :]] = piece
     weights, bits = {}, {}
     for name, hf in hf_names.items():
-        info = header.tensors[name]
+        info = tensors[name]
         if name in requantized:
             hf_base = hf[: -len(".weight")]
             *quantized, bits[hf_base] = arrays[name]
@@ -307,6 +351,15 @@ def _quantized_order(w: mx.array, scales: mx.array, biases: mx.array, hf: str, c
         out[0] = mx.take(packed, groups, axis=1).reshape(out[0].shape)
         out[1], out[2] = (mx.take(a, groups, axis=1) for a in out[1:])
     return tuple(out)
+
+
+def _split_rows(value, k: int) -> list:
+    """An array split into ``k`` along its rows; a re-quantized (weight, scales, biases, bits)
+    into ``k`` such tuples."""
+    if isinstance(value, tuple):
+        *arrays, b = value
+        return [(*split, b) for split in zip(*(mx.split(a, k, axis=-2) for a in arrays))]
+    return mx.split(value, k, axis=-2)
 
 
 def _quantization(bits: dict[str, int]) -> dict | None:

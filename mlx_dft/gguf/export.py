@@ -152,7 +152,9 @@ def add_architecture(writer: GGUFWriter, config: dict, arch: str, n_vocab: int) 
 
 def _add_value(writer: GGUFWriter, key: str, value) -> None:
     """A metadata value typed as llama.cpp reads it: floats FLOAT32, counts UINT32."""
-    if isinstance(value, list):
+    if isinstance(value, list) and value and all(isinstance(v, bool) for v in value):
+        writer.add_array(key, ValueType.BOOL, value)  # (gemma4's sliding_window_pattern, one per layer)
+    elif isinstance(value, list):
         writer.add_array(key, ValueType.UINT32, [int(v) for v in value])
     elif isinstance(value, str):
         writer.add_string(key, value)
@@ -224,6 +226,8 @@ def write_model_gguf(
         writer.add_tensor(
             gguf_name, shape, tensor_type(gguf_type, shape, output, f32), _reader(weights, hf_name, config)
         )
+    for gguf_name, values in entry.derived(config).items():  # (gemma4's rope_freqs: F32 vectors)
+        writer.add_tensor(gguf_name, values.shape, "F32", lambda values=values: values)
     return writer.write(out)
 
 

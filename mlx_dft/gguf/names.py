@@ -62,6 +62,9 @@ def to_gguf_name(name: str, model_type: str = "llama", n_blocks: int = 1024) -> 
     """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` in ``model_type``'s
     GGUF architecture; None if llama.cpp has no such tensor there."""
     arch = ARCHS[model_type]
+    own = arch.name(name)
+    if own is not None:
+        return own
     name = unprefixed(name, model_type)
     for part, stand_in in arch.aliases.items():
         name = name.replace(part, stand_in)

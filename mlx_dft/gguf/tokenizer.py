@@ -2,7 +2,7 @@
 
 A GGUF carries no ``tokenizer.json``: llama.cpp stores the vocabulary (``tokenizer.ggml.tokens``),
 the merges or scores, each token's type, the special token ids and the chat template as
-metadata. Two tokenizer models are rebuilt:
+metadata. Three tokenizer models are rebuilt:
 
 - ``gpt2``: byte-level BPE (SmolLM, Llama 3, Qwen2...). The text is split before BPE as
   llama.cpp splits it for the file's ``tokenizer.ggml.pre`` (:data:`PRE_TOKENIZERS`; an unknown
@@ -10,6 +10,10 @@ metadata. Two tokenizer models are rebuilt:
 - ``llama``: SentencePiece-style BPE (Llama 2, Mistral...): merges recovered from the token
   scores, bytes as ``<0xNN>`` fallback tokens, a space prefix when ``add_space_prefix`` says so
   (after every special token too, as llama.cpp does).
+- ``gemma4``: Gemma 4's SentencePiece-style BPE with merges: spaces as ``▁`` (no prefix), lines
+  and newline runs split apart, bytes outside the vocabulary as ``<0xNN>`` tokens; llama.cpp
+  adds BOS whatever the file says. Gemma 4's own vocabulary (llama.cpp's test file of it)
+  encodes llama.cpp's 46 test texts to the Hugging Face tokenizer's ids.
 
 Tokens typed control (3) become special added tokens, user-defined ones (4) plain added tokens,
 so both are matched whole in text.
@@ -147,6 +151,13 @@ def _byte_level(meta: dict, tokens: list[str]) -> Tokenizer:
             f"(supported: {', '.join(PRE_TOKENIZERS)})"
         )
     factory, ignore_merges = PRE_TOKENIZERS[pre]
+    tok = Tokenizer(_bpe(meta, tokens, ignore_merges=ignore_merges))
+    tok.pre_tokenizer = factory()
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _bpe(meta: dict, tokens: list[str], **options) -> models.BPE:
     merges = []
     for i, merge in enumerate(_meta(meta, "merges", list, [])):
         parts = merge.split(" ") if isinstance(merge, str) else []
@@ -154,12 +165,25 @@ def _byte_level(meta: dict, tokens: list[str]) -> Tokenizer:
             raise UserError(f"GGUF metadata tokenizer.ggml.merges[{i}] = {merge!r} is not a pair of tokens")
         merges.append((parts[0], parts[1]))
     try:
-        model = models.BPE(vocab=_vocab(tokens), merges=merges, ignore_merges=ignore_merges)
+        return models.BPE(vocab=_vocab(tokens), merges=merges, **options)
     except Exception as e:  # noqa: BLE001  (tokenizers raises plain exceptions for bad merges)
         raise UserError(f"the GGUF tokenizer's merges do not fit its vocabulary ({e})") from None
-    tok = Tokenizer(model)
-    tok.pre_tokenizer = factory()
-    tok.decoder = decoders.ByteLevel()
+
+
+# llama.cpp's gemma4 tokenizer splits text into lines and runs of newlines before its merges.
+GEMMA4_SPLIT = r"[^\n]+|[\n]+"
+
+
+def _gemma4(meta: dict, tokens: list[str]) -> Tokenizer:
+    """``gemma4``: SentencePiece-style BPE as llama.cpp runs it: spaces become ``▁`` (no prefix),
+    the text is split into lines and newline runs, merges by rank over UTF-8 characters, a piece
+    outside the vocabulary as its ``<0xNN>`` bytes."""
+    if not _meta(meta, "merges", list, []):
+        raise UserError("the GGUF tokenizer (gemma4) has no tokenizer.ggml.merges")
+    tok = Tokenizer(_bpe(meta, tokens, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(GEMMA4_SPLIT), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tok
 
 
@@ -218,10 +242,13 @@ def build_tokenizer(meta: dict) -> tuple[Tokenizer, dict]:
         tok = _byte_level(meta, tokens)
     elif kind == "llama":
         tok = _sentencepiece(meta, tokens, types, ids.get("unk_token"))
+    elif kind == "gemma4":
+        tok = _gemma4(meta, tokens)
     else:
         raise UserError(
             f"the GGUF tokenizer is of type {kind!r} (tokenizer.ggml.model), which mlx_dft does not "
-            "rebuild (supported: gpt2 (byte-level BPE), llama (SentencePiece))"
+            "rebuild (supported: gpt2 (byte-level BPE), llama (SentencePiece), gemma4 (SentencePiece-style "
+            "BPE))"
         )
     # Control tokens, and the named special ones even in a file without token types, match whole.
     typed = list(zip(tokens, types or ()))
@@ -234,6 +261,7 @@ def build_tokenizer(meta: dict) -> tuple[Tokenizer, dict]:
     )
     special = {name: (tokens[i], i) for name, i in ids.items()}
     add_bos = _meta(meta, "add_bos_token", bool, kind == "llama")  # llama.cpp's default for SentencePiece
+    add_bos = add_bos or kind == "gemma4"  # (llama.cpp adds BOS for gemma4 whatever the file says)
     add_eos = _meta(meta, "add_eos_token", bool, False)
     for flag, name in ((add_bos, "bos_token"), (add_eos, "eos_token")):
         if flag and name not in special:

@@ -17,13 +17,17 @@ Written for byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, Qwen2...), 
   converted from a GGUF gets its original split back). A split llama.cpp would not reproduce is
   refused by name: plausible but different token ids are worse than no file.
 
-SentencePiece-style tokenizers (``tokenizer.model``, or BPE with byte fallback: Llama 2, Mistral)
-and Unigram/WordPiece models are refused by name.
+Gemma 4's SentencePiece-style BPE (byte fallback, spaces replaced by ``▁`` and nothing else, no
+split but lines) is llama.cpp's ``tokenizer.ggml.model = gemma4``: tokens as they are (``<0xNN>``
+typed byte, 6), merges, ``add_space_prefix`` false. Other SentencePiece-style tokenizers
+(``tokenizer.model``, or BPE with byte fallback and a space prefix: Llama 2, Mistral) and
+Unigram/WordPiece models are refused by name.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from mlx_dft.errors import UserError
@@ -31,7 +35,8 @@ from mlx_dft.files import read_json
 from mlx_dft.gguf.tokenizer import PRE_TOKENIZERS
 from mlx_dft.gguf.writer import GGUFWriter, ValueType
 
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 3, 4, 5, 6
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 SPECIAL_KEYS = {
     "bos_token": "bos_token_id",
     "eos_token": "eos_token_id",
@@ -56,22 +61,42 @@ def _load(folder: Path) -> tuple[dict, dict]:
     return tok, cfg
 
 
-def _check_kind(tok: dict, folder: Path) -> None:
+def _check_kind(tok: dict, folder: Path) -> str:
+    """llama.cpp's ``tokenizer.ggml.model`` for the tokenizer: gpt2 or gemma4."""
     model = tok.get("model") or {}
     kind = model.get("type")
     if kind != "BPE":
         raise UserError(
-            f"{folder}/tokenizer.json: a {kind} tokenizer model is not written to GGUF; only byte-level "
-            "BPE tokenizers (tokenizer.ggml.model = gpt2) are"
+            f"{folder}/tokenizer.json: a {kind} tokenizer model is not written to GGUF; only BPE "
+            "tokenizers (byte-level, or Gemma 4's SentencePiece-style) are"
         )
     if model.get("byte_fallback"):
+        if _gemma4_style(tok):
+            return "gemma4"
         raise UserError(
             f"{folder}/tokenizer.json: a SentencePiece-style BPE tokenizer (byte_fallback, as Llama 2 and "
-            "Mistral) is not written to GGUF; only byte-level BPE tokenizers are"
+            "Mistral) that is not Gemma 4's (spaces as ▁, no prefix, lines split) is not written to GGUF"
         )
     norm = (tok.get("normalizer") or {}).get("type")
     if norm not in HARMLESS_NORMALIZERS:
         raise UserError(f"{folder}/tokenizer.json: a {norm} normalizer has no llama.cpp counterpart")
+    return "gpt2"
+
+
+def _gemma4_style(tok: dict) -> bool:
+    """Whether a byte-fallback BPE tokenizer does what llama.cpp's ``gemma4`` tokenizer does:
+    spaces replaced by ``▁`` and nothing else, no split before the merges but lines (the rebuild
+    of :mod:`mlx_dft.gguf.tokenizer`'s split, or none: BPE pieces never hold a newline and more)."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from mlx_dft.gguf.tokenizer import GEMMA4_SPLIT
+
+    norm = tok.get("normalizer") or {}
+    while norm.get("type") == "Sequence" and len(norm.get("normalizers") or []) == 1:
+        norm = norm["normalizers"][0]
+    replace = json.loads(normalizers.Replace(" ", "▁").__getstate__())
+    split = json.loads(pre_tokenizers.Split(Regex(GEMMA4_SPLIT), behavior="isolated").__getstate__())
+    return norm == replace and tok.get("pre_tokenizer") in (None, split)
 
 
 def _comparable(pre: dict | None) -> object:
@@ -143,14 +168,16 @@ def add_tokenizer(writer: GGUFWriter, folder: Path, n_vocab: int, model_config: 
     ``n_vocab`` rows."""
     folder = Path(folder)
     tok, cfg = _load(folder)
-    _check_kind(tok, folder)
-    pre = pre_tokenizer_name(tok, folder)
+    kind = _check_kind(tok, folder)
+    pre = pre_tokenizer_name(tok, folder) if kind == "gpt2" else None
     texts: dict[int, str] = {int(i): t for t, i in (tok["model"].get("vocab") or {}).items()}
     types = dict.fromkeys(texts, NORMAL)
     for added in tok.get("added_tokens") or []:
         i = int(added["id"])
         texts[i] = added["content"]
         types[i] = CONTROL if added.get("special") else USER_DEFINED
+    if kind == "gemma4":  # (byte fallback's <0xNN> tokens, added or not: llama.cpp's byte tokens)
+        types.update({i: BYTE for i, t in texts.items() if BYTE_TOKEN.fullmatch(t)})
     if not texts:
         raise UserError(f"{folder}/tokenizer.json has an empty vocabulary")
     if max(texts) >= n_vocab:
@@ -161,8 +188,11 @@ def add_tokenizer(writer: GGUFWriter, folder: Path, n_vocab: int, model_config: 
     token_types = [types.get(i, UNUSED) for i in range(n_vocab)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges") or []]
 
-    writer.add_string("tokenizer.ggml.model", "gpt2")
-    writer.add_string("tokenizer.ggml.pre", pre)
+    writer.add_string("tokenizer.ggml.model", kind)
+    if pre is not None:  # (gemma4's split is the tokenizer model's own)
+        writer.add_string("tokenizer.ggml.pre", pre)
+    else:
+        writer.add_bool("tokenizer.ggml.add_space_prefix", False)
     writer.add_array("tokenizer.ggml.tokens", ValueType.STRING, tokens)
     writer.add_array("tokenizer.ggml.token_type", ValueType.INT32, token_types)
     writer.add_array("tokenizer.ggml.merges", ValueType.STRING, merges)
