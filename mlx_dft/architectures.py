@@ -66,3 +66,12 @@ ARCHITECTURES = {
     "qwen2": Architecture(adaption_prompt=False),
     "qwen3": Architecture(adaption_prompt=False),
 }
+
+
+def text_config(config: dict) -> dict:
+    """A config.json with its nested ``text_config`` (qwen3_5, gemma3/4 multimodal checkpoints)
+    read into the top level: the text model's sizes, the outer ``model_type``."""
+    inner = config.get("text_config")
+    if not isinstance(inner, dict):
+        return config
+    return {**config, **inner, "model_type": config.get("model_type", inner.get("model_type"))}

@@ -20,6 +20,7 @@ from mlx_dft import compat
 from mlx_dft.architectures import ARCHITECTURES as ARCHITECTURES  # the table, one floor down
 from mlx_dft.architectures import Architecture as Architecture
 from mlx_dft.architectures import check_sizes
+from mlx_dft.architectures import text_config as text_config  # (one floor down: gguf reads it)
 from mlx_dft.errors import UserError
 from mlx_dft.files import check_safetensors, local_or_hub, read_json
 
@@ -42,15 +43,6 @@ def model_type(model: nn.Module | dict) -> str:
     if not isinstance(model, nn.Module):  # (an nn.Module is a dict too)
         return str(model.get("model_type", "?"))
     return getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", "?")
-
-
-def text_config(config: dict) -> dict:
-    """A config.json with its nested ``text_config`` (qwen3_5, gemma3/4 multimodal checkpoints)
-    read into the top level: the text model's sizes, the outer ``model_type``."""
-    inner = config.get("text_config")
-    if not isinstance(inner, dict):
-        return config
-    return {**config, **inner, "model_type": config.get("model_type", inner.get("model_type"))}
 
 
 def model_signature(config: dict) -> dict:

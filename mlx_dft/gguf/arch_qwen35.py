@@ -39,8 +39,8 @@ import copy
 import numpy as np
 from gguf import Keys
 
+from mlx_dft.architectures import text_config
 from mlx_dft.errors import UserError
-from mlx_dft.models import text_config
 
 QWEN35_L2_EPS = 1e-6  # mlx-lm's l2 norm of the gated-delta q/k; llama.cpp takes the RMSNorm epsilon
 QWEN35_RECURRENT = "{arch}.attention.recurrent_layers"  # (not among gguf-py 0.19's Keys)

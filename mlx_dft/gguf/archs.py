@@ -263,6 +263,10 @@ def _gpt_oss_read(get: Getter, cfg: dict, tensors: dict) -> dict:
     }
 
 
+# llama.cpp architectures whose loader reads rope.scaling.yarn_log_multiplier as mscale_all_dim
+# (deepseek2 reads it too, differently; others ignore it: tested with llama and qwen3)
+LOG_MULTIPLIER_ARCHS = {"mistral3"}
+
 ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("llama", "LlamaForCausalLM", reorders_qk=True, read=_biases),
     "mistral": GGUFArch("llama", "MistralForCausalLM", reorders_qk=True, read=_biases),

@@ -45,8 +45,7 @@ from mlx_dft.architectures import check_sizes
 from mlx_dft.errors import UserError
 from mlx_dft.files import TMP_PREFIX, atomic_write_json, check_apart, save_safetensors, staged_folder
 from mlx_dft.gguf import names, requant
-from mlx_dft.gguf.archs import ARCHS, model_type_of
-from mlx_dft.gguf.export import LOG_MULTIPLIER_ARCHS
+from mlx_dft.gguf.archs import ARCHS, LOG_MULTIPLIER_ARCHS, model_type_of
 from mlx_dft.gguf.reader import GROUP_SIZE, GGUFHeader, load_tensors, read_header
 from mlx_dft.gguf.tokenizer import build_tokenizer, token_id_list, write_tokenizer
 

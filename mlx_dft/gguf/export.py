@@ -29,13 +29,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_dft.architectures import text_config
 from mlx_dft.errors import UserError
 from mlx_dft.files import check_safetensors, read_json
-from mlx_dft.gguf.archs import arch_of
+from mlx_dft.gguf.archs import LOG_MULTIPLIER_ARCHS, arch_of
 from mlx_dft.gguf.names import CONFIG_KEYS, stored_shape, to_gguf_array, to_gguf_name, unprefixed
 from mlx_dft.gguf.vocab import add_tokenizer
 from mlx_dft.gguf.writer import GGUFWriter, ValueType
-from mlx_dft.models import text_config
 
 # --gguf-type -> llama.cpp's general.file_type (enum llama_ftype) and the type of 2-D tensors.
 GGUF_TYPES = {"f32": (0, "F32"), "f16": (1, "F16"), "q8_0": (7, "Q8_0"), "q4_0": (2, "Q4_0")}
@@ -81,11 +81,6 @@ def _rope(config: dict, arch: str) -> tuple[float | None, dict | None]:
     raise UserError(
         f"config.json: rope scaling of type {kind!r} is not written to GGUF (default, linear and yarn are)"
     )
-
-
-# llama.cpp architectures whose loader reads rope.scaling.yarn_log_multiplier as mscale_all_dim
-# (deepseek2 reads it too, differently; others ignore it: tested with llama and qwen3)
-LOG_MULTIPLIER_ARCHS = {"mistral3"}
 
 
 def _yarn(s: dict, arch: str) -> dict:
