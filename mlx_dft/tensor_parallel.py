@@ -280,13 +280,18 @@ def plan(model: nn.Module, n: int) -> tuple[list, list]:
             raise UserError(
                 f"--shard tensor over {n} processes: {where} has {dims} {what}, which {n} does not divide"
             )
-    for m, k, v, _ in changed:
+    for m, k, v, _ in sorted(changed, key=lambda c: _natural(names.get(id(c[0]), ""))):
         if v % n:
             where = names.get(id(m), type(m).__name__)
             raise UserError(
                 f"--shard tensor over {n} processes: {where}.{k} is {v}, which {n} does not divide"
             )
     return [(m, how) for m, how, _ in calls], changed
+
+
+def _natural(name: str) -> list:
+    """``name`` sorted as a person reads it (layers.2 before layers.10)."""
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
 def _counts(m: nn.Module) -> dict:
@@ -381,6 +386,10 @@ class TensorParallel:
         n, r = self.group.size(), self.group.rank()
         for node, key, axis in list(self._optimizer_leaves(optimizer)):  # a resumed run's whole state
             node[key] = _part(node[key], axis, n, r)
+        # Dropout draws the same masks on every process (one replica): rank 0's random state, which
+        # its draws alone (generating the accuracy report's answers) may have moved on.
+        hi, lo = mx.distributed.all_gather(mx.random.state[0][None], group=self.group)[0].tolist()
+        mx.random.seed((hi << 32) | lo)  # the key (hi, lo) itself
         object.__setattr__(model, _STATE, self)
         mx.eval(model.parameters(), optimizer.state)
 
