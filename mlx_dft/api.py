@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from mlx_dft import _blas, adapters, data, models, packing, sharding, trackers
+from mlx_dft import _blas, adapters, data, models, packing, sharding, tensor_parallel, trackers
 from mlx_dft.adapters.base import AdapterMethod
 from mlx_dft.checkpoint import OutputFolder, Resume, check_output_folder, run_config
 from mlx_dft.config import CUSTOM_LOSS, FIELDS, TrainConfig, check_run_length, loss_of, resolve, total_steps
@@ -367,6 +367,8 @@ def _prepare_parts(config, options: dict, bar: Progress, given: tuple | None, cu
     saved = source if source is not None else resume.config if resume and cfg.adapter_from else None
     settings = method.settings_from_config(saved) if saved is not None else method.settings(cfg, model)
     method.apply(model, settings)
+    if cfg.shard == "tensor":  # what it cannot split is refused before the output folder is touched
+        tensor_parallel.plan(model, world.size())
     # Before any trained weights load: ASFT's reference is the model with the adapter switched off.
     loss = loss_of(cfg)
     loss_fns = run_loss_fns(model, cfg, method, loss)

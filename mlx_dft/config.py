@@ -207,7 +207,8 @@ class TrainConfig:
     shard: str = option(
         "none",
         "Under mlx.launch: fsdp holds the blocks' weights, gradients and optimizer state 1/N a process "
-        "(gathered a block at a time); none replicates the model (data parallelism). tensor: not yet.",
+        "(gathered a block at a time); tensor splits each block's linear layers over the processes (mlx-lm's "
+        "shard(), one model replica); none replicates the model (data parallelism).",
         ("none", "fsdp", "tensor"),
     )
 

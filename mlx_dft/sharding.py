@@ -45,8 +45,6 @@ def check(mode: str, world: mx.distributed.Group, reference_copy: bool = False) 
         raise UserError(f"unknown --shard {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "none":
         return
-    if mode == "tensor":
-        raise UserError("--shard tensor is not implemented yet (use --shard fsdp)")
     if world.size() < 2:
         raise UserError(
             f"--shard {mode} needs a distributed launch of 2 or more processes (mlx.launch -n 2 ...); "
@@ -339,6 +337,12 @@ def sharded(mode: str, model: nn.Module, optimizer: optim.Optimizer) -> Iterator
         return
     world = mx.distributed.init()
     check(mode, world)
+    if mode == "tensor":
+        from mlx_dft import tensor_parallel
+
+        with tensor_parallel.sharded(model, optimizer, world) as wrap:
+            yield wrap
+        return
     state = Sharding(model, world)
     state.shard(model, optimizer)
 

@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_dft import sharding
+from mlx_dft import sharding, tensor_parallel
 from mlx_dft.checkpoint import load_previous
 from mlx_dft.data import Batch, Dataset, eval_batches, iterate_batches
 from mlx_dft.errors import UserError
@@ -390,10 +390,11 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
     every worker, clips, and applies the optimizer. Returns (metric sums [objective, ce,
     prob, tokens, *parts], acc, acc_n, grad_norm).
     """
-    world_size = mx.distributed.init().size()
+    world_size = tensor_parallel.data_group(model, mx.distributed.init()).size()
     state = [model.state, optimizer.state, mx.random.state]
     loss_vg = nn.value_and_grad(model, loss_fn)
-    shards = sharding.of(model)  # --shard fsdp: the blocks' gradients come reduce-scattered
+    # --shard fsdp: the blocks' gradients come reduce-scattered; tensor: split, one replica
+    shards = sharding.of(model) or tensor_parallel.of(model)
 
     def update(grads, ntoks):
         if world_size > 1:
@@ -602,6 +603,7 @@ def train_loop(
     world = mx.distributed.init()
     rank, world_size = world.rank(), world.size()
     run.rank, run.world_size = rank, world_size
+    replicas = tensor_parallel.data_group(model, world)  # --shard tensor: one, reading every batch
     accum = loop.grad_accumulation_steps
     if loop.sft_warmup_steps > 0 and warmup_loss_fn is None:
         raise ValueError("sft_warmup_steps needs a warmup_loss_fn")
@@ -614,7 +616,8 @@ def train_loop(
     fields = _fields(dict(loss.parts) if loss is not None else {name: name for name in parts})
 
     batches: Iterator[Batch] = iterate_batches(
-        train_set, loop.batch_size, seed=loop.seed, start=start_step * accum, rank=rank, world_size=world_size
+        train_set, loop.batch_size, seed=loop.seed, start=start_step * accum, rank=replicas.rank(),
+        world_size=replicas.size(),
     )
 
     def validate(step: int):
@@ -622,7 +625,7 @@ def train_loop(
             return
         bar.phase("validating")
         tic = time.perf_counter()
-        m = evaluate(model, loss_fn, val_set, loop.batch_size, loop.val_batches, world)
+        m = evaluate(model, loss_fn, val_set, loop.batch_size, loop.val_batches, replicas)
         due = [k for k in range(step + 1, loop.total_steps + 1) if _validates(k, loop)]
         bar.validated(time.perf_counter() - tic, len(due))
         rec = {
@@ -662,7 +665,7 @@ def train_loop(
         policy = PreviousPolicy(model, loss_fn, loss.group_steps, loop.sft_warmup_steps, accum,
                                 loop.total_steps, note)  # fmt: skip
         if start_step > 0 and run.last_checkpoint is not None:
-            policy.restore(load_previous(run.last_checkpoint), start_step, rank, world_size)
+            policy.restore(load_previous(run.last_checkpoint), start_step, replicas.rank(), replicas.size())
 
     model.train()
     mx.reset_peak_memory()
@@ -686,7 +689,7 @@ def train_loop(
             _stop_non_finite(f"the weights became non-finite at step {step}", run, good, unverified)
         bar.phase("saving")
         # The previous policy of the group's steps still to come (a collective with several workers).
-        extra = {"previous": policy.state(world)} if policy is not None and policy.pending else {}
+        extra = {"previous": policy.state(replicas)} if policy is not None and policy.pending else {}
         path = save(step, protect=good, **extra)
         if path is not None:
             run.last_checkpoint, unverified = path, (step, path)
@@ -735,7 +738,7 @@ def train_loop(
             if step % loop.steps_per_report == 0 or step == loop.total_steps:
                 sums = window
                 tokens = mx.array(window_tokens)
-                if world_size > 1:
+                if replicas.size() > 1:
                     sums = mx.distributed.all_sum(sums, stream=mx.cpu)
                     tokens = mx.distributed.all_sum(tokens, stream=mx.cpu)
                 obj, ce, prob, n, part_n, *part_sums = (float(x) for x in sums.tolist())

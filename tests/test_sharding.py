@@ -141,7 +141,7 @@ def test_shard_refusals():
     one = mx.distributed.init()
     with pytest.raises(UserError, match="needs a distributed launch"):
         sharding.check("fsdp", one)
-    with pytest.raises(UserError, match="--shard tensor is not implemented yet"):
+    with pytest.raises(UserError, match="--shard tensor needs a distributed launch"):
         sharding.check("tensor", one)
     with pytest.raises(UserError, match="unknown --shard"):
         sharding.check("zero3", one)
