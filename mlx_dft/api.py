@@ -295,7 +295,7 @@ def _prepare_parts(config, options: dict, bar: Progress, given: tuple | None, cu
         how = "with --pack" if cfg.pack is False else "without --pack"
         raise UserError(f"checkpoint {resume.checkpoint} was trained {how}: resume it the same way")
     world = mx.distributed.init()
-    sharding.check(cfg.shard, world, cfg.reference_copy)
+    sharding.check(cfg.shard, world)
     say = _rank0_print(world, bar)
     if resume is not None:
         changed = resume_changes(resume.config.get("training", {}), explicit)
@@ -498,7 +498,8 @@ def _fit(p: Prepared, callbacks: list[Callback], bar: Progress, closing: list) -
     save = out.saver(model, method, p.optimizer, steps, cfg.grad_accumulation_steps, cfg.keep_checkpoints)
     loop = LoopConfig.from_options(cfg, steps)
     try:
-        with sharding.sharded(cfg.shard, model, p.optimizer) as whole:  # --shard: whole arrays saved
+        # --shard: whole arrays saved
+        with sharding.sharded(cfg.shard, model, p.optimizer, cfg.shard_timeout) as whole:
             train_loop(model, p.optimizer, loss_fn, p.train_set, p.val_set, loop, run,
                        start_step=p.start_step, save=whole(save), record=out.record, callbacks=callbacks,
                        progress=bar, log=say, warmup_loss_fn=warmup_loss_fn)  # fmt: skip

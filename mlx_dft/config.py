@@ -211,6 +211,11 @@ class TrainConfig:
         "shard(), one model replica); none replicates the model (data parallelism).",
         ("none", "fsdp", "tensor"),
     )
+    shard_timeout: float = option(
+        600.0,
+        "--shard fsdp: seconds a process waits for the others (a step, a validation, a checkpoint) before "
+        "it concludes one stopped answering and exits 1 (0: wait forever).",
+    )
 
     def resolved_learning_rate(self) -> float:
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LR.get(self.adapter, 1e-4)
@@ -270,7 +275,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "Model and adapter": (
         "model", "adapter", "num_layers", "lora_rank", "lora_scale", "lora_alpha", "lora_dropout",
         "lora_keys", "aligner_tokens", "aligner_start_layer", "aligner_gate", "adapter_from", "dtype",
-        "keep_quantized", "grad_checkpoint", "tiled_mlp", "shard",
+        "keep_quantized", "grad_checkpoint", "tiled_mlp", "shard", "shard_timeout",
     ),
     "Loss": ("loss", *LOSS_OPTIONS, "reference_copy", "sft_warmup_steps", "loss_chunk_tokens"),
     "Optimisation": (
@@ -673,6 +678,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.min_learning_rate >= 0, "--min-learning-rate must be >= 0")
     check(cfg.decay_steps is None or cfg.decay_steps >= 1, "--decay-steps must be at least 1")
     check(cfg.max_grad_norm >= 0, "--max-grad-norm must be >= 0")
+    check(cfg.shard_timeout >= 0, "--shard-timeout must be >= 0 (0: wait forever)")
     check(cfg.steps_per_report >= 1, "--steps-per-report must be at least 1")
     check(cfg.steps_per_eval is None or cfg.steps_per_eval >= 1, "--steps-per-eval must be at least 1")
     check(cfg.save_every >= 1, "--save-every must be at least 1")

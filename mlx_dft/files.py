@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -143,12 +143,55 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# Arrays that stand for others fetched only when written (id -> fetch): a model sharded over
+# several processes saves each whole tensor in turn, never all of them at once (mlx_dft.sharding).
+DEFERRED: dict[int, Callable[[], mx.array]] = {}
+_SAFETENSORS_DTYPES = {
+    mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.float64: "F64", mx.int8: "I8",
+    mx.int16: "I16", mx.int32: "I32", mx.int64: "I64", mx.uint8: "U8", mx.uint16: "U16",
+    mx.uint32: "U32", mx.uint64: "U64", mx.bool_: "BOOL",
+}  # fmt: skip
+
+
+def _write_streamed(path: str, arrays: dict, metadata: dict | None) -> None:
+    """A safetensors file written one tensor at a time (those in :data:`DEFERRED` fetched as they
+    come): what ``mx.save_safetensors`` writes, without every tensor in memory at once."""
+    import numpy as np
+
+    names = sorted(arrays)
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    start = 0
+    for k in names:
+        a = arrays[k]
+        end = start + a.size * a.dtype.size
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[a.dtype], "shape": list(a.shape)}
+        header[k]["data_offsets"] = [start, end]
+        start = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for k in names:
+            a = arrays[k]
+            fetch = DEFERRED.get(id(a))
+            whole = fetch() if fetch is not None else a
+            if whole.shape != a.shape or whole.dtype != a.dtype:
+                raise ValueError(f"{k}: fetched {whole.shape} {whole.dtype} for {a.shape} {a.dtype}")
+            raw = whole.view(mx.uint16) if whole.dtype == mx.bfloat16 else whole
+            f.write(np.ascontiguousarray(np.asarray(raw)).data)
+            del whole, raw
+
+
 def save_safetensors(path: Path | str, arrays: dict, metadata: dict | None = None) -> None:
     """``mx.save_safetensors``, whose write failures (a full disk, a read-only file system) are
     RuntimeErrors, as a one-line error naming the file."""
     try:
-        mx.save_safetensors(str(path), arrays, metadata=metadata or {})
-    except RuntimeError as e:
+        if any(id(a) in DEFERRED for a in arrays.values()):
+            name = str(path) if str(path).endswith(".safetensors") else f"{path}.safetensors"
+            _write_streamed(name, arrays, metadata)
+        else:
+            mx.save_safetensors(str(path), arrays, metadata=metadata or {})
+    except (RuntimeError, OSError) as e:
         msg = (str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip(".")
         free = shutil.disk_usage(Path(path).parent).free if Path(path).parent.is_dir() else None
         hint = f"; {free:,} bytes free there" if free is not None else ""

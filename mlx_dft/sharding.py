@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
+import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,8 +34,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from mlx_dft import files
+from mlx_dft.adapters.base import REFERENCE_COPY
 from mlx_dft.errors import UserError
 
 MODES = ("none", "fsdp", "tensor")
@@ -39,7 +45,7 @@ _FULL = "_mlx_dft_full_shapes"  # on a module: {key: full shape} of its sharded 
 _STATE = "_mlx_dft_sharding"  # on the model: its :class:`Sharding`
 
 
-def check(mode: str, world: mx.distributed.Group, reference_copy: bool = False) -> None:
+def check(mode: str, world: mx.distributed.Group) -> None:
     """Refuse a ``--shard`` this launch cannot do, in one line."""
     if mode not in MODES:
         raise UserError(f"unknown --shard {mode!r}; choose one of {', '.join(MODES)}")
@@ -50,8 +56,6 @@ def check(mode: str, world: mx.distributed.Group, reference_copy: bool = False) 
             f"--shard {mode} needs a distributed launch of 2 or more processes (mlx.launch -n 2 ...); "
             "this is one process"
         )
-    if reference_copy:
-        raise UserError(f"--shard {mode} with --reference-copy is not implemented yet")
 
 
 def check_same_everywhere(world: mx.distributed.Group, parts: dict[str, str]) -> None:
@@ -208,8 +212,6 @@ class Sharding:
     def average(self, grads: dict) -> dict:
         """The replicated parameters' gradients averaged over the workers; the sharded ones were
         reduce-scattered (averaged) by the blocks' gathers already."""
-        from mlx.utils import tree_unflatten
-
         sharded, replicated = self.split(grads)
         if replicated:
             replicated = tree_flatten(average_gradients(tree_unflatten(replicated)))
@@ -218,8 +220,6 @@ class Sharding:
     def clip(self, grads: dict, max_norm: float) -> tuple[dict, mx.array]:
         """``optim.clip_grad_norm`` over the whole gradient: the shards' squares summed over the
         workers, the replicated arrays' counted once."""
-        from mlx.utils import tree_map
-
         sharded, replicated = self.split(grads)
         local = sum((g.astype(mx.float32) ** 2).sum() for _, g in sharded) if sharded else mx.array(0.0)
         total = mx.distributed.all_sum(local, group=self.group)
@@ -279,7 +279,13 @@ class Sharding:
             b.__class__ = _gathering_class(type(b))
         for node, key, _ in self._optimizer_leaves(optimizer):
             node[key] = _shard_of(node[key], n, r)
+        # --reference-copy's initial weights: a block gathers what the switch swaps in as it
+        # gathers its own, so the copy shards the same way (each array flattened, padded, split).
+        copy = getattr(model, REFERENCE_COPY, None) or []
+        self.copy_shapes = [{k: tuple(a.shape) for k, a in tree_flatten(tree)} for tree in copy]
+        copy[:] = [tree_map(lambda a: _shard_of(a, n, r), tree) for tree in copy]
         object.__setattr__(model, _STATE, self)
+        mx.eval(copy)
         mx.eval(model.parameters(), optimizer.state)
         try:
             after = model(probe).astype(mx.float32)
@@ -295,39 +301,139 @@ class Sharding:
     def unshard(self, model: nn.Module, optimizer: optim.Optimizer) -> None:
         """The whole weights back on every worker (what follows training reads the model); the
         optimizer keeps its step and learning rate but drops the moments of the parameters, whose
-        whole copy would cost more than training did (the last checkpoint holds it)."""
+        whole copy would cost more than training did (the last checkpoint holds it). The moments
+        go first, then one array is gathered at a time: the peak is the whole weights."""
+        optimizer.state = {k: v for k, v in optimizer.state.items() if isinstance(v, mx.array)}
+        copy = getattr(model, REFERENCE_COPY, None) or []
+        for i, (tree, shapes) in enumerate(zip(copy, self.copy_shapes)):
+            whole = [(k, _gather(a, shapes[k], self.group, False)) for k, a in tree_flatten(tree)]
+            mx.eval([a for _, a in whole])
+            copy[i] = tree_unflatten(whole)
         for m, k in list(self._arrays()):
             m[k] = _gather(m[k], getattr(m, _FULL)[k], self.group, False)
             mx.eval(m[k])
-        optimizer.state = {k: v for k, v in optimizer.state.items() if isinstance(v, mx.array)}
         for b in self.blocks:
             for m in b.modules():
                 object.__setattr__(m, _FULL, {})
             b.__class__ = b._mlx_dft_sharded_from
         object.__delattr__(model, _STATE)
 
-    @contextmanager
-    def gathered(self, optimizer: optim.Optimizer) -> Iterator[None]:
-        """While it lasts, the trained parameters and the optimizer state are whole arrays, what a
-        checkpoint writes (a collective: every worker enters it; the frozen base stays sharded)."""
-        held = []
-        for node, key, shape in list(self._optimizer_leaves(optimizer)):
-            held.append((node, key, node[key]))
-            node[key] = _gather(node[key], shape, self.group, False)
-        for m, k in list(self._arrays()):
-            if k not in m._no_grad:
-                held.append((m, k, m[k]))
-                m[k] = _gather(m[k], getattr(m, _FULL)[k], self.group, False)
-        mx.eval([x[0][x[1]] for x in held])
+    def wrap_saver(self, optimizer: optim.Optimizer) -> Callable:
+        """``wrap(save)``: ``save`` as :meth:`save` runs it (None stays None)."""
+
+        def wrap(save: Callable | None) -> Callable | None:
+            return None if save is None else functools.partial(self.save, save, optimizer)
+
+        return wrap
+
+    def _ask(self, what: int) -> int:
+        """Rank 0's word to the others while it saves: the tensor it wants (its number + 1), 0 when
+        it is done, -1 when it failed (a collective: the others say 0)."""
+        mine = what if self.group.rank() == 0 else 0
+        return int(mx.distributed.all_sum(mx.array(mine), group=self.group, stream=mx.cpu).item())
+
+    def save(self, save: Callable, optimizer: optim.Optimizer, *args, **kwargs):
+        """``save(*args, **kwargs)`` writing whole arrays, no process ever holding more than one of
+        them whole (a collective: every worker calls it). Rank 0 writes: its trained parameters and
+        optimizer state stand as placeholders of their whole shapes, each fetched as the file
+        writer reaches it (:data:`mlx_dft.files.DEFERRED`): it asks the others for that tensor,
+        all gather it, it is written and dropped. The others serve its asks until it is done."""
+        items = [(m, k, getattr(m, _FULL)[k]) for m, k in self._arrays() if k not in m._no_grad]
+        items += list(self._optimizer_leaves(optimizer))
+        shards = [node[key] for node, key, _ in items]
+
+        def whole(i: int) -> mx.array:
+            full = _gather(shards[i], items[i][2], self.group, False)
+            mx.eval(full)
+            beat()
+            return full
+
+        if self.group.rank() != 0:
+            out = save(*args, **kwargs)
+            while (said := self._ask(0)) > 0:
+                whole(said - 1)
+            if said < 0:
+                n = self.group.size()
+                raise UserError(f"process 0 of {n} could not write the checkpoint (its message says why)")
+            return out
+
+        def fetch(i: int) -> mx.array:
+            self._ask(i + 1)
+            return whole(i)
+
+        stands = []
+        for i, (node, key, shape) in enumerate(items):
+            stand = mx.zeros(shape, shards[i].dtype)  # lazy: never computed, only its shape is read
+            files.DEFERRED[id(stand)] = functools.partial(fetch, i)
+            stands.append(stand)
+            node[key] = stand
+        done = -1
         try:
-            yield
+            out = save(*args, **kwargs)
+            done = 0
+            return out
         finally:
-            for node, key, shard in held:
+            for (node, key, _), shard, stand in zip(items, shards, stands):
                 node[key] = shard
+                files.DEFERRED.pop(id(stand), None)
+            self._ask(done)
+
+
+# ------------------------------------------------------------------ a process that stops answering
+
+_WATCHING: list[Watchdog] = []
+
+
+def beat() -> None:
+    """Tell the watchdog of a sharded run, if one watches, that this process has just heard from
+    the others (a step, a validation batch, a tensor of a checkpoint went through)."""
+    for w in _WATCHING:
+        w.last = time.monotonic()
+
+
+class Watchdog:
+    """While it lasts, a thread of this process ends it (one line, exit 1) when :func:`beat` has
+    not been called for ``seconds``: MLX's ring backend waits forever for a process that stopped
+    answering (a machine that dropped out or hangs), so each of the others says so and exits
+    instead (before the first beat it waits 3 times as long: the first step compiles). What was
+    written stays: checkpoints are written whole or not at all."""
+
+    def __init__(self, seconds: float, group: mx.distributed.Group):
+        self.seconds, self.group = seconds, group
+        self.last = time.monotonic()
+        self.done = threading.Event()
+
+    def __enter__(self) -> Watchdog:
+        if self.seconds > 0:
+            _WATCHING.append(self)
+            threading.Thread(target=self._watch, name="mlx_dft-shard-watchdog", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        if self in _WATCHING:
+            _WATCHING.remove(self)
+
+    def _watch(self) -> None:
+        start = self.last
+        while not self.done.wait(min(1.0, self.seconds / 4)):
+            # Until the first beat, 3 times as long: the first step compiles on every process.
+            limit = self.seconds * (3 if self.last == start else 1)
+            if time.monotonic() - self.last > limit:
+                r, n = self.group.rank(), self.group.size()
+                sys.stderr.write(
+                    f"error: rank {r} of {n}: nothing from the other processes for {limit:g} s "
+                    "(--shard-timeout): one of them stopped answering (a machine dropped out or hangs); "
+                    "the checkpoints written are kept: continue with --resume\n"
+                )
+                sys.stderr.flush()
+                os._exit(1)
 
 
 @contextmanager
-def sharded(mode: str, model: nn.Module, optimizer: optim.Optimizer) -> Iterator[Callable]:
+def sharded(
+    mode: str, model: nn.Module, optimizer: optim.Optimizer, timeout: float = 600.0
+) -> Iterator[Callable]:
     """While it lasts, ``model`` and ``optimizer`` are sharded as ``--shard`` asks (nothing for
     ``none``); yields ``wrap(save)``, which makes a checkpoint saver write whole arrays. When
     training ends well every worker holds the whole model again (for what follows training:
@@ -343,20 +449,10 @@ def sharded(mode: str, model: nn.Module, optimizer: optim.Optimizer) -> Iterator
         with tensor_parallel.sharded(model, optimizer, world) as wrap:
             yield wrap
         return
-    state = Sharding(model, world)
-    state.shard(model, optimizer)
-
-    def wrap(save: Callable | None) -> Callable | None:
-        if save is None:
-            return None
-
-        def save_whole(*args, **kwargs):
-            with state.gathered(optimizer):
-                return save(*args, **kwargs)
-
-        return save_whole
-
-    yield wrap
-    # Only when training ended well: gathering is a collective that the workers must all join,
-    # and a worker that failed alone (a callback's error on rank 0) would wait for the others.
-    state.unshard(model, optimizer)
+    with Watchdog(timeout, world):
+        state = Sharding(model, world)
+        state.shard(model, optimizer)
+        yield state.wrap_saver(optimizer)
+        # Only when training ended well: gathering is a collective that the workers must all join,
+        # and a worker that failed alone (a callback's error on rank 0) would wait for the others.
+        state.unshard(model, optimizer)

@@ -362,6 +362,7 @@ def evaluate(
     for batch in eval_batches(dataset, batch_size, world.rank(), world.size(), num_batches):
         sums = sums + compiled(*batch.arrays())
         mx.eval(sums)
+        sharding.beat()
         if progress:
             progress()
     if world.size() > 1:
@@ -421,6 +422,18 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
         if do_update:
             return metrics, None, None, update(grads, n_total)
         return metrics, grads, n_total, None
+
+    if shards is not None:
+        # --shard fsdp: the update outside the compiled graph, where MLX writes the new weights and
+        # moments into the old ones' buffers (compiled, both are held at once: a second copy of
+        # the state, the largest part of a sharded step's peak).
+        gradient_fn = step_fn
+
+        def step_fn(arrays, acc, acc_n, do_update, old_ce=None):
+            metrics, grads, n_total, _ = gradient_fn(arrays, acc, acc_n, False, old_ce)
+            if do_update:
+                return metrics, None, None, update(grads, n_total)
+            return metrics, grads, n_total, None
 
     return step_fn, state
 
@@ -724,6 +737,7 @@ def train_loop(
             took = time.perf_counter() - tic
             window_time += took
             run.step = step
+            sharding.beat()  # --shard-timeout: the others answered this step
 
             # Every worker decides on the loss of the whole step, so that all of them stop together.
             obj = (mx.distributed.all_sum(window[:1], stream=mx.cpu) if world_size > 1 else window[:1]).item()

@@ -99,9 +99,13 @@ pytestmark = pytest.mark.skipif(launcher() is None, reason="mlx.launch is not in
         ({"loss": "dft", "adapter": "dora", "learning_rate": 0.5, "pack": True, "max_seq_length": 256}, 2),
         ({"loss": "dft", "adapter": "aligner", "aligner_start_layer": 0, "learning_rate": 0.5}, 2),
         ({"loss": "dft", "adapter": "lora", "learning_rate": 0.5}, 4),
+        ({"loss": "asft", "adapter": "full", "reference_copy": True, "learning_rate": 0.05}, 2),
     ],
-    ids=["lora-dft", "full-sft-checkpointed", "lora-asft", "dora-dft-packed", "aligner-dft", "lora-dft-4"],
-)
+    ids=[
+        "lora-dft", "full-sft-checkpointed", "lora-asft", "dora-dft-packed", "aligner-dft", "lora-dft-4",
+        "full-asft-reference-copy",
+    ],
+)  # fmt: skip
 def test_fsdp_processes_match_one(tiny_model, arith_data, tmp_path, opts, n):
     o = base(tiny_model, arith_data, **opts)
     run({**o, "output": str(tmp_path / "one")})
@@ -190,3 +194,73 @@ def test_workers_that_differ_are_refused_on_every_worker(tmp_path):
     said = sorted(x for x in done.stdout.splitlines() if x.startswith("rank "))
     assert len(said) == 2, done.stdout + done.stderr
     assert all("the workers differ in mlx_dft version (rank 1's is not rank 0's" in x for x in said), said
+
+
+def test_a_checkpoint_streams_one_whole_tensor_at_a_time(tmp_path):
+    """A sharded save writes placeholders of the whole shapes, each fetched as the writer reaches
+    it: the file is what mx.save_safetensors writes of the real arrays, and the fetches come one
+    at a time (each dropped before the next)."""
+    from mlx_dft import files
+
+    real = {"w": mx.random.normal((5, 3)).astype(mx.bfloat16), "b": mx.arange(4)}
+    real["z"] = mx.random.normal((7, 2))
+    stands = {k: mx.zeros(v.shape, v.dtype) for k, v in real.items() if k != "b"}
+    fetched = []
+    for k, stand in stands.items():
+        files.DEFERRED[id(stand)] = lambda k=k: fetched.append(k) or real[k]
+    try:
+        files.save_safetensors(tmp_path / "s", {**stands, "b": real["b"]}, {"format": "mlx"})
+    finally:
+        for stand in stands.values():
+            files.DEFERRED.pop(id(stand))
+    back, meta = mx.load(str(tmp_path / "s.safetensors"), return_metadata=True)
+    assert meta == {"format": "mlx"} and fetched == ["w", "z"]
+    assert set(back) == set(real) and all(back[k].dtype == real[k].dtype for k in real)
+    assert all(mx.array_equal(back[k], real[k]).item() for k in real)
+
+
+def _ring(n: int, tmp_path: Path) -> dict:
+    """The environment of ``n`` ring processes on loopback started by hand (mlx.launch would wait
+    on a stopped process): one hostfile, MLX_RANK each."""
+    _PORT[0] += n + 1
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{_PORT[0] + r}"] for r in range(n)]))
+    return {**_env(), "MLX_HOSTFILE": str(hosts)}
+
+
+@pytest.mark.slow
+def test_a_process_that_stops_answering_ends_the_others_in_a_line(tiny_model, arith_data, tmp_path):
+    """A process stopped mid-run (SIGSTOP: its sockets open, silent, as a machine that hangs or
+    dropped off the network): the other exits 1 within --shard-timeout with one line, the
+    checkpoints already written stay, and --resume finishes the run."""
+    import signal
+    import time
+
+    o = base(tiny_model, arith_data, loss="dft", adapter="lora", learning_rate=1e-2)
+    o.update(iters=10, save_every=1, output=str(tmp_path / "run"), shard="fsdp", shard_timeout=30)
+    env = _ring(2, tmp_path)
+    cmd = [sys.executable, str(HERE / "dist_worker.py"), json.dumps(o)]
+    logs = [(r, open(tmp_path / f"out{r}", "w"), open(tmp_path / f"err{r}", "w")) for r in range(2)]
+    procs = [subprocess.Popen(cmd, env={**env, "MLX_RANK": str(r)}, stdout=a, stderr=b) for r, a, b in logs]
+    try:
+        first = tmp_path / "run" / "checkpoints" / "step-0000002" / "trainer_state.json"
+        deadline = time.monotonic() + 300
+        while not first.is_file() and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.05)
+        assert first.is_file(), (tmp_path / "err0").read_text()[-3000:]
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        code = procs[0].wait(timeout=120)
+        waited = time.monotonic() - stopped
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    err = [x for x in (tmp_path / "err0").read_text().splitlines() if x.strip()]
+    assert code == 1 and 30 <= waited < 90, (code, waited)
+    said = "rank 0 of 2: nothing from the other processes for 30 s (--shard-timeout)"
+    assert len(err) == 1 and said in err[0], err
+    kept = [k.parent for k in sorted((tmp_path / "run" / "checkpoints").glob("step-*/trainer_state.json"))]
+    assert len(kept) >= 2 and all(len(mx.load(str(k / "adapters.safetensors"))) > 0 for k in kept), kept
+    run({"resume": str(tmp_path / "run"), "output": str(tmp_path / "run"), "shard": "fsdp"}, n=2)
+    assert records(tmp_path / "run")[-1]["step"] == 10

@@ -38,6 +38,11 @@ class Card:
     usage: list[str] = field(default_factory=list)  # markdown lines of a "Use" section
 
 
+# On a model whose adapter switches off by a copy of the initial weights (full fine-tuning with
+# --reference-copy): the copy, a list of the trained blocks' parameter trees.
+REFERENCE_COPY = "_mlx_dft_reference_copy"
+
+
 @dataclass
 class AdapterOff:
     """How to run a model with its adapter switched off (:meth:`AdapterMethod.adapter_off`):

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_dft.adapters.base import AdapterMethod, AdapterOff
+from mlx_dft.adapters.base import REFERENCE_COPY, AdapterMethod, AdapterOff
 from mlx_dft.errors import UserError
 from mlx_dft.models import last_layers, was_quantized
 
@@ -53,6 +53,8 @@ class Full(AdapterMethod):
         blocks = [model.layers[i] for i in trained]
         initial = [b.parameters() for b in blocks]
         mx.eval(initial)
+        # --shard fsdp shards the copy as it shards the blocks (mlx_dft.sharding), in this list.
+        object.__setattr__(model, REFERENCE_COPY, initial)
 
         @contextmanager
         def off():
