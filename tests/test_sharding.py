@@ -133,12 +133,20 @@ def test_fsdp_resume_continues_exactly(tiny_model, arith_data, tmp_path):
     for k, w in weights.items():  # AdamW's moments as whole as the weights
         assert moments[f"{k}.m"].shape == w.shape and moments[f"{k}.v"].shape == w.shape
     run({"resume": ck, "output": str(tmp_path / "two"), "shard": "fsdp"}, n=2)
-    run({"resume": ck, "output": str(tmp_path / "one"), "shard": "none"})
     a = mx.load(str(tmp_path / "whole" / "adapters.safetensors"))
-    for name in ("two", "one"):
-        dw = max_diff(a, mx.load(str(tmp_path / name / "adapters.safetensors")))
-        print(f"resume on {name}: max |weight diff| {dw:.3g}")
-        assert dw < TOL
+    dw = max_diff(a, mx.load(str(tmp_path / "two" / "adapters.safetensors")))
+    print(f"resume on two: max |weight diff| {dw:.3g}")
+    assert dw < TOL
+    # On another number of processes the gradient sums run in another order: with SGD (AdamW's
+    # first steps turn that rounding into 5.6e-3 on an AMD EPYC; see ``base``)
+    o = base(tiny_model, arith_data, loss="dft", adapter="lora", learning_rate=0.5)
+    run({**o, "output": str(tmp_path / "sgd"), "shard": "fsdp"}, n=2)
+    ck = str(tmp_path / "sgd" / "checkpoints" / "step-0000002")
+    run({"resume": ck, "output": str(tmp_path / "one"), "shard": "none"})
+    a = mx.load(str(tmp_path / "sgd" / "adapters.safetensors"))
+    dw = max_diff(a, mx.load(str(tmp_path / "one" / "adapters.safetensors")))
+    print(f"resume on one: max |weight diff| {dw:.3g}")
+    assert dw < TOL
 
 
 def test_shard_refusals():
