@@ -33,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.nn.layers.distributed import sum_gradients
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_dft.errors import UserError
 
@@ -178,16 +178,9 @@ def _shard_layer(m: nn.Module, how: str, group: mx.distributed.Group) -> None:
     _split_module(base, axes, _Cols if cols else _Rows, group)
     if base is m:
         return
-    dora = "m" in m
-    axes = ({"lora_b": 1, **({"m": 0} if dora else {})}) if cols else {"lora_a": 0}
-    _split_module(m, axes, _lora_classes()[_mlx_lm_class(m), how], group)
-
-
-def _mlx_lm_class(m: nn.Module) -> type:
-    from mlx_lm.tuner.dora import DoRALinear
-    from mlx_lm.tuner.lora import LoRALinear
-
-    return DoRALinear if isinstance(m, DoRALinear) else LoRALinear
+    magnitude = {"m": 0} if "m" in m else {}  # DoRA's, one per output
+    axes = {"lora_b": 1, **magnitude} if cols else {"lora_a": 0}
+    _split_module(m, axes, _lora_classes()[type(m), how], group)  # plan() checked type(m)
 
 
 # ------------------------------------------------------------------ what mlx-lm's shard() does
@@ -307,15 +300,31 @@ class TensorParallel:
     def __init__(self, model: nn.Module, group: mx.distributed.Group, layers: list, changed: list):
         self.group, self.layers, self.changed = group, layers, changed
         self.axes: dict[str, int] = {}  # parameter path -> the axis it is split along
+        split = set()
         for name, m in model.named_modules():
             for k, axis in getattr(m, _AXES, {}).items():
                 self.axes[f"{name}.{k}" if name else k] = axis
+            if getattr(m, _AXES, None) and not name.endswith(".linear"):
+                split.add(name)
+        # The whole parameters of the modules holding split layers (qwen3's q_norm and k_norm):
+        # each process applies them to its own heads only, so their gradients are partial sums.
+        holders, inside = tuple(f"{n.rsplit('.', 1)[0]}." for n in split), tuple(f"{n}." for n in split)
+        self.partial = [
+            k for k, _ in tree_flatten(model.parameters())
+            if k.startswith(holders) and not k.startswith(inside)
+        ]  # fmt: skip
 
     # -------------------------------------------------------------- the step's gradients
 
     def average(self, grads: dict) -> dict:
-        """Nothing to average: every process trained on the same batch, one replica."""
-        return grads
+        """The one replica's gradient (every process read the same batch: nothing to average): the
+        gradients of the whole parameters applied to split heads summed over the processes."""
+        flat = tree_flatten(grads)
+        if not any(k in self.partial for k, _ in flat):
+            return grads
+        return tree_unflatten([
+            (k, mx.distributed.all_sum(g, group=self.group) if k in self.partial else g) for k, g in flat
+        ])
 
     def clip(self, grads: dict, max_norm: float) -> tuple[dict, mx.array]:
         """``optim.clip_grad_norm`` over the whole gradient: the split arrays' squares summed over

@@ -401,6 +401,8 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Callable, m
         if world_size > 1:
             grads = shards.average(grads) if shards else average_gradients(grads)  # mean over workers ...
             ntoks = mx.distributed.all_sum(ntoks) / world_size  # ... over the mean count
+        elif shards is not None:  # --shard tensor: one replica, its whole parameters' gradients
+            grads = shards.average(grads)
         grads = tree_map(lambda g: g / mx.maximum(ntoks, 1.0), grads)
         if shards is not None:  # the norm of the whole gradient, its shards' over the workers
             grads, norm = shards.clip(grads, max_grad_norm)

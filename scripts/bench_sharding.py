@@ -1,9 +1,11 @@
 # ruff: noqa: I001  (mlx_dft must be imported before mlx: it puts OpenBLAS under MLX)
-"""--shard fsdp against one process at the same global batch: each process's peak memory and the
-step time, on a random-weight model (ring backend, N processes on this machine).
+"""--shard fsdp or tensor against one process at the same global batch: each process's peak memory,
+the weights it holds and the step time, on a random-weight model (ring backend, N processes on this
+machine).
 
     python scripts/bench_sharding.py                          # full fine-tuning, 1 vs 2 processes
     python scripts/bench_sharding.py --procs 2 4 --adapter lora --grad-checkpoint
+    python scripts/bench_sharding.py --procs 2 4 --shard tensor --grad-checkpoint
 
 Each configuration is one ``mlx_dft train`` run; every process reports MLX's peak memory over its
 training steps (``mx.get_peak_memory``, reset when the loop starts: the model, gradients, optimizer
@@ -38,6 +40,7 @@ TAG = "BENCH "
 def worker(opts: dict) -> None:
     """One process of a run: train, then print this process's figures on one line."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     from mlx_dft.trainer import Callback
 
@@ -45,13 +48,15 @@ def worker(opts: dict) -> None:
 
     class Figures(Callback):
         def on_train_report(self, metrics, run):
-            seen.append((metrics["step"], metrics["steps_per_sec"], metrics["peak_memory_gb"]))
+            weights = sum(v.nbytes for _, v in tree_flatten(run.model.parameters())) / 1e9
+            seen.append((metrics["step"], metrics["steps_per_sec"], weights, metrics["peak_memory_gb"]))
 
     mlx_dft.train(progress=False, callbacks=[Figures()], **opts)
     world = mx.distributed.init()
-    times = [1.0 / s for step, s, _ in seen if step > 1]
+    times = [1.0 / s for step, s, *_ in seen if step > 1]
     print(TAG + json.dumps({
         "rank": world.rank(), "size": world.size(), "peak_gb": max(p for *_, p in seen),
+        "weights_gb": max(w for *_, w, _ in seen),
         "step_s": statistics.median(times) if times else None,
     }), flush=True)  # fmt: skip
 
@@ -74,6 +79,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--procs", type=int, nargs="+", default=[2], help="sharded process counts (default 2)")
     ap.add_argument("--adapter", default="full", choices=("full", "lora", "dora"))
+    ap.add_argument("--shard", default="fsdp", choices=("fsdp", "tensor"))
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--batch-size", type=int, default=8, help="the global batch")
     ap.add_argument("--iters", type=int, default=4)
@@ -97,18 +103,21 @@ def main() -> None:
     )  # fmt: skip
     rows = [("1 process", run({**opts, "output": str(work / "one")}, 1, 0))]
     for k, n in enumerate(args.procs):
-        out = str(work / f"fsdp{n}")
-        rows.append((f"fsdp x{n}", run({**opts, "output": out, "shard": "fsdp"}, n, 38000 + 10 * k)))
-    one = rows[0][1][0]["peak_gb"]
+        out = str(work / f"{args.shard}{n}")
+        figures = run({**opts, "output": out, "shard": args.shard}, n, 38000 + 10 * k)
+        rows.append((f"{args.shard} x{n}", figures))
+    one, one_weights = rows[0][1][0]["peak_gb"], rows[0][1][0]["weights_gb"]
     checkpointed = " + grad checkpoint" if args.grad_checkpoint else ""
     what = f"{args.adapter}{checkpointed}, global batch {args.batch_size}"
-    print(f"| run ({what}) | peak GB per process | x one process | step s |")
-    print("|---|---|---|---|")
+    print(f"| run ({what}) | peak GB per process | x one process | weights GB per process | x one | step s |")
+    print("|---|---|---|---|---|---|")
     for name, figures in rows:
         peaks = ", ".join(f"{f['peak_gb']:.2f}" for f in figures)
         worst = max(f["peak_gb"] for f in figures)
         step = max(f["step_s"] or 0 for f in figures)
-        print(f"| {name} | {peaks} | {worst / one:.2f} | {step:.2f} |")
+        held = max(f["weights_gb"] for f in figures)
+        share = f"{held:.2f} | {held / one_weights:.2f}"
+        print(f"| {name} | {peaks} | {worst / one:.2f} | {share} | {step:.1f} |")
 
 
 if __name__ == "__main__":
