@@ -7,12 +7,13 @@ step time, on a random-weight model (ring backend, N processes on this machine).
 
 Each configuration is one ``mlx_dft train`` run; every process reports MLX's peak memory over its
 training steps (``mx.get_peak_memory``, reset when the loop starts: the model, gradients, optimizer
-state and activations, not the loading before nor the final save after) and the median time of its
-steps after the first (which compiles). The default shape is Qwen3-0.6B's width (hidden 1024, 16
-heads, 8 KV heads, MLP 3072) with 12 of its 28 blocks and a 16k vocabulary: 168M parameters, whose
-full fine-tuning with AdamW (about 16 bytes a parameter, 2.7 GB) fits one process of a 24 GB
-machine next to two or four sharded ones. A Qwen3-1.7B shape does not fit here (27 GB in one
-process).
+state and activations, not the loading before), the peak over the whole run from there (the
+validation, the final checkpoint and the whole weights gathered back after training included), and
+the median time of its steps after the first (which compiles). The default shape is Qwen3-0.6B's
+width (hidden 1024, 16 heads, 8 KV heads, MLP 3072) with 12 of its 28 blocks and a 16k
+vocabulary: 168M parameters, whose full fine-tuning with AdamW (about 16 bytes a parameter,
+2.7 GB) fits one process of a 24 GB machine next to two or four sharded ones. A Qwen3-1.7B
+shape does not fit here (27 GB in one process).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def worker(opts: dict) -> None:
     times = [1.0 / s for step, s, _ in seen if step > 1]
     print(TAG + json.dumps({
         "rank": world.rank(), "size": world.size(), "peak_gb": max(p for *_, p in seen),
-        "step_s": statistics.median(times) if times else None,
+        "run_peak_gb": mx.get_peak_memory() / 1e9, "step_s": statistics.median(times) if times else None,
     }), flush=True)  # fmt: skip
 
 
@@ -102,13 +103,16 @@ def main() -> None:
     one = rows[0][1][0]["peak_gb"]
     checkpointed = " + grad checkpoint" if args.grad_checkpoint else ""
     what = f"{args.adapter}{checkpointed}, global batch {args.batch_size}"
-    print(f"| run ({what}) | peak GB per process | x one process | step s |")
-    print("|---|---|---|---|")
+    whole = rows[0][1][0]["run_peak_gb"]
+    print(f"| run ({what}) | steps' peak GB per process | x one | whole run's peak GB | x one | step s |")
+    print("|---|---|---|---|---|---|")
     for name, figures in rows:
         peaks = ", ".join(f"{f['peak_gb']:.2f}" for f in figures)
         worst = max(f["peak_gb"] for f in figures)
+        run_worst = max(f["run_peak_gb"] for f in figures)
         step = max(f["step_s"] or 0 for f in figures)
-        print(f"| {name} | {peaks} | {worst / one:.2f} | {step:.2f} |")
+        ratios = f"{worst / one:.2f} | {run_worst:.2f} | {run_worst / whole:.2f}"
+        print(f"| {name} | {peaks} | {ratios} | {step:.2f} |")
 
 
 if __name__ == "__main__":
