@@ -12,8 +12,10 @@ averaged as in plain data parallelism. Parameters keep their names and modules: 
 the arrays are shards, so adapters (LoRA, DoRA, the Aligner), their switch to the base model,
 packing and checkpointing see the model they know.
 
-Checkpoints and the folders a run writes hold the whole arrays (:func:`gathered`): ordinary
-folders, which a resume with any number of processes reads before the model is sharded.
+Checkpoints and the folders a run writes hold the whole arrays (:meth:`Sharding.save`: rank 0
+writes them one tensor at a time, gathered as its writer reaches each): ordinary folders, which a
+resume with any number of processes reads before the model is sharded. A process that stops
+answering ends the others (:class:`Watchdog`, ``--shard-timeout``) instead of a hang.
 It is MLX's ``fully_shard`` (``mlx.nn.layers.distributed``) done in place: that wraps each block
 in a module of its own (renaming its parameters) and shards along the first axis only.
 """
